@@ -1,0 +1,61 @@
+//! Stream a raw completion from a GGUF model on the CPU:
+//!
+//!     cargo run --release -p paraphym-daemon --example complete -- MODEL.gguf "Paris is the capital of"
+//!
+//! The daemon and its clients replace this once they exist; it stays as the
+//! smallest complete use of the engine.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result};
+use paraphym_daemon::engine::{Engine, GenEvent, GenParams, LoadOptions, Prompt, SamplingParams};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let model: PathBuf = args
+        .next()
+        .context("usage: complete MODEL.gguf PROMPT [MAX_TOKENS]")?
+        .into();
+    let prompt = args
+        .next()
+        .unwrap_or_else(|| "Paris is the capital of".into());
+    let max_tokens = args.next().map(|s| s.parse()).transpose()?.unwrap_or(64);
+
+    let mut engine = Engine::load(&model, &LoadOptions::default())?;
+    eprintln!(
+        "loaded {} ({}) in {:.2} s",
+        model.display(),
+        engine.model().architecture(),
+        engine.load_time().as_secs_f64()
+    );
+    let params = GenParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        ..GenParams::default()
+    };
+    print!("{prompt}");
+    let mut stdout = std::io::stdout();
+    let g = engine.generate(
+        Prompt::Text(&prompt),
+        &params,
+        &AtomicBool::new(false),
+        |ev| {
+            if let GenEvent::Text(t) = ev {
+                print!("{t}");
+                let _ = stdout.flush();
+            }
+        },
+    )?;
+    println!();
+    eprintln!(
+        "{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({:?})",
+        g.prompt_tokens,
+        g.prefill_tps(),
+        g.tokens.len(),
+        g.decode_tps(),
+        g.finish
+    );
+    Ok(())
+}

@@ -1,0 +1,369 @@
+//! The engine: load a GGUF model and generate with it on the calling thread.
+//!
+//! This is the hot path, and it is deliberately plain: `Engine::generate`
+//! prefills in chunks and then runs one synchronous forward pass per token, the
+//! way Candle's own examples do. No async, no `spawn_blocking`, no channels
+//! inside the loop; text leaves through a callback. Whoever owns an `Engine`
+//! (a worker thread, a test, a benchmark) owns the thread it runs on.
+
+pub mod error;
+pub mod gguf;
+pub mod models;
+pub mod sampling;
+pub mod score;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+
+pub use error::{EngineError, ModelFileError};
+pub use models::{LogitsFor, Model};
+pub use sampling::SamplingParams;
+pub use tokenizer::Tokenizer;
+
+use sampling::{Detokenizer, Sampler, StopCheck, StopMatcher};
+
+/// The context a model is loaded with unless asked otherwise (bounded by the
+/// model's own maximum). Large enough for real chats, small enough that the
+/// RoPE tables and KV cache of a small model stay small.
+pub const DEFAULT_CONTEXT: usize = 8192;
+
+/// Tokens per prefill step: bounds the attention scratch memory, and a cancel
+/// request is honoured between chunks.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
+/// Tokens in the warm-up prefill. Candle repacks quantized weights for its
+/// fastest kernels lazily, on first use, and picks a different packing for
+/// batches of 32 rows or more than for single-row decode steps: warming up
+/// both paths at load time keeps that cost out of the first request.
+pub const WARMUP_TOKENS: usize = 32;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Positions to serve; `None`: [`DEFAULT_CONTEXT`] or the model's maximum if smaller.
+    pub context: Option<usize>,
+    pub device: Device,
+    /// Run the warm-up pass (on by default; tests of the loader turn it off).
+    pub warmup: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            context: None,
+            device: Device::Cpu,
+            warmup: true,
+        }
+    }
+}
+
+/// What one generation asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// Generation ends when the text contains one of these; it is not emitted.
+    pub stop: Vec<String>,
+    /// Tokens per prefill chunk.
+    pub prefill_chunk: usize,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        Self {
+            sampling: SamplingParams::default(),
+            max_tokens: 512,
+            stop: Vec::new(),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token (eos or a turn terminator).
+    EndOfGeneration,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// One of the stop strings appeared (its index in `GenParams::stop`).
+    StopString(usize),
+    /// The context is full.
+    ContextFull,
+    /// The cancel flag was raised.
+    Cancelled,
+}
+
+/// The outcome of [`Engine::generate`]. The text itself went to the callback.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    /// Generated token ids, the end-of-generation token excluded.
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    /// From the call to the first sampled token.
+    pub time_to_first_token: Duration,
+}
+
+impl Generation {
+    /// Decode speed in tokens/s (tokens after the first over decode time).
+    pub fn decode_tps(&self) -> f64 {
+        let n = self.tokens.len().saturating_sub(1);
+        if n == 0 || self.decode_time.is_zero() {
+            return 0.0;
+        }
+        n as f64 / self.decode_time.as_secs_f64()
+    }
+
+    pub fn prefill_tps(&self) -> f64 {
+        if self.prefill_time.is_zero() {
+            return 0.0;
+        }
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64()
+    }
+}
+
+/// What [`Engine::generate`] reports while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenEvent<'a> {
+    /// `done` of `total` prompt tokens are in the KV cache.
+    Prefilled { done: usize, total: usize },
+    /// New text: whole UTF-8 characters, stop strings withheld.
+    Text(&'a str),
+}
+
+/// A prompt: text to tokenize (BOS added as the model asks), or token ids as is.
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    Text(&'a str),
+    Tokens(&'a [u32]),
+}
+
+/// A loaded model with its tokenizer.
+#[derive(Debug)]
+pub struct Engine {
+    model: Model,
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    device: Device,
+    load_time: Duration,
+}
+
+impl Engine {
+    /// Load a GGUF model; with `opts.warmup`, run the warm-up pass before returning.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let gguf = gguf::GgufFile::open(path)?;
+        let context = opts.context.unwrap_or(DEFAULT_CONTEXT);
+        // Building a tokenizer from a 262k vocabulary takes as long as loading
+        // and warming up the weights, and needs neither: do both at once.
+        let (model, tokenizer) = std::thread::scope(|s| {
+            let tok = std::thread::Builder::new()
+                .name("tokenizer-build".into())
+                .spawn_scoped(s, || Tokenizer::for_model(&gguf))
+                .map_err(|source| EngineError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            let model = Model::load(&gguf, context, &opts.device).and_then(|mut m| {
+                if opts.warmup {
+                    warm_up(&mut m, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
+                }
+                Ok(m)
+            });
+            let tokenizer = tok
+                .join()
+                .map_err(|_| EngineError::Tokenizer("the tokenizer build panicked".into()))?;
+            Ok::<_, EngineError>((model?, tokenizer?))
+        })?;
+        drop(gguf);
+        let load_time = start.elapsed();
+        tracing::info!(
+            path = %path.display(),
+            arch = model.architecture(),
+            context = model.context(),
+            secs = load_time.as_secs_f64(),
+            "model loaded"
+        );
+        Ok(Self {
+            model,
+            tokenizer,
+            path: path.to_owned(),
+            device: opts.device.clone(),
+            load_time,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Direct access for scoring and tests: forward passes outside `generate`.
+    pub fn model_mut(&mut self) -> &mut Model {
+        &mut self.model
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Load time including the warm-up pass.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Generate from `prompt`, reporting progress and text pieces to `on_event`
+    /// as they are produced. `cancel` is checked before each prefill chunk and
+    /// before each decode step.
+    pub fn generate(
+        &mut self,
+        prompt: Prompt<'_>,
+        params: &GenParams,
+        cancel: &AtomicBool,
+        mut on_event: impl FnMut(GenEvent<'_>),
+    ) -> Result<Generation, EngineError> {
+        let start = Instant::now();
+        params.sampling.validate()?;
+        if params.prefill_chunk == 0 {
+            return Err(EngineError::InvalidParams(
+                "prefill_chunk must be at least 1".into(),
+            ));
+        }
+        let prompt_tokens = match prompt {
+            Prompt::Text(t) => self.tokenizer.encode(t, true)?,
+            Prompt::Tokens(t) => t.to_vec(),
+        };
+        if prompt_tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = self.model.context();
+        if prompt_tokens.len() > context {
+            return Err(EngineError::PromptTooLong {
+                tokens: prompt_tokens.len(),
+                context,
+            });
+        }
+        models::common::check_tokens(&prompt_tokens, self.model.vocab())?;
+
+        let mut out = Generation {
+            prompt_tokens: prompt_tokens.len(),
+            tokens: Vec::new(),
+            finish: FinishReason::Cancelled,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+            time_to_first_token: Duration::ZERO,
+        };
+
+        // Prefill.
+        self.model.clear_kv();
+        let mut logits = None;
+        let total = prompt_tokens.len();
+        for chunk in prompt_tokens.chunks(params.prefill_chunk) {
+            if cancel.load(Ordering::Relaxed) {
+                out.prefill_time = start.elapsed();
+                return Ok(out);
+            }
+            logits = Some(self.model.forward(chunk, LogitsFor::Last)?);
+            on_event(GenEvent::Prefilled {
+                done: self.model.kv_len(),
+                total,
+            });
+        }
+        let mut logits: Vec<f32> = logits
+            .expect("a non-empty prompt has a last chunk")
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        out.prefill_time = start.elapsed();
+
+        // Decode.
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut history = prompt_tokens;
+        let mut detok = Detokenizer::default();
+        let mut stops = StopMatcher::new(&params.stop);
+        let decode_start = Instant::now();
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids);
+        let finish = loop {
+            let token = sampler.sample(&mut logits, &history);
+            if out.tokens.is_empty() {
+                out.time_to_first_token = start.elapsed();
+            }
+            if self.tokenizer.is_eog(token) {
+                break FinishReason::EndOfGeneration;
+            }
+            out.tokens.push(token);
+            history.push(token);
+            if let Some(piece) = detok.push(token, decode)? {
+                match stops.push(&piece) {
+                    StopCheck::Continue(text) => {
+                        if !text.is_empty() {
+                            on_event(GenEvent::Text(&text));
+                        }
+                    }
+                    StopCheck::Stop(text, i) => {
+                        if !text.is_empty() {
+                            on_event(GenEvent::Text(&text));
+                        }
+                        break FinishReason::StopString(i);
+                    }
+                }
+            }
+            if out.tokens.len() >= params.max_tokens {
+                break FinishReason::MaxTokens;
+            }
+            if self.model.kv_len() >= context {
+                break FinishReason::ContextFull;
+            }
+            if cancel.load(Ordering::Relaxed) {
+                break FinishReason::Cancelled;
+            }
+            let l = self.model.forward(&[token], LogitsFor::Last)?;
+            logits = l.flatten_all()?.to_vec1()?;
+        };
+        if !matches!(finish, FinishReason::StopString(_)) {
+            let mut tail = detok.finish(decode)?.unwrap_or_default();
+            match stops.push(&tail) {
+                StopCheck::Continue(t) | StopCheck::Stop(t, _) => tail = t,
+            }
+            tail.push_str(&stops.flush());
+            if !tail.is_empty() {
+                on_event(GenEvent::Text(&tail));
+            }
+        }
+        out.finish = finish;
+        out.decode_time = decode_start.elapsed();
+        Ok(out)
+    }
+}
+
+/// One batched prefill and one decode step, so that every kernel and weight
+/// packing the first request needs already exists; leaves the cache empty.
+fn warm_up(model: &mut Model, bos: Option<u64>) -> Result<(), EngineError> {
+    let n = WARMUP_TOKENS.min(model.context().saturating_sub(1)).max(1);
+    let last = model.vocab() as u32 - 1;
+    let tokens: Vec<u32> = std::iter::once(bos.map_or(0, |b| b as u32))
+        .chain((1..n as u32).map(|i| 1000 + i))
+        .map(|t| t.min(last))
+        .collect();
+    model.clear_kv();
+    model.forward(&tokens, LogitsFor::Last)?;
+    if model.kv_len() < model.context() {
+        model.forward(&tokens[..1], LogitsFor::Last)?;
+    }
+    model.clear_kv();
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! Transformer pieces shared by every architecture: quantized linear layers,
+//! RMSNorm, RoPE tables, the KV cache, masks and grouped-query attention.
+//!
+//! Everything here is plain synchronous Candle code on the calling thread.
+//! Activations are F32; weights stay quantized.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::engine::error::{EngineError, ModelFileError};
+use crate::engine::gguf::GgufFile;
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// A quantized weight used as `x @ W^T`.
+#[derive(Debug, Clone)]
+pub struct Linear(QMatMul);
+
+impl Linear {
+    pub fn load(gguf: &GgufFile, name: &str, shape: [usize; 2], dev: &Device) -> Result<Self> {
+        let t = gguf.tensor(name, Some(&shape), dev)?;
+        Ok(Self(QMatMul::from_qtensor(t)?))
+    }
+
+    pub fn from_arc(t: Arc<QTensor>) -> Result<Self> {
+        Ok(Self(QMatMul::from_arc(t)?))
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+/// RMSNorm over the last dimension. GGUF converters fold Gemma's `1 + w` into
+/// the stored weight, so every family uses `x * w` here.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(gguf: &GgufFile, name: &str, dim: usize, eps: f64, dev: &Device) -> Result<Self> {
+        let weight = gguf.tensor(name, Some(&[dim]), dev)?.dequantize(dev)?;
+        Ok(Self {
+            weight,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+/// Rotary position tables (NeoX layout: the two halves of each head rotate
+/// together), sized to the context in use rather than to the model's maximum.
+/// Angles are computed in f64 and stored in F32, whatever the weights' type.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// `freq_scale` divides positions (linear RoPE scaling; 1.0 for none).
+    pub fn new(
+        rot_dim: usize,
+        base: f64,
+        freq_scale: f64,
+        positions: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let half = rot_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| base.powf(-((2 * i) as f64) / rot_dim as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for p in 0..positions {
+            let p = p as f64 / freq_scale;
+            for f in &inv_freq {
+                let (s, c) = (p * f).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (positions, half), dev)?,
+            sin: Tensor::from_vec(sin, (positions, half), dev)?,
+        })
+    }
+
+    /// Rotate `x` of shape (batch, seq, heads, head_dim) for positions `pos..pos+seq`.
+    pub fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let seq = x.dim(1)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+    }
+
+    pub fn positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+}
+
+/// One layer's keys and values, (1, kv_heads, len, head_dim) each, in buffers that
+/// grow by doubling so that appending a token does not copy the whole history.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget everything after the first `len` positions.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Append `k`, `v` (1, kv_heads, seq, head_dim) and return views of the
+    /// positions `start..` of the whole cache.
+    pub fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        start: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let seq = k.dim(2)?;
+        let needed = self.len + seq;
+        let cap = self.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
+        if needed > cap {
+            let new_cap = needed.max(cap * 2).max(256).next_power_of_two();
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> candle_core::Result<Tensor> {
+                let (b, h, _, d) = like.dims4()?;
+                let t = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        t.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                }
+                Ok(t)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+        }
+        let (kc, vc) = (self.k.as_ref().unwrap(), self.v.as_ref().unwrap());
+        kc.slice_set(&k.contiguous()?, 2, self.len)?;
+        vc.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((
+            kc.narrow(2, start, needed - start)?,
+            vc.narrow(2, start, needed - start)?,
+        ))
+    }
+}
+
+/// An additive attention mask for queries at `q_pos..q_pos+q_len` over keys at
+/// `k_start..k_end`: 0 where a query may look, -inf elsewhere. With a sliding
+/// window `w`, a query at `p` sees keys `p-w+1..=p` (llama.cpp's convention).
+/// Returns `None` when nothing is masked (a single query over visible keys).
+pub fn attention_mask(
+    q_pos: usize,
+    q_len: usize,
+    k_start: usize,
+    k_end: usize,
+    window: Option<usize>,
+    dev: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    let visible = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
+    let all_visible = (0..q_len).all(|i| {
+        let q = q_pos + i;
+        visible(q, k_start) && k_end <= q + 1
+    });
+    if all_visible {
+        return Ok(None);
+    }
+    let k_len = k_end - k_start;
+    let mut m = Vec::with_capacity(q_len * k_len);
+    for i in 0..q_len {
+        let q = q_pos + i;
+        m.extend((k_start..k_end).map(|k| {
+            if visible(q, k) {
+                0f32
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
+    }
+    Ok(Some(Tensor::from_vec(m, (q_len, k_len), dev)?))
+}
+
+/// The first key position any query in `q_pos..q_pos+q_len` can see.
+pub fn first_visible_key(q_pos: usize, window: Option<usize>) -> usize {
+    match window {
+        Some(w) => (q_pos + 1).saturating_sub(w),
+        None => 0,
+    }
+}
+
+/// Grouped-query attention without materialising repeated K/V heads.
+///
+/// `q`: (1, heads, seq, d), already scaled; `k`, `v`: (1, kv_heads, keys, d);
+/// `mask`: (seq, keys). Returns (1, seq, heads * d).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (b, heads, seq, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let keys = k.dim(2)?;
+    let rep = heads / kv_heads;
+    // Query heads h*rep..(h+1)*rep share kv head h, so grouping them along the
+    // sequence axis lets one batched matmul per kv head do the work.
+    let q = q.contiguous()?.reshape((b, kv_heads, rep * seq, d))?;
+    let k = k.contiguous()?;
+    let v = v.contiguous()?;
+    let mut scores = q.matmul(&k.t()?)?;
+    if let Some(mask) = mask {
+        scores = scores
+            .reshape((b, kv_heads, rep, seq, keys))?
+            .broadcast_add(mask)?
+            .reshape((b, kv_heads, rep * seq, keys))?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v)?; // (b, kv_heads, rep*seq, d)
+    out.reshape((b, heads, seq, d))?
+        .transpose(1, 2)?
+        .reshape((b, seq, heads * d))
+}
+
+/// Token embeddings looked up straight from the quantized table (only the rows
+/// used are dequantized), shared with the output projection when tied.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Arc<QTensor>,
+    dim: usize,
+}
+
+impl Embedding {
+    pub fn load(
+        gguf: &GgufFile,
+        name: &str,
+        rows: usize,
+        dim: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let table = gguf.tensor(name, Some(&[rows, dim]), dev)?;
+        if dim % table.dtype().block_size() != 0 {
+            return Err(gguf.error(ModelFileError::Malformed(format!(
+                "`{name}` rows of {dim} are not whole {:?} blocks",
+                table.dtype()
+            ))));
+        }
+        Ok(Self {
+            table: Arc::new(table),
+            dim,
+        })
+    }
+
+    pub fn table(&self) -> Arc<QTensor> {
+        self.table.clone()
+    }
+
+    /// (1, len, dim) F32 embeddings of `tokens`.
+    pub fn forward(&self, tokens: &[u32], dev: &Device) -> candle_core::Result<Tensor> {
+        let ids = Tensor::new(tokens, dev)?;
+        self.table
+            .embedding(&ids)?
+            .to_dtype(DType::F32)?
+            .reshape((1, tokens.len(), self.dim))
+    }
+}
+
+/// Which positions of a forward pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last position: generation.
+    Last,
+    /// Positions `i..` of the chunk: scoring (perplexity).
+    From(usize),
+}
+
+impl LogitsFor {
+    /// Select the rows of `x` (1, seq, dim) that need logits, as (rows, dim).
+    pub fn select(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let seq = x.dim(1)?;
+        let x = x.squeeze(0)?;
+        match self {
+            LogitsFor::Last => x.narrow(0, seq - 1, 1),
+            LogitsFor::From(i) => {
+                let i = i.min(seq - 1);
+                x.narrow(0, i, seq - i)
+            }
+        }
+    }
+}
+
+/// Reject token ids the embedding table does not have (they would index out of
+/// bounds in the kernels).
+pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(t) => Err(EngineError::InvalidParams(format!(
+            "token id {t} is outside the vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
+}

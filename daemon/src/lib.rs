@@ -1,0 +1,4 @@
+//! paraphym's daemon library. For now: the engine that loads quantized GGUF
+//! models and generates with Candle on the calling thread (see `engine`).
+
+pub mod engine;

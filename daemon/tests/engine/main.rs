@@ -1,0 +1,9 @@
+//! Engine tests: one test binary, run against the real Gemma 3 270M file
+//! (`scripts/fetch-test-model.sh`) and the real tokenizer.json files
+//! (`scripts/fetch-tokenizers.sh`); `scripts/test.sh` fetches both first.
+
+mod util;
+
+mod bad_files;
+mod gemma3;
+mod tokenizer;

