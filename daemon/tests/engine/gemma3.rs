@@ -103,6 +103,39 @@ fn chunked_prefill_and_decode_agree_across_the_sliding_window() {
     assert!(d_step <= 1e-3, "decode step differs by {d_step}");
 }
 
+/// Stronger than the 1e-3 above: however a prompt is chunked, token by token
+/// included, the last logits are bitwise the same. This is what makes cached
+/// prefixes (computed by decode steps) as good as a fresh prefill. It rests on
+/// key views aligned to absolute positions and fixed `probs @ v` blocks (see
+/// `models::common`); a Candle or gemm upgrade that breaks it shows up here.
+#[test]
+fn any_chunking_gives_bitwise_identical_logits() {
+    let mut engine = util::gemma();
+    let mut tokens = engine.tokenizer().encode(&util::gpl3(), true).unwrap();
+    tokens.truncate(150);
+    let model = engine.model_mut();
+    let mut run = |chunk: usize| {
+        model.clear_kv();
+        let mut last = None;
+        for c in tokens.chunks(chunk) {
+            last = Some(model.forward(c, LogitsFor::Last).unwrap());
+        }
+        model.clear_kv();
+        last.unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let whole = run(150);
+    for chunk in [1, 2, 7, 33, 50, 64] {
+        assert!(
+            whole == run(chunk),
+            "chunks of {chunk} differ from one prefill"
+        );
+    }
+}
+
 #[test]
 fn cancel_stops_within_one_token() {
     let mut engine = util::gemma();

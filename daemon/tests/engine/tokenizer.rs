@@ -94,3 +94,28 @@ fn gemma3_end_of_generation_set() {
     assert!(t.is_eog(eot), "<end_of_turn>");
     assert!(!t.is_eog(t.token_to_id("<start_of_turn>").unwrap()));
 }
+
+/// A tokenizer.json beside the model file is used instead of the metadata.
+#[test]
+fn tokenizer_json_beside_the_model_wins() {
+    let dir = util::TempDir::new("beside");
+    let model = dir.0.join("gemma.gguf");
+    std::os::unix::fs::symlink(util::gemma_path(), &model).unwrap();
+    std::fs::copy(
+        util::reference_tokenizer("gemma3"),
+        dir.0.join("tokenizer.json"),
+    )
+    .unwrap();
+    let gguf = GgufFile::open(&model).unwrap();
+    let beside = Tokenizer::for_model(&gguf).unwrap();
+    // The real file has one more added token than the GGUF vocabulary.
+    assert_eq!(beside.vocab_size(), 262_145);
+    assert_eq!(ours().vocab_size(), 262_144);
+    assert_eq!(beside.token_to_id("<image_soft_token>"), Some(262_144));
+    let text = "Paris is the capital of";
+    assert_eq!(
+        beside.encode(text, true).unwrap(),
+        ours().encode(text, true).unwrap()
+    );
+    assert!(beside.is_eog(beside.token_to_id("<end_of_turn>").unwrap()));
+}

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::engine::error::{EngineError, ModelFileError};
 use crate::engine::gguf::GgufFile;
@@ -29,6 +29,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Candle runs a one-row Q6K product through a gemv whose rounding differs
+        // from its multi-row kernel; two rows keep decode consistent with prefill.
+        if let QMatMul::QTensor(t) = &self.0 {
+            if t.dtype() == GgmlDType::Q6K && x.elem_count() == x.dim(D::Minus1)? {
+                let y = self.0.forward(&Tensor::cat(&[x, x], x.rank() - 2)?)?;
+                return y.narrow(y.rank() - 2, 0, 1);
+            }
+        }
         self.0.forward(x)
     }
 }
@@ -134,18 +142,21 @@ impl KvCache {
     }
 
     /// Append `k`, `v` (1, kv_heads, seq, head_dim) and return views of the
-    /// positions `start..` of the whole cache.
+    /// positions `start..end` of the cache, where `end` may run past the cached
+    /// positions (see [`key_range`]; the caller masks the padding).
     pub fn append(
         &mut self,
         k: &Tensor,
         v: &Tensor,
         start: usize,
+        end: usize,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let seq = k.dim(2)?;
         let needed = self.len + seq;
+        let end = end.max(needed);
         let cap = self.k.as_ref().map_or(0, |t| t.dim(2).unwrap_or(0));
-        if needed > cap {
-            let new_cap = needed.max(cap * 2).max(256).next_power_of_two();
+        if end > cap {
+            let new_cap = end.max(cap * 2).max(256).next_power_of_two();
             let grow = |old: &Option<Tensor>, like: &Tensor| -> candle_core::Result<Tensor> {
                 let (b, h, _, d) = like.dims4()?;
                 let t = Tensor::zeros((b, h, new_cap, d), like.dtype(), like.device())?;
@@ -164,10 +175,27 @@ impl KvCache {
         vc.slice_set(&v.contiguous()?, 2, self.len)?;
         self.len = needed;
         Ok((
-            kc.narrow(2, start, needed - start)?,
-            vc.narrow(2, start, needed - start)?,
+            kc.narrow(2, start, end - start)?,
+            vc.narrow(2, start, end - start)?,
         ))
     }
+}
+
+/// Key views given to attention start and end on multiples of this many
+/// positions. Candle's CPU softmax sums a row 32 lanes at a time and adds the
+/// remainder serially, so a row's rounding depends on where its keys sit in the
+/// view; with views aligned to absolute positions (padding masked to exactly 0)
+/// a query's attention is bitwise the same however the prompt was chunked.
+/// Without this, an ulp of difference is amplified by the 8-bit activation
+/// quantization of the next matmuls into logit differences of about 1.
+pub const KEY_ALIGN: usize = 32;
+
+/// The aligned key range `[start, end)` covering keys `start..end`.
+pub fn key_range(start: usize, end: usize) -> (usize, usize) {
+    (
+        start / KEY_ALIGN * KEY_ALIGN,
+        end.next_multiple_of(KEY_ALIGN),
+    )
 }
 
 /// An additive attention mask for queries at `q_pos..q_pos+q_len` over keys at
@@ -213,15 +241,20 @@ pub fn first_visible_key(q_pos: usize, window: Option<usize>) -> usize {
     }
 }
 
+/// Key block of the attention's `probs @ v` products; gemm reduces up to 512
+/// values in one pass, so a block's rounding does not depend on its neighbours.
+const PV_BLOCK: usize = 512;
+
 /// Grouped-query attention without materialising repeated K/V heads.
 ///
-/// `q`: (1, heads, seq, d), already scaled; `k`, `v`: (1, kv_heads, keys, d);
-/// `mask`: (seq, keys). Returns (1, seq, heads * d).
+/// `q`: (1, heads, seq, d), already scaled; `k`, `v`: (1, kv_heads, keys, d) for
+/// the key positions `k_start..`; `mask`: (seq, keys). Returns (1, seq, heads * d).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
+    k_start: usize,
 ) -> candle_core::Result<Tensor> {
     let (b, heads, seq, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
@@ -230,9 +263,17 @@ pub fn attention(
     // Query heads h*rep..(h+1)*rep share kv head h, so grouping them along the
     // sequence axis lets one batched matmul per kv head do the work.
     let q = q.contiguous()?.reshape((b, kv_heads, rep * seq, d))?;
+    // gemm takes dot-product paths for tiny products (m * keys <= 256, or m == 1)
+    // when K^T is a transposed view; their rounding differs from the tiled
+    // kernel's, so hand those cases a row-major K^T.
     let k = k.contiguous()?;
+    let kt = if rep * seq <= 1 || rep * seq * keys <= 256 {
+        k.t()?.contiguous()?
+    } else {
+        k.t()?
+    };
     let v = v.contiguous()?;
-    let mut scores = q.matmul(&k.t()?)?;
+    let mut scores = q.matmul(&kt)?;
     if let Some(mask) = mask {
         scores = scores
             .reshape((b, kv_heads, rep, seq, keys))?
@@ -240,7 +281,22 @@ pub fn attention(
             .reshape((b, kv_heads, rep * seq, keys))?;
     }
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = probs.matmul(&v)?; // (b, kv_heads, rep*seq, d)
+    // probs @ v in key blocks at fixed absolute positions, summed in order: gemm
+    // splits a long reduction into ceil(k / ceil(k / 512..1024)) equal parts, so
+    // its rounding would otherwise depend on how many keys the view holds.
+    let mut out: Option<Tensor> = None; // (b, kv_heads, rep*seq, d)
+    let mut s = 0;
+    while s < keys {
+        let len = (PV_BLOCK - (k_start + s) % PV_BLOCK).min(keys - s);
+        let p = probs.narrow(3, s, len)?.contiguous()?;
+        let part = p.matmul(&v.narrow(2, s, len)?.contiguous()?)?;
+        out = Some(match out {
+            None => part,
+            Some(o) => (o + part)?,
+        });
+        s += len;
+    }
+    let out = out.expect("at least one key");
     out.reshape((b, heads, seq, d))?
         .transpose(1, 2)?
         .reshape((b, seq, heads * d))

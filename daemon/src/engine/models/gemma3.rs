@@ -17,8 +17,8 @@
 use candle_core::{Device, Tensor};
 
 use super::common::{
-    attention, attention_mask, check_tokens, first_visible_key, Embedding, KvCache, Linear,
-    LogitsFor, Result, RmsNorm, Rope,
+    attention, attention_mask, check_tokens, first_visible_key, key_range, Embedding, KvCache,
+    Linear, LogitsFor, Result, RmsNorm, Rope,
 };
 use crate::engine::error::ModelFileError;
 use crate::engine::gguf::GgufFile;
@@ -244,8 +244,8 @@ impl Model {
         let mut x = (self.embed.forward(tokens, dev)? * (cfg.hidden as f64).sqrt())?;
 
         // One mask per attention kind per call, shared by the layers of that kind.
-        let kv_end = pos + seq;
-        let local_start = first_visible_key(pos, Some(cfg.sliding_window));
+        let (local_start, kv_end) =
+            key_range(first_visible_key(pos, Some(cfg.sliding_window)), pos + seq);
         let mask_global = attention_mask(pos, seq, 0, kv_end, None, dev)?;
         let mask_local =
             attention_mask(pos, seq, local_start, kv_end, Some(cfg.sliding_window), dev)?;
@@ -272,10 +272,11 @@ impl Model {
             let q = rope.apply(&layer.q_norm.forward(&q)?, pos)?;
             let k = rope.apply(&layer.k_norm.forward(&k)?, pos)?;
             let q = (q.transpose(1, 2)? * cfg.attn_scale)?;
-            let (k, v) = layer
-                .cache
-                .append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, k_start)?;
-            let a = attention(&q, &k, &v, mask)?;
+            let (k, v) =
+                layer
+                    .cache
+                    .append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, k_start, kv_end)?;
+            let a = attention(&q, &k, &v, mask, k_start)?;
             let a = layer.post_attn_norm.forward(&layer.o.forward(&a)?)?;
             let x1 = (a + residual)?;
 
