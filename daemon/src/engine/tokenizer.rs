@@ -208,12 +208,12 @@ fn from_gguf(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineError> {
     }
 }
 
-fn strings(gguf: &GgufFile, key: &str) -> Result<Vec<String>, EngineError> {
+fn strings<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, EngineError> {
     gguf.get_array(key)?
         .iter()
-        .map(|v| match v {
-            Value::String(s) => Ok(s.clone()),
-            _ => Err(gguf.error(bad(format!("`{key}` holds a non-string")))),
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| gguf.error(bad(format!("`{key}` holds a non-string"))))
         })
         .collect()
 }
@@ -257,7 +257,7 @@ fn sentencepiece_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineErr
 
     // Pieces as the BPE model sees them: SentencePiece text uses U+2581 for spaces,
     // and the GGUF converter wrote user-defined pieces with plain spaces.
-    let pieces: Vec<String> = tokens.iter().map(|t| t.replace(' ', SPM_SPACE)).collect();
+    let pieces: Vec<String> = tokens.par_iter().map(|t| t.replace(' ', SPM_SPACE)).collect();
     let mut vocab = Vocab::with_capacity(n);
     for (id, p) in pieces.iter().enumerate() {
         vocab.entry(p.clone()).or_insert(id as u32);
