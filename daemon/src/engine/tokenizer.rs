@@ -257,7 +257,10 @@ fn sentencepiece_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineErr
 
     // Pieces as the BPE model sees them: SentencePiece text uses U+2581 for spaces,
     // and the GGUF converter wrote user-defined pieces with plain spaces.
-    let pieces: Vec<String> = tokens.par_iter().map(|t| t.replace(' ', SPM_SPACE)).collect();
+    let pieces: Vec<String> = tokens
+        .par_iter()
+        .map(|t| t.replace(' ', SPM_SPACE))
+        .collect();
     let mut vocab = Vocab::with_capacity(n);
     for (id, p) in pieces.iter().enumerate() {
         vocab.entry(p.clone()).or_insert(id as u32);
