@@ -171,7 +171,7 @@ impl Engine {
                     path: path.to_owned(),
                     source,
                 })?;
-            let model = Model::load(&gguf, context, &opts.device).and_then(|mut m| {
+            let model = models::load(&gguf, context, &opts.device).and_then(|mut m| {
                 if opts.warmup {
                     warm_up(&mut m, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
                 }

@@ -63,41 +63,44 @@ impl RmsNorm {
     }
 }
 
-/// Rotary position tables (NeoX layout: the two halves of each head rotate
-/// together), sized to the context in use rather than to the model's maximum.
-/// Angles are computed in f64 and stored in F32, whatever the weights' type.
+/// How a head's dimensions pair up for rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension `i` rotates with `i + d/2` (GPT-NeoX; Qwen, Gemma, Phi-3).
+    Neox,
+    /// Dimension `2i` rotates with `2i + 1` (GGUF `llama`, whose converter
+    /// permutes Q/K weights for this layout).
+    Interleaved,
+}
+
+/// Rotary position tables, sized to the context in use rather than to the
+/// model's maximum. Angles are computed in f64 and stored in F32, whatever the
+/// weights' type (Candle's Qwen3 builds them in F16: 1.2 rad off at 2,049).
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    style: RopeStyle,
 }
 
 impl Rope {
-    /// `freq_scale` divides positions (linear RoPE scaling; 1.0 for none).
+    /// Frequencies `base^(-2i/d)`, divided by `freq_factors[i]` when given;
+    /// positions divided by `freq_scale` (linear scaling; 1.0 for none).
     pub fn new(
         rot_dim: usize,
         base: f64,
         freq_scale: f64,
+        freq_factors: Option<&[f64]>,
+        style: RopeStyle,
         positions: usize,
         dev: &Device,
     ) -> Result<Self> {
+        let (cos, sin) = rope_tables(rot_dim, base, freq_scale, freq_factors, positions);
         let half = rot_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| base.powf(-((2 * i) as f64) / rot_dim as f64))
-            .collect();
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for p in 0..positions {
-            let p = p as f64 / freq_scale;
-            for f in &inv_freq {
-                let (s, c) = (p * f).sin_cos();
-                cos.push(c as f32);
-                sin.push(s as f32);
-            }
-        }
         Ok(Self {
             cos: Tensor::from_vec(cos, (positions, half), dev)?,
             sin: Tensor::from_vec(sin, (positions, half), dev)?,
+            style,
         })
     }
 
@@ -106,12 +109,49 @@ impl Rope {
         let seq = x.dim(1)?;
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
-        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+        match self.style {
+            RopeStyle::Neox => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin),
+            RopeStyle::Interleaved => {
+                let x = x.transpose(1, 2)?.contiguous()?;
+                candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?.transpose(1, 2)
+            }
+        }
     }
 
     pub fn positions(&self) -> usize {
         self.cos.dims()[0]
     }
+}
+
+/// RoPE angle tables, row-major (positions, rot_dim / 2), computed in f64.
+pub fn rope_tables(
+    rot_dim: usize,
+    base: f64,
+    freq_scale: f64,
+    freq_factors: Option<&[f64]>,
+    positions: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let half = rot_dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| {
+            let f = base.powf(-((2 * i) as f64) / rot_dim as f64);
+            f / freq_factors
+                .and_then(|ff| ff.get(i))
+                .copied()
+                .unwrap_or(1.0)
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        let p = p as f64 / freq_scale;
+        for f in &inv_freq {
+            let (s, c) = (p * f).sin_cos();
+            cos.push(c as f32);
+            sin.push(s as f32);
+        }
+    }
+    (cos, sin)
 }
 
 /// One layer's keys and values, (1, kv_heads, len, head_dim) each, in buffers that

@@ -1,0 +1,338 @@
+//! The decoder-only transformer every supported family is an instance of.
+//!
+//! An architecture module (`gemma3`, `qwen3`, `llama`) reads its GGUF metadata
+//! into a [`Spec`]; this module loads the weights by llama.cpp's tensor names and
+//! runs the forward pass. The families differ only in the switches of `Spec`:
+//! Q/K norms (Qwen3, Gemma 3), sandwich norms after attention and MLP (Gemma 3),
+//! the MLP activation, an embedding scale, RoPE layout and bases, and per-layer
+//! sliding windows.
+
+use candle_core::{Device, Tensor};
+
+use super::common::{
+    attention, attention_mask, check_tokens, first_visible_key, key_range, Embedding, KvCache,
+    Linear, LogitsFor, Result, RmsNorm, Rope, RopeStyle,
+};
+use crate::engine::error::EngineError;
+use crate::engine::gguf::GgufFile;
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// One RoPE table's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub base: f64,
+    /// Linear position scaling (1.0: none).
+    pub scale: f64,
+    /// Per-frequency divisors (Llama 3.1's `rope_freqs.weight`).
+    pub freq_factors: Option<Vec<f64>>,
+}
+
+/// Everything the forward pass needs to know about an architecture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    pub arch: &'static str,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub eps: f64,
+    pub max_context: usize,
+    pub rope_style: RopeStyle,
+    /// RoPE of full-attention layers.
+    pub rope: RopeSpec,
+    /// RoPE of sliding-window layers, when it differs (Gemma 3).
+    pub rope_local: Option<RopeSpec>,
+    /// Sliding window per layer (`None`: full attention).
+    pub windows: Vec<Option<usize>>,
+    pub qk_norm: bool,
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    pub embed_scale: Option<f64>,
+    pub attn_scale: f64,
+}
+
+impl Spec {
+    /// Consistency checks shared by every family.
+    pub fn validate(&self, g: &GgufFile) -> Result<()> {
+        let bad = |m: String| Err(g.error(crate::engine::ModelFileError::Malformed(m)));
+        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return bad(format!(
+                "{} heads cannot share {} kv heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!("head size {} is not even", self.head_dim));
+        }
+        if self.windows.len() != self.layers || self.layers == 0 {
+            return bad(format!("{} layers", self.layers));
+        }
+        if self.windows.iter().flatten().any(|&w| w == 0) {
+            return bad("a sliding window of 0".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: RmsNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    o: Linear,
+    post_attn_norm: Option<RmsNorm>,
+    ffn_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    post_ffn_norm: Option<RmsNorm>,
+    window: Option<usize>,
+    cache: KvCache,
+}
+
+/// A loaded model: weights, RoPE tables and the KV cache.
+#[derive(Debug, Clone)]
+pub struct Model {
+    spec: Spec,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: Linear,
+    rope: Rope,
+    rope_local: Option<Rope>,
+    context: usize,
+    device: Device,
+}
+
+impl Model {
+    /// Load the weights for `spec`; `context` is the number of positions this
+    /// instance serves (RoPE tables are built for exactly that many).
+    pub fn load(g: &GgufFile, spec: Spec, context: usize, dev: &Device) -> Result<Self> {
+        spec.validate(g)?;
+        let context = context.min(spec.max_context).max(1);
+        let (h, hd) = (spec.hidden, spec.head_dim);
+        let (q_dim, kv_dim) = (spec.heads * hd, spec.kv_heads * hd);
+        let embed = Embedding::load(g, "token_embd.weight", spec.vocab, h, dev)?;
+        let output = match g.tensor_info("output.weight") {
+            Some(_) => Linear::load(g, "output.weight", [spec.vocab, h], dev)?,
+            None => Linear::from_arc(embed.table())?,
+        };
+        let norm = |name: &str, dim: usize| RmsNorm::load(g, name, dim, spec.eps, dev);
+        let linear = |name: &str, shape: [usize; 2]| Linear::load(g, name, shape, dev);
+        let mut layers = Vec::with_capacity(spec.layers);
+        for (i, &window) in spec.windows.iter().enumerate() {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let sandwich = |s: &str| -> Result<Option<RmsNorm>> {
+                spec.sandwich_norms.then(|| norm(&p(s), h)).transpose()
+            };
+            layers.push(Layer {
+                attn_norm: norm(&p("attn_norm"), h)?,
+                q: linear(&p("attn_q"), [q_dim, h])?,
+                k: linear(&p("attn_k"), [kv_dim, h])?,
+                v: linear(&p("attn_v"), [kv_dim, h])?,
+                qk_norm: match spec.qk_norm {
+                    true => Some((norm(&p("attn_q_norm"), hd)?, norm(&p("attn_k_norm"), hd)?)),
+                    false => None,
+                },
+                o: linear(&p("attn_output"), [h, q_dim])?,
+                post_attn_norm: sandwich("post_attention_norm")?,
+                ffn_norm: norm(&p("ffn_norm"), h)?,
+                gate: linear(&p("ffn_gate"), [spec.ffn, h])?,
+                up: linear(&p("ffn_up"), [spec.ffn, h])?,
+                down: linear(&p("ffn_down"), [h, spec.ffn])?,
+                post_ffn_norm: sandwich("post_ffw_norm")?,
+                window,
+                cache: KvCache::default(),
+            });
+        }
+        let rope = |r: &RopeSpec| {
+            Rope::new(
+                hd,
+                r.base,
+                r.scale,
+                r.freq_factors.as_deref(),
+                spec.rope_style,
+                context,
+                dev,
+            )
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm: norm("output_norm.weight", h)?,
+            output,
+            rope: rope(&spec.rope)?,
+            rope_local: spec.rope_local.as_ref().map(rope).transpose()?,
+            context,
+            device: dev.clone(),
+            spec,
+        })
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Positions this instance can hold.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// The model's trained maximum context.
+    pub fn max_context(&self) -> usize {
+        self.spec.max_context
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.spec.vocab
+    }
+
+    /// `general.architecture` of the file it came from.
+    pub fn architecture(&self) -> &'static str {
+        self.spec.arch
+    }
+
+    /// Positions held in the KV cache.
+    pub fn kv_len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.cache.len())
+    }
+
+    /// Keep only the first `len` cached positions.
+    pub fn truncate_kv(&mut self, len: usize) {
+        for l in &mut self.layers {
+            l.cache.truncate(len);
+        }
+    }
+
+    /// Drop the KV cache and its buffers.
+    pub fn clear_kv(&mut self) {
+        for l in &mut self.layers {
+            l.cache.clear();
+        }
+    }
+
+    /// Run `tokens` at positions `kv_len()..`, append them to the cache, and
+    /// return F32 logits (rows, vocab) for the positions `which` asks for.
+    pub fn forward(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Tensor> {
+        let pos = self.kv_len();
+        let out = self.forward_at(pos, tokens, which);
+        if out.is_err() {
+            // A failure part-way leaves some layers ahead of others.
+            self.truncate_kv(pos);
+        }
+        out
+    }
+
+    fn forward_at(&mut self, pos: usize, tokens: &[u32], which: LogitsFor) -> Result<Tensor> {
+        let seq = tokens.len();
+        check_tokens(tokens, self.spec.vocab)?;
+        if seq == 0 || pos + seq > self.context {
+            return Err(EngineError::PromptTooLong {
+                tokens: pos + seq,
+                context: self.context,
+            });
+        }
+        let dev = &self.device;
+        let s = &self.spec;
+        let mut x = self.embed.forward(tokens, dev)?;
+        if let Some(scale) = s.embed_scale {
+            x = (x * scale)?;
+        }
+
+        // One mask per distinct window per call, shared by the layers using it.
+        let mut masks: Vec<(Option<usize>, usize, usize, Option<Tensor>)> = Vec::new();
+        for layer in &mut self.layers {
+            let w = layer.window;
+            if !masks.iter().any(|m| m.0 == w) {
+                let (k_start, k_end) = key_range(first_visible_key(pos, w), pos + seq);
+                let mask = attention_mask(pos, seq, k_start, k_end, w, dev)?;
+                masks.push((w, k_start, k_end, mask));
+            }
+            let (_, k_start, k_end, mask) = masks.iter().find(|m| m.0 == w).unwrap();
+            let rope = match (w, &self.rope_local) {
+                (Some(_), Some(local)) => local,
+                _ => &self.rope,
+            };
+
+            let residual = &x;
+            let h = layer.attn_norm.forward(&x)?;
+            let shape = |heads| (1, seq, heads, s.head_dim);
+            let mut q = layer.q.forward(&h)?.reshape(shape(s.heads))?;
+            let mut k = layer.k.forward(&h)?.reshape(shape(s.kv_heads))?;
+            let v = layer.v.forward(&h)?.reshape(shape(s.kv_heads))?;
+            if let Some((qn, kn)) = &layer.qk_norm {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+            let q = (rope.apply(&q, pos)?.transpose(1, 2)? * s.attn_scale)?;
+            let k = rope.apply(&k, pos)?;
+            let (k, v) =
+                layer
+                    .cache
+                    .append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, *k_start, *k_end)?;
+            let mut a = layer
+                .o
+                .forward(&attention(&q, &k, &v, mask.as_ref(), *k_start)?)?;
+            if let Some(n) = &layer.post_attn_norm {
+                a = n.forward(&a)?;
+            }
+            let x1 = (a + residual)?;
+
+            let h = layer.ffn_norm.forward(&x1)?;
+            let g = layer.gate.forward(&h)?;
+            let g = match s.activation {
+                Activation::Silu => candle_nn::ops::silu(&g)?,
+                Activation::GeluTanh => g.gelu()?,
+            };
+            let mut m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            if let Some(n) = &layer.post_ffn_norm {
+                m = n.forward(&m)?;
+            }
+            x = (m + x1)?;
+        }
+        let x = which.select(&x)?;
+        let x = self.norm.forward(&x)?;
+        Ok(self.output.forward(&x)?)
+    }
+}
+
+/// `{arch}.{key}` as an unsigned integer, or `default` when absent.
+pub fn usize_or(g: &GgufFile, key: &str, default: usize) -> Result<usize> {
+    match g.get(key) {
+        Some(_) => g.get_usize(key),
+        None => Ok(default),
+    }
+}
+
+/// Rows of the embedding table: the vocabulary the weights support.
+pub fn vocab_rows(g: &GgufFile) -> Result<usize> {
+    g.tensor_info("token_embd.weight")
+        .map(|t| t.shape[0])
+        .ok_or_else(|| {
+            g.error(crate::engine::ModelFileError::MissingTensor(
+                "token_embd.weight".into(),
+            ))
+        })
+}
+
+/// Linear RoPE scaling from `{arch}.rope.scaling.type`/`.factor` (1.0: none).
+pub fn linear_rope_scale(g: &GgufFile, arch: &str) -> f64 {
+    match g.get_str(&format!("{arch}.rope.scaling.type")) {
+        Ok("linear") => g
+            .get_f64(&format!("{arch}.rope.scaling.factor"))
+            .unwrap_or(1.0),
+        _ => 1.0,
+    }
+}
