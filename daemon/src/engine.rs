@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device};
 
 pub use error::{EngineError, ModelFileError};
-pub use models::{LogitsFor, Model};
+pub use models::{LogitsFor, Model, Weights};
 pub use sampling::SamplingParams;
 pub use tokenizer::Tokenizer;
 
@@ -48,6 +48,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Run the warm-up pass (on by default; tests of the loader turn it off).
     pub warmup: bool,
+    /// Quantized (normal) or dequantized-to-F32 weights.
+    pub weights: Weights,
 }
 
 impl Default for LoadOptions {
@@ -56,6 +58,7 @@ impl Default for LoadOptions {
             context: None,
             device: Device::Cpu,
             warmup: true,
+            weights: Weights::Quantized,
         }
     }
 }
@@ -171,12 +174,13 @@ impl Engine {
                     path: path.to_owned(),
                     source,
                 })?;
-            let model = models::load(&gguf, context, &opts.device).and_then(|mut m| {
-                if opts.warmup {
-                    warm_up(&mut m, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
-                }
-                Ok(m)
-            });
+            let model =
+                models::load(&gguf, context, opts.weights, &opts.device).and_then(|mut m| {
+                    if opts.warmup {
+                        warm_up(&mut m, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
+                    }
+                    Ok(m)
+                });
             let tokenizer = tok
                 .join()
                 .map_err(|_| EngineError::Tokenizer("the tokenizer build panicked".into()))?;

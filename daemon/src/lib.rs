@@ -2,3 +2,4 @@
 //! models and generates with Candle on the calling thread (see `engine`).
 
 pub mod engine;
+pub mod synth;

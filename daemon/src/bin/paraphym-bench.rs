@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use paraphym_daemon::engine::{score, Engine, LoadOptions};
+use paraphym_daemon::synth;
 
 #[derive(Parser)]
 #[command(version, about = "paraphym benchmarks")]
@@ -39,6 +40,23 @@ enum Cmd {
     LoadChild {
         #[arg(long)]
         model: PathBuf,
+    },
+    /// Write a synthetic model (random weights, real shape and vocabulary).
+    Synth {
+        /// qwen3 | llama | gemma3
+        #[arg(long)]
+        arch: String,
+        /// tiny | qwen3-0.6b | qwen3-1.7b
+        #[arg(long)]
+        shape: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The tokenizer.json whose vocabulary the model gets (default: the
+        /// architecture's reference tokenizer, from scripts/fetch-tokenizers.sh).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// Perplexity of a text file by llama-perplexity's method.
     Perplexity {
@@ -69,6 +87,34 @@ fn main() -> Result<()> {
             max_load_s,
             max_rss_mib,
         } => load(&model, reps, max_load_s, max_rss_mib),
+        Cmd::Synth {
+            arch,
+            shape,
+            out,
+            seed,
+            tokenizer,
+        } => {
+            let arch = synth::Arch::parse(&arch)
+                .with_context(|| format!("unknown --arch {arch} (qwen3, llama, gemma3)"))?;
+            let size = synth::Size::parse(&shape).with_context(|| {
+                format!("unknown --shape {shape} (tiny, qwen3-0.6b, qwen3-1.7b)")
+            })?;
+            let tokenizer = match tokenizer {
+                Some(t) => t,
+                None => synth::reference_tokenizer(arch.tokenizer_family())?,
+            };
+            let t = Instant::now();
+            let vocab = synth::Vocabulary::from_tokenizer_json(&tokenizer, arch)?;
+            synth::write(arch, size, &vocab, seed, &out)?;
+            let bytes = std::fs::metadata(&out)?.len();
+            eprintln!(
+                "wrote {} ({:.1} MB) in {:.1} s",
+                out.display(),
+                bytes as f64 / 1e6,
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Cmd::Perplexity {
             model,
             text,

@@ -605,16 +605,53 @@ fn write_value(w: &mut impl std::io::Write, v: &Value) -> std::io::Result<()> {
     }
 }
 
+/// What the tensor directory says about a tensor to be written.
+#[derive(Debug, Clone)]
+pub struct TensorHeader {
+    pub name: String,
+    pub dtype: GgmlDType,
+    /// Candle order: outermost dimension first.
+    pub shape: Vec<usize>,
+}
+
+impl TensorHeader {
+    /// Bytes of data this tensor takes.
+    pub fn size(&self) -> usize {
+        let elems: usize = self.shape.iter().product();
+        elems / self.dtype.block_size() * self.dtype.type_size()
+    }
+}
+
 /// Write a GGUF v3 file (32-byte alignment), as llama.cpp's writer lays it out.
 pub fn write(
     w: &mut impl std::io::Write,
     metadata: &[(String, Value)],
     tensors: &[TensorData],
 ) -> std::io::Result<()> {
+    let headers: Vec<TensorHeader> = tensors
+        .iter()
+        .map(|t| TensorHeader {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        })
+        .collect();
+    write_streaming(w, metadata, &headers, |i, w| w.write_all(&tensors[i].data))
+}
+
+/// Write a GGUF v3 file whose tensor data comes from `data(i, w)`, which must
+/// write exactly `headers[i].size()` bytes: files larger than memory can be
+/// generated on the fly.
+pub fn write_streaming<W: std::io::Write>(
+    w: &mut W,
+    metadata: &[(String, Value)],
+    headers: &[TensorHeader],
+    mut data: impl FnMut(usize, &mut W) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     head.extend_from_slice(MAGIC);
     head.extend_from_slice(&3u32.to_le_bytes());
-    head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    head.extend_from_slice(&(headers.len() as u64).to_le_bytes());
     head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
     for (k, v) in metadata {
         write_value(&mut head, &Value::String(k.clone()))?;
@@ -623,7 +660,7 @@ pub fn write(
     }
     let align = DEFAULT_ALIGNMENT as usize;
     let mut offset = 0usize;
-    for t in tensors {
+    for t in headers {
         write_value(&mut head, &Value::String(t.name.clone()))?;
         head.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
         for d in t.shape.iter().rev() {
@@ -631,13 +668,13 @@ pub fn write(
         }
         head.extend_from_slice(&ggml_type_id(t.dtype).to_le_bytes());
         head.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset = (offset + t.data.len()).div_ceil(align) * align;
+        offset = (offset + t.size()).div_ceil(align) * align;
     }
     head.resize(head.len().div_ceil(align) * align, 0);
     w.write_all(&head)?;
-    for t in tensors {
-        w.write_all(&t.data)?;
-        let pad = t.data.len().div_ceil(align) * align - t.data.len();
+    for (i, t) in headers.iter().enumerate() {
+        data(i, w)?;
+        let pad = t.size().div_ceil(align) * align - t.size();
         w.write_all(&vec![0u8; pad])?;
     }
     Ok(())

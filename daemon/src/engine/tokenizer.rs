@@ -202,8 +202,9 @@ fn from_gguf(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineError> {
     let model = gguf.get_str("tokenizer.ggml.model")?;
     match model {
         "llama" => sentencepiece_bpe(gguf),
+        "gpt2" => byte_level_bpe(gguf),
         other => Err(gguf.error(bad(format!(
-            "tokenizer model `{other}` is not supported (supported: llama)"
+            "tokenizer model `{other}` is not supported (supported: llama, gpt2)"
         )))),
     }
 }
@@ -371,6 +372,102 @@ fn sentencepiece_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineErr
         .zip(&types)
         .filter(|(_, &t)| t == token_type::CONTROL || t == token_type::USER_DEFINED)
         .map(|(p, &t)| AddedToken::from(p.clone(), t == token_type::CONTROL).normalized(false))
+        .collect();
+    tok.add_tokens(added)
+        .map_err(|e| gguf.error(bad(format!("adding special tokens: {e}"))))?;
+    Ok(tok)
+}
+
+/// GPT-2-style byte-level pre-tokenizer regexes, by `tokenizer.ggml.pre`.
+fn byte_level_regex(pre: &str) -> Option<&'static str> {
+    Some(match pre {
+        "qwen2" => concat!(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ),
+        "llama-bpe" | "llama3" => concat!(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
+            r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ),
+        _ => return None,
+    })
+}
+
+/// Byte-level BPE (`tokenizer.ggml.model = gpt2`: Qwen, Llama 3): the merges are
+/// stored; the pre-tokenizer is named by `tokenizer.ggml.pre`.
+fn byte_level_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineError> {
+    use tokenizers::normalizers::unicode::NFC;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::SplitDelimiterBehavior;
+
+    let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
+    let regex = byte_level_regex(pre).ok_or_else(|| {
+        gguf.error(bad(format!(
+            "pre-tokenizer `{pre}` is not supported (supported: qwen2, llama-bpe)"
+        )))
+    })?;
+    let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
+    let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type") {
+        None => vec![token_type::NORMAL; tokens.len()],
+        Some(_) => gguf
+            .get_array("tokenizer.ggml.token_type")?
+            .iter()
+            .map(|v| match v {
+                Value::I32(t) => Some(i64::from(*t)),
+                other => other.as_u64().map(|t| t as i64),
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| gguf.error(bad("`tokenizer.ggml.token_type` holds a non-integer")))?,
+    };
+    if types.len() != tokens.len() {
+        return Err(gguf.error(bad(format!(
+            "{} tokens but {} types",
+            tokens.len(),
+            types.len()
+        ))));
+    }
+    let mut vocab = Vocab::with_capacity(tokens.len());
+    for (id, t) in tokens.iter().enumerate() {
+        vocab.entry((*t).to_owned()).or_insert(id as u32);
+    }
+    let merges: Vec<(String, String)> = strings(gguf, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| gguf.error(bad(format!("merge `{m}` has no space"))))
+        })
+        .collect::<Result<_, _>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        // Llama 3's tokenizer takes whole words that are in the vocabulary as is.
+        .ignore_merges(matches!(pre, "llama-bpe" | "llama3"))
+        .build()
+        .map_err(|e| gguf.error(bad(format!("building BPE: {e}"))))?;
+
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    if pre == "qwen2" {
+        tok.with_normalizer(Some(NFC))
+            .map_err(|e| gguf.error(bad(e.to_string())))?;
+    }
+    let split = Split::new(
+        SplitPattern::Regex(regex.to_owned()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| gguf.error(bad(format!("pre-tokenizer regex: {e}"))))?;
+    tok.with_pre_tokenizer(Some(PreSequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])));
+    tok.with_decoder(Some(ByteLevel::new(false, false, false)));
+    let added: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, &t)| t == token_type::CONTROL || t == token_type::USER_DEFINED)
+        .map(|(p, &t)| AddedToken::from(*p, t == token_type::CONTROL).normalized(false))
         .collect();
     tok.add_tokens(added)
         .map_err(|e| gguf.error(bad(format!("adding special tokens: {e}"))))?;

@@ -6,4 +6,5 @@ mod util;
 
 mod bad_files;
 mod gemma3;
+mod synthetic;
 mod tokenizer;

@@ -14,18 +14,39 @@ use crate::engine::gguf::GgufFile;
 
 pub type Result<T> = std::result::Result<T, EngineError>;
 
-/// A quantized weight used as `x @ W^T`.
+/// How weights are held for matmuls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// Quantized, as in the file: Candle's quantized kernels, which round the
+    /// activations to 8 bits (as llama.cpp does). The normal mode.
+    #[default]
+    Quantized,
+    /// Dequantized to F32 at load: exact F32 arithmetic on the file's weights,
+    /// several times the memory and slower. For checking the model's math
+    /// against a reference without activation-quantization noise.
+    Dequantized,
+}
+
+/// A weight used as `x @ W^T`.
 #[derive(Debug, Clone)]
 pub struct Linear(QMatMul);
 
 impl Linear {
-    pub fn load(gguf: &GgufFile, name: &str, shape: [usize; 2], dev: &Device) -> Result<Self> {
-        let t = gguf.tensor(name, Some(&shape), dev)?;
-        Ok(Self(QMatMul::from_qtensor(t)?))
+    pub fn load(
+        gguf: &GgufFile,
+        name: &str,
+        shape: [usize; 2],
+        weights: Weights,
+        dev: &Device,
+    ) -> Result<Self> {
+        Self::from_arc(Arc::new(gguf.tensor(name, Some(&shape), dev)?), weights)
     }
 
-    pub fn from_arc(t: Arc<QTensor>) -> Result<Self> {
-        Ok(Self(QMatMul::from_arc(t)?))
+    pub fn from_arc(t: Arc<QTensor>, weights: Weights) -> Result<Self> {
+        Ok(Self(match weights {
+            Weights::Quantized => QMatMul::from_arc(t)?,
+            Weights::Dequantized => QMatMul::Tensor(t.dequantize(&t.device())?),
+        }))
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -417,5 +438,53 @@ pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
             "token id {t} is outside the vocabulary of {vocab}"
         ))),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our F32 tables hold the angles of an f64 computation to 1e-4 rad up to
+    /// position 32,768 (Candle's F16 Qwen3 tables are 1.17 rad off at 2,049).
+    #[test]
+    fn rope_angles_match_f64_up_to_32k() {
+        let (dim, base, positions) = (128, 1_000_000.0f64, 32_769);
+        let (cos, sin) = rope_tables(dim, base, 1.0, None, positions);
+        let half = dim / 2;
+        let mut worst = 0f64;
+        for p in (0..positions).step_by(97).chain([2049, 32_768]) {
+            for i in 0..half {
+                let want = (p as f64 * base.powf(-((2 * i) as f64) / dim as f64))
+                    .rem_euclid(std::f64::consts::TAU);
+                let got = f64::from(sin[p * half + i])
+                    .atan2(f64::from(cos[p * half + i]))
+                    .rem_euclid(std::f64::consts::TAU);
+                let d = (got - want).abs();
+                worst = worst.max(d.min(std::f64::consts::TAU - d));
+            }
+        }
+        assert!(worst < 1e-4, "worst angle error {worst} rad");
+    }
+
+    #[test]
+    fn masks_follow_absolute_positions_and_windows() {
+        let dev = Device::Cpu;
+        // One query at 10 over keys 0..12 (padded): keys 11.. are the future.
+        let m = attention_mask(10, 1, 0, 12, None, &dev).unwrap().unwrap();
+        let row = m.to_vec2::<f32>().unwrap().remove(0);
+        assert!(row[..=10].iter().all(|&v| v == 0.0));
+        assert!(row[11..].iter().all(|&v| v == f32::NEG_INFINITY));
+        // Window 4: a query at 10 sees keys 7..=10.
+        let m = attention_mask(10, 1, 0, 11, Some(4), &dev)
+            .unwrap()
+            .unwrap();
+        let row = m.to_vec2::<f32>().unwrap().remove(0);
+        let seen: Vec<usize> = (0..11).filter(|&k| row[k] == 0.0).collect();
+        assert_eq!(seen, [7, 8, 9, 10]);
+        assert_eq!(first_visible_key(10, Some(4)), 7);
+        // Nothing to mask: no tensor.
+        assert!(attention_mask(5, 1, 0, 6, None, &dev).unwrap().is_none());
+        assert_eq!(key_range(7, 40), (0, 64));
     }
 }

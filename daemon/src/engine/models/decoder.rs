@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 
 use super::common::{
     attention, attention_mask, check_tokens, first_visible_key, key_range, Embedding, KvCache,
-    Linear, LogitsFor, Result, RmsNorm, Rope, RopeStyle,
+    Linear, LogitsFor, Result, RmsNorm, Rope, RopeStyle, Weights,
 };
 use crate::engine::error::EngineError;
 use crate::engine::gguf::GgufFile;
@@ -119,18 +119,24 @@ pub struct Model {
 impl Model {
     /// Load the weights for `spec`; `context` is the number of positions this
     /// instance serves (RoPE tables are built for exactly that many).
-    pub fn load(g: &GgufFile, spec: Spec, context: usize, dev: &Device) -> Result<Self> {
+    pub fn load(
+        g: &GgufFile,
+        spec: Spec,
+        context: usize,
+        weights: Weights,
+        dev: &Device,
+    ) -> Result<Self> {
         spec.validate(g)?;
         let context = context.min(spec.max_context).max(1);
         let (h, hd) = (spec.hidden, spec.head_dim);
         let (q_dim, kv_dim) = (spec.heads * hd, spec.kv_heads * hd);
         let embed = Embedding::load(g, "token_embd.weight", spec.vocab, h, dev)?;
         let output = match g.tensor_info("output.weight") {
-            Some(_) => Linear::load(g, "output.weight", [spec.vocab, h], dev)?,
-            None => Linear::from_arc(embed.table())?,
+            Some(_) => Linear::load(g, "output.weight", [spec.vocab, h], weights, dev)?,
+            None => Linear::from_arc(embed.table(), weights)?,
         };
         let norm = |name: &str, dim: usize| RmsNorm::load(g, name, dim, spec.eps, dev);
-        let linear = |name: &str, shape: [usize; 2]| Linear::load(g, name, shape, dev);
+        let linear = |name: &str, shape: [usize; 2]| Linear::load(g, name, shape, weights, dev);
         let mut layers = Vec::with_capacity(spec.layers);
         for (i, &window) in spec.windows.iter().enumerate() {
             let p = |s: &str| format!("blk.{i}.{s}.weight");

@@ -10,7 +10,7 @@ pub mod qwen3;
 
 use candle_core::Device;
 
-pub use common::LogitsFor;
+pub use common::{LogitsFor, Weights};
 pub use decoder::Model;
 
 use super::error::{EngineError, ModelFileError};
@@ -33,6 +33,11 @@ pub fn spec(gguf: &GgufFile) -> Result<decoder::Spec, EngineError> {
 }
 
 /// Load the model in `gguf` onto `device` for a context of `context` positions.
-pub fn load(gguf: &GgufFile, context: usize, device: &Device) -> Result<Model, EngineError> {
-    Model::load(gguf, spec(gguf)?, context, device)
+pub fn load(
+    gguf: &GgufFile,
+    context: usize,
+    weights: Weights,
+    device: &Device,
+) -> Result<Model, EngineError> {
+    Model::load(gguf, spec(gguf)?, context, weights, device)
 }

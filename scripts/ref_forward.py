@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Independent forward pass for paraphym's tiny synthetic models.
+
+numpy + the `gguf` package (llama.cpp's own reader and dequantizers); no Candle,
+no paraphym code. Reads a GGUF (qwen3, llama or gemma3), runs the tokens given
+on the command line through the model in float64 and writes the logits of every
+position as little-endian float32, row-major (positions, vocab).
+
+    python3 scripts/ref_forward.py MODEL.gguf 1,2,3 OUT.f32
+
+Semantics follow llama.cpp: RMSNorm x * w (GGUF stores Gemma's 1 + w), NeoX RoPE
+for qwen3/gemma3 and interleaved for llama, Gemma 3's sliding window (a query at
+p sees keys p-w+1..p) on all layers but every sixth, local RoPE base 10,000,
+GELU-tanh MLP and embeddings scaled by sqrt(hidden).
+"""
+import sys
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+
+def main():
+    path, tokens, out = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
+    r = GGUFReader(path)
+
+    def meta(key, default=None):
+        f = r.fields.get(key)
+        if f is None:
+            if default is None:
+                raise KeyError(key)
+            return default
+        return f.contents()
+
+    arch = meta("general.architecture")
+    k = lambda s: f"{arch}.{s}"
+    hidden = int(meta(k("embedding_length")))
+    layers = int(meta(k("block_count")))
+    heads = int(meta(k("attention.head_count")))
+    kv_heads = int(meta(k("attention.head_count_kv")))
+    hd = int(meta(k("attention.key_length"), hidden // heads))
+    eps = float(meta(k("attention.layer_norm_rms_epsilon")))
+    base = float(meta(k("rope.freq_base"), 10000.0))
+    window = int(meta(k("attention.sliding_window"), 0))
+
+    tensors = {t.name: t for t in r.tensors}
+
+    def w(name):
+        t = tensors[name]
+        return dequantize(t.data, t.tensor_type).astype(np.float64)
+
+    def rms(x, weight):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+    def rope(x, theta, interleaved):
+        # x: (T, H, hd)
+        T = x.shape[0]
+        inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+        ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]  # (T, hd/2)
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        if interleaved:
+            a, b = x[..., 0::2], x[..., 1::2]
+            y = np.empty_like(x)
+            y[..., 0::2] = a * c - b * s
+            y[..., 1::2] = a * s + b * c
+            return y
+        a, b = x[..., : hd // 2], x[..., hd // 2 :]
+        return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
+
+    gemma = arch == "gemma3"
+    emb = w("token_embd.weight")
+    x = emb[tokens]
+    if gemma:
+        x = x * np.sqrt(hidden)
+    T = len(tokens)
+    pos = np.arange(T)
+    for i in range(layers):
+        p = lambda s: f"blk.{i}.{s}.weight"
+        sliding = gemma and (i + 1) % 6 != 0
+        h = rms(x, w(p("attn_norm")))
+        q = (h @ w(p("attn_q")).T).reshape(T, heads, hd)
+        kk = (h @ w(p("attn_k")).T).reshape(T, kv_heads, hd)
+        v = (h @ w(p("attn_v")).T).reshape(T, kv_heads, hd)
+        if arch in ("qwen3", "gemma3"):
+            q = rms(q, w(p("attn_q_norm")))
+            kk = rms(kk, w(p("attn_k_norm")))
+        theta = 10000.0 if sliding else base
+        q = rope(q, theta, arch == "llama")
+        kk = rope(kk, theta, arch == "llama")
+        allowed = pos[None, :] <= pos[:, None]
+        if sliding:
+            allowed &= (pos[:, None] - pos[None, :]) < window
+        rep = heads // kv_heads
+        att = np.empty((T, heads, hd))
+        for hh in range(heads):
+            s = q[:, hh, :] @ kk[:, hh // rep, :].T / np.sqrt(hd)
+            s = np.where(allowed, s, -np.inf)
+            s = np.exp(s - s.max(axis=-1, keepdims=True))
+            s /= s.sum(axis=-1, keepdims=True)
+            att[:, hh, :] = s @ v[:, hh // rep, :]
+        o = att.reshape(T, heads * hd) @ w(p("attn_output")).T
+        if gemma:
+            o = rms(o, w(p("post_attention_norm")))
+        x = x + o
+        h = rms(x, w(p("ffn_norm")))
+        g = h @ w(p("ffn_gate")).T
+        if gemma:
+            g = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+        else:
+            g = g / (1 + np.exp(-g))
+        m = (g * (h @ w(p("ffn_up")).T)) @ w(p("ffn_down")).T
+        if gemma:
+            m = rms(m, w(p("post_ffw_norm")))
+        x = x + m
+    x = rms(x, w("output_norm.weight"))
+    out_w = w("output.weight") if "output.weight" in tensors else emb
+    logits = x @ out_w.T
+    logits.astype("<f4").tofile(out)
+
+
+if __name__ == "__main__":
+    main()
