@@ -6,6 +6,7 @@
 //! inside the loop; text leaves through a callback. Whoever owns an `Engine`
 //! (a worker thread, a test, a benchmark) owns the thread it runs on.
 
+pub mod bench;
 pub mod error;
 pub mod gguf;
 pub mod models;
@@ -73,6 +74,9 @@ pub struct GenParams {
     pub stop: Vec<String>,
     /// Tokens per prefill chunk.
     pub prefill_chunk: usize,
+    /// Keep generating past end-of-generation tokens (benchmarks: exactly
+    /// `max_tokens`).
+    pub ignore_eos: bool,
 }
 
 impl Default for GenParams {
@@ -82,6 +86,7 @@ impl Default for GenParams {
             max_tokens: 512,
             stop: Vec::new(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            ignore_eos: false,
         }
     }
 }
@@ -306,7 +311,7 @@ impl Engine {
             if out.tokens.is_empty() {
                 out.time_to_first_token = start.elapsed();
             }
-            if self.tokenizer.is_eog(token) {
+            if !params.ignore_eos && self.tokenizer.is_eog(token) {
                 break FinishReason::EndOfGeneration;
             }
             out.tokens.push(token);

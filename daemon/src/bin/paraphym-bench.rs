@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use paraphym_daemon::engine::{score, Engine, LoadOptions};
+use paraphym_daemon::engine::{bench, score, Engine, LoadOptions};
 use paraphym_daemon::synth;
 
 #[derive(Parser)]
@@ -58,6 +58,38 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// Side by side: stock Candle, the bare loop over our model, and the engine,
+    /// each run in its own child process, interleaved.
+    Decode {
+        #[arg(long)]
+        model: PathBuf,
+        /// cpu (cuda and metal arrive with their features)
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Loops to compare (stock is skipped for architectures Candle lacks).
+        #[arg(long, value_delimiter = ',', default_value = "stock,bare,engine")]
+        loops: Vec<String>,
+    },
+    /// (internal) one loop once; prints key=value measurements.
+    #[command(hide = true)]
+    DecodeChild {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long = "loop")]
+        which: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        prompt_tokens: usize,
+        #[arg(long)]
+        gen_tokens: usize,
+    },
     /// Perplexity of a text file by llama-perplexity's method.
     Perplexity {
         #[arg(long)]
@@ -87,6 +119,38 @@ fn main() -> Result<()> {
             max_load_s,
             max_rss_mib,
         } => load(&model, reps, max_load_s, max_rss_mib),
+        Cmd::DecodeChild {
+            model,
+            which,
+            device,
+            prompt_tokens,
+            gen_tokens,
+        } => {
+            let which = bench::Loop::parse(&which).context("--loop stock|bare|engine")?;
+            let device = parse_device(&device)?;
+            let prompt = bench::prompt_tokens(&model, prompt_tokens)?;
+            let r = bench::run(which, &model, &prompt, gen_tokens, &device)?;
+            let ids: Vec<String> = r.tokens.iter().map(u32::to_string).collect();
+            println!(
+                "load_s={} warmup_s={} prefill_tps={} decode_tps={} ttft_s={} vmhwm_kib={} tokens={}",
+                r.load.as_secs_f64(),
+                r.warmup.as_secs_f64(),
+                r.prefill_tps(),
+                r.decode_tps(),
+                r.first_token.as_secs_f64(),
+                vm_hwm_kib()?,
+                ids.join(",")
+            );
+            Ok(())
+        }
+        Cmd::Decode {
+            model,
+            device,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            loops,
+        } => decode(&model, &device, prompt_tokens, gen_tokens, reps, &loops),
         Cmd::Synth {
             arch,
             shape,
@@ -203,6 +267,160 @@ fn load(model: &PathBuf, reps: usize, max_s: Option<f64>, max_mib: Option<f64>) 
     }
     if failed {
         bail!("a target was missed");
+    }
+    Ok(())
+}
+
+fn parse_device(s: &str) -> Result<candle_core::Device> {
+    match s {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        other => bail!("device `{other}` is not available in this build (cpu)"),
+    }
+}
+
+/// One child run's figures.
+struct Child {
+    fields: Vec<(String, f64)>,
+    tokens: Vec<u32>,
+}
+
+impl Child {
+    fn get(&self, k: &str) -> f64 {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == k)
+            .map_or(f64::NAN, |f| f.1)
+    }
+}
+
+fn decode_child(
+    model: &PathBuf,
+    device: &str,
+    which: &str,
+    prompt: usize,
+    gen: usize,
+) -> Result<Child> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["decode-child", "--loop", which, "--device", device])
+        .arg("--model")
+        .arg(model)
+        .args(["--prompt-tokens", &prompt.to_string()])
+        .args(["--gen-tokens", &gen.to_string()])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "{which} child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8(out.stdout)?;
+    let mut fields = Vec::new();
+    let mut tokens = Vec::new();
+    for kv in line.split_whitespace() {
+        let (k, v) = kv.split_once('=').context("malformed child output")?;
+        if k == "tokens" {
+            tokens = v
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::parse)
+                .collect::<Result<_, _>>()?;
+        } else {
+            fields.push((k.to_owned(), v.parse()?));
+        }
+    }
+    Ok(Child { fields, tokens })
+}
+
+fn decode(
+    model: &PathBuf,
+    device: &str,
+    prompt: usize,
+    gen: usize,
+    reps: usize,
+    loops: &[String],
+) -> Result<()> {
+    // Columns: the loops asked for, plus a second `bare` (bare') as the noise
+    // control: bare/bare' should be 1.00 within the machine's noise.
+    let mut cols: Vec<&str> = loops.iter().map(String::as_str).collect();
+    let mut names: Vec<String> = loops.to_vec();
+    if cols.contains(&"bare") {
+        cols.push("bare");
+        names.push("bare'".into());
+    }
+    let mut runs: Vec<Vec<Child>> = cols.iter().map(|_| Vec::new()).collect();
+    for rep in 0..reps.max(1) {
+        // Rotate the order each repetition so no column always runs first.
+        for j in 0..cols.len() {
+            let i = (j + rep) % cols.len();
+            runs[i].push(decode_child(model, device, cols[i], prompt, gen)?);
+        }
+    }
+    println!("model     {}", model.display());
+    println!("device    {device}; {}", cpu_features());
+    println!(
+        "workload  {prompt} prompt tokens, {gen} generated (greedy, EOS ignored); {} interleaved repetitions, each column in its own child process",
+        reps.max(1)
+    );
+    print!("{:<16}", "");
+    for n in &names {
+        print!("{n:>24}");
+    }
+    println!();
+    let rows: [(&str, &str, f64); 6] = [
+        ("load s", "load_s", 1.0),
+        ("warm-up s", "warmup_s", 1.0),
+        ("prefill tok/s", "prefill_tps", 1.0),
+        ("decode tok/s", "decode_tps", 1.0),
+        ("TTFT s", "ttft_s", 1.0),
+        ("peak RSS MiB", "vmhwm_kib", 1.0 / 1024.0),
+    ];
+    let stats = |i: usize, key: &str, scale: f64| {
+        Stats::of(
+            &runs[i]
+                .iter()
+                .map(|c| c.get(key) * scale)
+                .collect::<Vec<_>>(),
+        )
+    };
+    for (label, key, scale) in rows {
+        print!("{label:<16}");
+        for i in 0..cols.len() {
+            let s = stats(i, key, scale);
+            let cell = if s.median >= 100.0 {
+                format!("{:.0} [{:.0}-{:.0}]", s.median, s.min, s.max)
+            } else {
+                format!("{:.3} [{:.3}-{:.3}]", s.median, s.min, s.max)
+            };
+            print!("{cell:>24}");
+        }
+        println!();
+    }
+    let col = |n: &str| names.iter().position(|c| c == n);
+    let ratio = |a: &str, b: &str, key: &str, what: &str| {
+        if let (Some(a_i), Some(b_i)) = (col(a), col(b)) {
+            let r = stats(a_i, key, 1.0).median / stats(b_i, key, 1.0).median;
+            println!("{what} ratio {a}/{b} {r:.3}");
+        }
+    };
+    ratio("engine", "bare", "decode_tps", "decode");
+    ratio("bare", "stock", "decode_tps", "decode");
+    ratio("bare", "bare'", "decode_tps", "decode");
+    ratio("engine", "bare", "prefill_tps", "prefill");
+    ratio("bare", "stock", "prefill_tps", "prefill");
+    let ids = |n: &str| col(n).map(|i| runs[i][0].tokens.clone());
+    if let (Some(b), Some(e)) = (ids("bare"), ids("engine")) {
+        if b != e || b.len() != gen {
+            bail!(
+                "bare and engine emitted different token ids ({} and {} tokens)",
+                b.len(),
+                e.len()
+            );
+        }
+        println!("tokens    bare and engine emitted identical ids ({gen} tokens)");
+    }
+    if let (Some(b), Some(s)) = (ids("bare"), ids("stock")) {
+        let same = b.iter().zip(&s).take_while(|(x, y)| x == y).count();
+        println!("tokens    stock agrees with bare on the first {same} of {gen} tokens");
     }
     Ok(())
 }
