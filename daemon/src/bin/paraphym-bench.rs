@@ -396,10 +396,20 @@ fn decode(
         println!();
     }
     let col = |n: &str| names.iter().position(|c| c == n);
+    // Ratios pair the runs of each repetition (which ran back to back) and take
+    // the median of the per-repetition ratios: slow drift of the machine cancels.
     let ratio = |a: &str, b: &str, key: &str, what: &str| {
         if let (Some(a_i), Some(b_i)) = (col(a), col(b)) {
-            let r = stats(a_i, key, 1.0).median / stats(b_i, key, 1.0).median;
-            println!("{what} ratio {a}/{b} {r:.3}");
+            let per_rep: Vec<f64> = runs[a_i]
+                .iter()
+                .zip(&runs[b_i])
+                .map(|(x, y)| x.get(key) / y.get(key))
+                .collect();
+            let s = Stats::of(&per_rep);
+            println!(
+                "{what} ratio {a}/{b} {:.3} [{:.3}-{:.3}]",
+                s.median, s.min, s.max
+            );
         }
     };
     ratio("engine", "bare", "decode_tps", "decode");

@@ -310,7 +310,7 @@ impl Model {
         }
         let x = which.select(&x)?;
         let x = self.norm.forward(&x)?;
-        Ok(self.output.forward(&x)?)
+        Ok(self.output.forward_output(&x)?)
     }
 }
 
