@@ -219,6 +219,22 @@ fn strings<'a>(gguf: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, EngineErro
         .collect()
 }
 
+/// `tokenizer.ggml.token_type` (all normal when absent).
+fn token_types(gguf: &GgufFile, n: usize) -> Result<Vec<i64>, EngineError> {
+    match gguf.get("tokenizer.ggml.token_type") {
+        None => Ok(vec![token_type::NORMAL; n]),
+        Some(_) => gguf
+            .get_array("tokenizer.ggml.token_type")?
+            .iter()
+            .map(|v| match v {
+                Value::I32(t) => Some(i64::from(*t)),
+                other => other.as_u64().map(|t| t as i64),
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| gguf.error(bad("`tokenizer.ggml.token_type` holds a non-integer"))),
+    }
+}
+
 fn sentencepiece_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineError> {
     let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
     let n = tokens.len();
@@ -228,18 +244,7 @@ fn sentencepiece_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineErr
         .map(|v| v.as_f64().map(|f| f as f32))
         .collect::<Option<_>>()
         .ok_or_else(|| gguf.error(bad("`tokenizer.ggml.scores` holds a non-number")))?;
-    let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type") {
-        None => vec![token_type::NORMAL; n],
-        Some(_) => gguf
-            .get_array("tokenizer.ggml.token_type")?
-            .iter()
-            .map(|v| match v {
-                Value::I32(t) => Some(i64::from(*t)),
-                other => other.as_u64().map(|t| t as i64),
-            })
-            .collect::<Option<_>>()
-            .ok_or_else(|| gguf.error(bad("`tokenizer.ggml.token_type` holds a non-integer")))?,
-    };
+    let types = token_types(gguf, n)?;
     if scores.len() != n || types.len() != n {
         return Err(gguf.error(bad(format!(
             "{n} tokens but {} scores and {} types",
@@ -409,18 +414,7 @@ fn byte_level_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineError>
         )))
     })?;
     let tokens = strings(gguf, "tokenizer.ggml.tokens")?;
-    let types: Vec<i64> = match gguf.get("tokenizer.ggml.token_type") {
-        None => vec![token_type::NORMAL; tokens.len()],
-        Some(_) => gguf
-            .get_array("tokenizer.ggml.token_type")?
-            .iter()
-            .map(|v| match v {
-                Value::I32(t) => Some(i64::from(*t)),
-                other => other.as_u64().map(|t| t as i64),
-            })
-            .collect::<Option<_>>()
-            .ok_or_else(|| gguf.error(bad("`tokenizer.ggml.token_type` holds a non-integer")))?,
-    };
+    let types = token_types(gguf, tokens.len())?;
     if types.len() != tokens.len() {
         return Err(gguf.error(bad(format!(
             "{} tokens but {} types",

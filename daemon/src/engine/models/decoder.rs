@@ -62,6 +62,44 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The hyper-parameters every family stores under the same `{arch}.*` keys,
+    /// with the plain decoder's defaults for the rest (NeoX RoPE, SiLU, no extra
+    /// norms, full attention): a family overrides what differs.
+    pub fn common(g: &GgufFile, arch: &'static str, default_rope_base: f64) -> Result<Self> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden = g.get_usize(&key("embedding_length"))?;
+        let layers = g.get_usize(&key("block_count"))?;
+        let heads = g.get_usize(&key("attention.head_count"))?;
+        let head_dim = usize_or(g, &key("attention.key_length"), hidden / heads.max(1))?;
+        Ok(Spec {
+            arch,
+            hidden,
+            layers,
+            heads,
+            kv_heads: usize_or(g, &key("attention.head_count_kv"), heads)?,
+            head_dim,
+            ffn: g.get_usize(&key("feed_forward_length"))?,
+            vocab: vocab_rows(g)?,
+            eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
+            max_context: g.get_usize(&key("context_length"))?,
+            rope_style: RopeStyle::Neox,
+            rope: RopeSpec {
+                base: g
+                    .get_f64(&key("rope.freq_base"))
+                    .unwrap_or(default_rope_base),
+                scale: linear_rope_scale(g, arch),
+                freq_factors: None,
+            },
+            rope_local: None,
+            windows: vec![None; layers],
+            qk_norm: false,
+            sandwich_norms: false,
+            activation: Activation::Silu,
+            embed_scale: None,
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
     /// Consistency checks shared by every family.
     pub fn validate(&self, g: &GgufFile) -> Result<()> {
         let bad = |m: String| Err(g.error(crate::engine::ModelFileError::Malformed(m)));

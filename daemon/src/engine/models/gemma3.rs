@@ -14,57 +14,37 @@
 //! scaling if any) when `(i + 1) % 6 == 0`, local (sliding window, base 10,000)
 //! otherwise: llama.cpp's fixed pattern for this architecture.
 
-use super::common::{Result, RopeStyle};
-use super::decoder::{linear_rope_scale, usize_or, vocab_rows, Activation, RopeSpec, Spec};
+use super::common::Result;
+use super::decoder::{Activation, RopeSpec, Spec};
 use crate::engine::gguf::GgufFile;
 
 const SLIDING_PATTERN: usize = 6;
 const LOCAL_ROPE_BASE: f64 = 10_000.0;
 
 pub fn spec(g: &GgufFile) -> Result<Spec> {
-    let a = "gemma3";
-    let key = |k: &str| format!("{a}.{k}");
-    let hidden = g.get_usize(&key("embedding_length"))?;
-    let layers = g.get_usize(&key("block_count"))?;
-    let heads = g.get_usize(&key("attention.head_count"))?;
-    let head_dim = usize_or(g, &key("attention.key_length"), hidden / heads.max(1))?;
-    let window = g.get_usize(&key("attention.sliding_window"))?;
+    let base = Spec::common(g, "gemma3", 1_000_000.0)?;
+    let window = g.get_usize("gemma3.attention.sliding_window")?;
     // Gemma 3 27B was trained with query_pre_attn_scalar = hidden / heads; the
     // other sizes with the head size (llama.cpp makes the same distinction).
-    let attn_scale = if layers == 62 {
-        1.0 / ((hidden / heads.max(1)) as f64).sqrt()
+    let attn_scale = if base.layers == 62 {
+        1.0 / ((base.hidden / base.heads.max(1)) as f64).sqrt()
     } else {
-        1.0 / (head_dim as f64).sqrt()
+        base.attn_scale
     };
     Ok(Spec {
-        arch: a,
-        hidden,
-        layers,
-        heads,
-        kv_heads: g.get_usize(&key("attention.head_count_kv"))?,
-        head_dim,
-        ffn: g.get_usize(&key("feed_forward_length"))?,
-        vocab: vocab_rows(g)?,
-        eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
-        max_context: g.get_usize(&key("context_length"))?,
-        rope_style: RopeStyle::Neox,
-        rope: RopeSpec {
-            base: g.get_f64(&key("rope.freq_base")).unwrap_or(1_000_000.0),
-            scale: linear_rope_scale(g, a),
-            freq_factors: None,
-        },
         rope_local: Some(RopeSpec {
             base: LOCAL_ROPE_BASE,
             scale: 1.0,
             freq_factors: None,
         }),
-        windows: (0..layers)
+        windows: (0..base.layers)
             .map(|i| ((i + 1) % SLIDING_PATTERN != 0).then_some(window))
             .collect(),
         qk_norm: true,
         sandwich_norms: true,
         activation: Activation::GeluTanh,
-        embed_scale: Some((hidden as f64).sqrt()),
+        embed_scale: Some((base.hidden as f64).sqrt()),
         attn_scale,
+        ..base
     })
 }
