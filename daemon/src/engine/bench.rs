@@ -186,6 +186,38 @@ fn run_engine(
     Ok(stats)
 }
 
+/// Candle's own quantized models, for the `stock` column.
+enum Stock {
+    Qwen3(candle_transformers::models::quantized_qwen3::ModelWeights),
+    Gemma3(candle_transformers::models::quantized_gemma3::ModelWeights),
+    Llama(candle_transformers::models::quantized_llama::ModelWeights),
+}
+
+impl Stock {
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        device: &Device,
+    ) -> Result<Tensor, EngineError> {
+        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+        Ok(match self {
+            Stock::Qwen3(m) => m.forward(&input, pos)?,
+            Stock::Gemma3(m) => m.forward(&input, pos)?,
+            Stock::Llama(m) => m.forward(&input, pos)?,
+        })
+    }
+
+    /// Gemma 3 and Llama restart their caches at position 0; Qwen3 needs telling.
+    fn clear(&mut self) {
+        match self {
+            Stock::Qwen3(m) => m.clear_kv_cache(),
+            Stock::Llama(m) => m.clear_kv_cache(),
+            Stock::Gemma3(_) => {}
+        }
+    }
+}
+
 fn run_stock(
     path: &std::path::Path,
     prompt: &[u32],
@@ -193,11 +225,6 @@ fn run_stock(
     device: &Device,
 ) -> Result<RunStats, EngineError> {
     use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
-    enum Stock {
-        Qwen3(quantized_qwen3::ModelWeights),
-        Gemma3(quantized_gemma3::ModelWeights),
-        Llama(quantized_llama::ModelWeights),
-    }
     let io = |source| EngineError::Io {
         path: path.to_owned(),
         source,
@@ -231,30 +258,12 @@ fn run_stock(
     stats.load = t.elapsed();
     let t = Instant::now();
     let w = warmup_tokens(prompt);
-    let mut forward = |tokens: &[u32], pos: usize| -> Result<Tensor, EngineError> {
-        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
-        Ok(match &mut model {
-            Stock::Qwen3(m) => m.forward(&input, pos)?,
-            Stock::Gemma3(m) => m.forward(&input, pos)?,
-            Stock::Llama(m) => m.forward(&input, pos)?,
-        })
-    };
-    forward(&w, 0)?;
-    forward(&w[..1], w.len())?;
-    // Gemma 3 and Llama restart their caches at position 0; Qwen3 needs telling.
-    match &mut model {
-        Stock::Qwen3(m) => m.clear_kv_cache(),
-        Stock::Llama(m) => m.clear_kv_cache(),
-        Stock::Gemma3(_) => {}
-    }
+    model.forward(&w, 0, device)?;
+    model.forward(&w[..1], w.len(), device)?;
+    model.clear();
     stats.warmup = t.elapsed();
     greedy_loop(prompt, gen, &mut stats, |tokens, pos| {
-        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
-        Ok(match &mut model {
-            Stock::Qwen3(m) => m.forward(&input, pos)?,
-            Stock::Gemma3(m) => m.forward(&input, pos)?,
-            Stock::Llama(m) => m.forward(&input, pos)?,
-        })
+        model.forward(tokens, pos, device)
     })?;
     Ok(stats)
 }

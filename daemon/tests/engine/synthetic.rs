@@ -148,20 +148,6 @@ fn tiny_models_are_consistent_across_chunking() {
     }
 }
 
-fn assert_same_ids(ours: &Tokenizer, reference: &tokenizers::Tokenizer, text: &str, what: &str) {
-    let want = reference.encode(text, false).unwrap().get_ids().to_vec();
-    let got = ours.encode(text, false).unwrap();
-    if got != want {
-        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-        panic!(
-            "{what}: ids differ for {:?} at {first}: ours {:?} ref {:?}",
-            text.chars().take(80).collect::<String>(),
-            &got[first..(first + 6).min(got.len())],
-            &want[first..(first + 6).min(want.len())]
-        );
-    }
-}
-
 #[test]
 fn byte_level_bpe_from_metadata_matches_tokenizer_json() {
     let gpl = util::gpl3();
@@ -171,12 +157,12 @@ fn byte_level_bpe_from_metadata_matches_tokenizer_json() {
         let ours = Tokenizer::from_gguf(&gguf).unwrap();
         let reference =
             tokenizers::Tokenizer::from_file(util::reference_tokenizer(family)).unwrap();
-        assert_same_ids(&ours, &reference, &gpl, family);
+        util::assert_same_ids(&ours, &reference, &gpl, family);
         for para in gpl.split("\n\n") {
-            assert_same_ids(&ours, &reference, para, family);
+            util::assert_same_ids(&ours, &reference, para, family);
         }
         for text in CORPUS {
-            assert_same_ids(&ours, &reference, text, family);
+            util::assert_same_ids(&ours, &reference, text, family);
         }
         let text = "Hello, world! 日本語 😀";
         assert_eq!(

@@ -36,31 +36,17 @@ fn reference() -> tokenizers::Tokenizer {
     tokenizers::Tokenizer::from_file(util::reference_tokenizer("gemma3")).unwrap()
 }
 
-fn assert_same(ours: &Tokenizer, reference: &tokenizers::Tokenizer, text: &str) {
-    let want = reference.encode(text, false).unwrap().get_ids().to_vec();
-    let got = ours.encode(text, false).unwrap();
-    if got != want {
-        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
-        panic!(
-            "token ids differ for {:?} at index {first}:\n ours {:?}\n  ref {:?}",
-            text.chars().take(120).collect::<String>(),
-            &got[first..(first + 8).min(got.len())],
-            &want[first..(first + 8).min(want.len())]
-        );
-    }
-}
-
 #[test]
 fn gemma3_ids_match_tokenizer_json_on_gpl3_and_corpus() {
     let (ours, reference) = (ours(), reference());
     let gpl = util::gpl3();
     // The whole text at once, then paragraph by paragraph (different boundaries).
-    assert_same(&ours, &reference, &gpl);
+    util::assert_same_ids(&ours, &reference, &gpl, "gemma3");
     for para in gpl.split("\n\n") {
-        assert_same(&ours, &reference, para);
+        util::assert_same_ids(&ours, &reference, para, "gemma3");
     }
     for text in CORPUS {
-        assert_same(&ours, &reference, text);
+        util::assert_same_ids(&ours, &reference, text, "gemma3");
     }
     let total: usize = CORPUS
         .iter()

@@ -86,3 +86,24 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Assert that `ours` gives `reference`'s token ids for `text` (no special
+/// tokens added), showing the first difference.
+pub fn assert_same_ids(
+    ours: &paraphym_daemon::engine::Tokenizer,
+    reference: &tokenizers::Tokenizer,
+    text: &str,
+    what: &str,
+) {
+    let want = reference.encode(text, false).unwrap().get_ids().to_vec();
+    let got = ours.encode(text, false).unwrap();
+    if got != want {
+        let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        panic!(
+            "{what}: token ids differ for {:?} at index {first}:\n ours {:?}\n  ref {:?}",
+            text.chars().take(120).collect::<String>(),
+            &got[first..(first + 8).min(got.len())],
+            &want[first..(first + 8).min(want.len())]
+        );
+    }
+}
