@@ -361,7 +361,7 @@ impl Engine {
 
 /// One batched prefill and one decode step, so that every kernel and weight
 /// packing the first request needs already exists; leaves the cache empty.
-fn warm_up(model: &mut Model, bos: Option<u64>) -> Result<(), EngineError> {
+pub(crate) fn warm_up(model: &mut Model, bos: Option<u64>) -> Result<(), EngineError> {
     let n = WARMUP_TOKENS.min(model.context().saturating_sub(1)).max(1);
     let last = model.vocab() as u32 - 1;
     let tokens: Vec<u32> = std::iter::once(bos.map_or(0, |b| b as u32))

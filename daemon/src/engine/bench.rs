@@ -77,6 +77,12 @@ pub fn prompt_tokens(path: &std::path::Path, n: usize) -> Result<Vec<u32>, Engin
     Ok(ids)
 }
 
+/// Positions a run needs: the prompt, the generation, and the warm-up pass.
+fn context(prompt: &[u32], gen: usize) -> usize {
+    (prompt.len() + gen).max(super::WARMUP_TOKENS + 1)
+}
+
+/// The stock models' warm-up input (ours is `engine::warm_up`).
 fn warmup_tokens(prompt: &[u32]) -> Vec<u32> {
     prompt
         .iter()
@@ -135,14 +141,10 @@ fn run_bare(
     let mut stats = RunStats::default();
     let t = Instant::now();
     let gguf = super::gguf::GgufFile::open(path)?;
-    let context = (prompt.len() + gen).max(super::WARMUP_TOKENS + 1);
-    let mut model = models::load(&gguf, context, Weights::Quantized, device)?;
+    let mut model = models::load(&gguf, context(prompt, gen), Weights::Quantized, device)?;
     stats.load = t.elapsed();
     let t = Instant::now();
-    let w = warmup_tokens(prompt);
-    model.forward(&w, LogitsFor::Last)?;
-    model.forward(&w[..1], LogitsFor::Last)?;
-    model.clear_kv();
+    super::warm_up(&mut model, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
     stats.warmup = t.elapsed();
     greedy_loop(prompt, gen, &mut stats, |tokens, _pos| {
         model.forward(tokens, LogitsFor::Last)
@@ -159,7 +161,7 @@ fn run_engine(
     let mut stats = RunStats::default();
     let t = Instant::now();
     let opts = LoadOptions {
-        context: Some((prompt.len() + gen).max(super::WARMUP_TOKENS + 1)),
+        context: Some(context(prompt, gen)),
         device: device.clone(),
         ..LoadOptions::default()
     };

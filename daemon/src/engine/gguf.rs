@@ -161,10 +161,6 @@ impl GgufFile {
         &self.path
     }
 
-    pub fn file_size(&self) -> usize {
-        self.map.len()
-    }
-
     pub fn metadata(&self) -> &HashMap<String, Value> {
         &self.metadata
     }

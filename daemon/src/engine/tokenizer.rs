@@ -186,11 +186,6 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
-
-    /// The underlying `tokenizers` pipeline.
-    pub fn inner(&self) -> &tokenizers::Tokenizer {
-        &self.inner
-    }
 }
 
 fn bad(msg: impl Into<String>) -> ModelFileError {

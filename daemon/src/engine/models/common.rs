@@ -147,10 +147,6 @@ impl Rope {
             }
         }
     }
-
-    pub fn positions(&self) -> usize {
-        self.cos.dims()[0]
-    }
 }
 
 /// RoPE angle tables, row-major (positions, rot_dim / 2), computed in f64.

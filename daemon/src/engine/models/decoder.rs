@@ -234,11 +234,6 @@ impl Model {
         self.context
     }
 
-    /// The model's trained maximum context.
-    pub fn max_context(&self) -> usize {
-        self.spec.max_context
-    }
-
     pub fn vocab(&self) -> usize {
         self.spec.vocab
     }
