@@ -13,6 +13,7 @@ use super::common::{
     attention, attention_mask, check_tokens, first_visible_key, key_range, Embedding, KvCache,
     Linear, LogitsFor, Result, RmsNorm, Rope, RopeStyle, Weights,
 };
+use super::cpu_attention::{self, CpuKv};
 use crate::engine::error::EngineError;
 use crate::engine::gguf::GgufFile;
 
@@ -137,7 +138,45 @@ struct Layer {
     down: Linear,
     post_ffn_norm: Option<RmsNorm>,
     window: Option<usize>,
-    cache: KvCache,
+    cache: Cache,
+}
+
+/// Where a layer keeps its keys and values: plain buffers read by the fused CPU
+/// kernel, or device tensors for the tensor-op attention.
+#[derive(Debug, Clone)]
+enum Cache {
+    Cpu(CpuKv),
+    Tensor(KvCache),
+}
+
+impl Cache {
+    fn new(dev: &Device) -> Self {
+        match dev {
+            Device::Cpu => Cache::Cpu(CpuKv::default()),
+            _ => Cache::Tensor(KvCache::default()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Cache::Cpu(c) => c.len(),
+            Cache::Tensor(c) => c.len(),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        match self {
+            Cache::Cpu(c) => c.truncate(len),
+            Cache::Tensor(c) => c.truncate(len),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            Cache::Cpu(c) => c.clear(),
+            Cache::Tensor(c) => c.clear(),
+        }
+    }
 }
 
 /// A loaded model: weights, RoPE tables and the KV cache.
@@ -198,7 +237,7 @@ impl Model {
                 down: linear(&p("ffn_down"), [h, spec.ffn])?,
                 post_ffn_norm: sandwich("post_ffw_norm")?,
                 window,
-                cache: KvCache::default(),
+                cache: Cache::new(dev),
             });
         }
         let rope = |r: &RopeSpec| {
@@ -290,16 +329,10 @@ impl Model {
             x = (x * scale)?;
         }
 
-        // One mask per distinct window per call, shared by the layers using it.
+        // Tensor path: one mask per distinct window per call, shared by the layers.
         let mut masks: Vec<(Option<usize>, usize, usize, Option<Tensor>)> = Vec::new();
         for layer in &mut self.layers {
             let w = layer.window;
-            if !masks.iter().any(|m| m.0 == w) {
-                let (k_start, k_end) = key_range(first_visible_key(pos, w), pos + seq);
-                let mask = attention_mask(pos, seq, k_start, k_end, w, dev)?;
-                masks.push((w, k_start, k_end, mask));
-            }
-            let (_, k_start, k_end, mask) = masks.iter().find(|m| m.0 == w).unwrap();
             let rope = match (w, &self.rope_local) {
                 (Some(_), Some(local)) => local,
                 _ => &self.rope,
@@ -315,15 +348,33 @@ impl Model {
                 q = qn.forward(&q)?;
                 k = kn.forward(&k)?;
             }
-            let q = (rope.apply(&q, pos)?.transpose(1, 2)? * s.attn_scale)?;
+            let q = rope.apply(&q, pos)?;
             let k = rope.apply(&k, pos)?;
-            let (k, v) =
-                layer
-                    .cache
-                    .append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, *k_start, *k_end)?;
-            let mut a = layer
-                .o
-                .forward(&attention(&q, &k, &v, mask.as_ref(), *k_start)?)?;
+            let attended = match &mut layer.cache {
+                Cache::Cpu(cache) => {
+                    let shape = cpu_attention::Shape {
+                        heads: s.heads,
+                        kv_heads: s.kv_heads,
+                        head_dim: s.head_dim,
+                        scale: s.attn_scale as f32,
+                        window: w,
+                    };
+                    cpu_attention::attend(cache, &q, &k, &v, pos, shape)?
+                }
+                Cache::Tensor(cache) => {
+                    if !masks.iter().any(|m| m.0 == w) {
+                        let (k_start, k_end) = key_range(first_visible_key(pos, w), pos + seq);
+                        let mask = attention_mask(pos, seq, k_start, k_end, w, dev)?;
+                        masks.push((w, k_start, k_end, mask));
+                    }
+                    let (_, k_start, k_end, mask) = masks.iter().find(|m| m.0 == w).unwrap();
+                    let q = (q.transpose(1, 2)? * s.attn_scale)?;
+                    let (k, v) =
+                        cache.append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, *k_start, *k_end)?;
+                    attention(&q, &k, &v, mask.as_ref(), *k_start)?
+                }
+            };
+            let mut a = layer.o.forward(&attended)?;
             if let Some(n) = &layer.post_attn_norm {
                 a = n.forward(&a)?;
             }

@@ -3,6 +3,7 @@
 //! [`decoder::Spec`]. Shared pieces live in [`common`].
 
 pub mod common;
+pub mod cpu_attention;
 pub mod decoder;
 pub mod gemma3;
 pub mod llama;
