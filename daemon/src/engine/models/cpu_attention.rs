@@ -178,7 +178,6 @@ fn run(cache: &CpuKv, q: &[f32], out: &mut [f32], seq: usize, pos: usize, shape:
     let items = shape.kv_heads * tiles;
     let ptr = OutPtr(out.as_mut_ptr());
     let work = |range: std::ops::Range<usize>| {
-        let ptr = ptr;
         let mut scratch = Scratch::default();
         for item in range {
             let (kvh, tile) = (item / tiles, item % tiles);
