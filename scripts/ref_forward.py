@@ -2,16 +2,21 @@
 """Independent forward pass for paraphym's tiny synthetic models.
 
 numpy + the `gguf` package (llama.cpp's own reader and dequantizers); no Candle,
-no paraphym code. Reads a GGUF (qwen3, llama or gemma3), runs the tokens given
-on the command line through the model in float64 and writes the logits of every
-position as little-endian float32, row-major (positions, vocab).
+no paraphym code. Reads a GGUF (qwen3, llama, gemma3 or phi3), runs the tokens
+given on the command line through the model in float64 and writes the logits of
+every position as little-endian float32, row-major (positions, vocab).
 
-    python3 scripts/ref_forward.py MODEL.gguf 1,2,3 OUT.f32
+    python3 scripts/ref_forward.py MODEL.gguf 1,2,3 OUT.f32 [CONTEXT]
 
 Semantics follow llama.cpp: RMSNorm x * w (GGUF stores Gemma's 1 + w), NeoX RoPE
 for qwen3/gemma3 and interleaved for llama, Gemma 3's sliding window (a query at
 p sees keys p-w+1..p) on all layers but every sixth, local RoPE base 10,000,
-GELU-tanh MLP and embeddings scaled by sqrt(hidden).
+GELU-tanh MLP and embeddings scaled by sqrt(hidden). Phi-3: fused attn_qkv (Q, K,
+V rows) and ffn_up (gate rows, then up rows), NeoX RoPE on the first
+rope.dimension_count dimensions of each head, LongRoPE frequency divisors
+(rope_factors_long when CONTEXT, default the file's context_length, exceeds
+rope.scaling.original_context_length, else rope_factors_short) with cos/sin
+scaled by rope.scaling.attn_factor, and no sliding window (as llama.cpp).
 """
 import sys
 
@@ -23,6 +28,7 @@ from gguf.quants import dequantize
 def main():
     path, tokens, out = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
     r = GGUFReader(path)
+    context = int(sys.argv[4]) if len(sys.argv) > 4 else None
 
     def meta(key, default=None):
         f = r.fields.get(key)
@@ -42,6 +48,10 @@ def main():
     eps = float(meta(k("attention.layer_norm_rms_epsilon")))
     base = float(meta(k("rope.freq_base"), 10000.0))
     window = int(meta(k("attention.sliding_window"), 0))
+    rot = int(meta(k("rope.dimension_count"), hd))
+    n_ctx = context or int(meta(k("context_length")))
+    original = int(meta(k("rope.scaling.original_context_length"), n_ctx))
+    mscale = float(meta(k("rope.scaling.attn_factor"), 1.0))
 
     tensors = {t.name: t for t in r.tensors}
 
@@ -52,19 +62,28 @@ def main():
     def rms(x, weight):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
+    factors = None
+    fname = "rope_factors_long.weight" if n_ctx > original else "rope_factors_short.weight"
+    if fname in tensors:
+        factors = w(fname)
+
     def rope(x, theta, interleaved):
-        # x: (T, H, hd)
-        T = x.shape[0]
-        inv = theta ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+        # x: (T, H, hd); rotates the first `rot` dimensions
+        if x.shape[-1] > rot:
+            return np.concatenate([rope(x[..., :rot], theta, interleaved), x[..., rot:]], axis=-1)
+        T, d = x.shape[0], x.shape[-1]
+        inv = theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        if factors is not None:
+            inv = inv / factors
         ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]  # (T, hd/2)
-        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        c, s = mscale * np.cos(ang)[:, None, :], mscale * np.sin(ang)[:, None, :]
         if interleaved:
             a, b = x[..., 0::2], x[..., 1::2]
             y = np.empty_like(x)
             y[..., 0::2] = a * c - b * s
             y[..., 1::2] = a * s + b * c
             return y
-        a, b = x[..., : hd // 2], x[..., hd // 2 :]
+        a, b = x[..., : d // 2], x[..., d // 2 :]
         return np.concatenate([a * c - b * s, a * s + b * c], axis=-1)
 
     gemma = arch == "gemma3"
@@ -78,9 +97,16 @@ def main():
         p = lambda s: f"blk.{i}.{s}.weight"
         sliding = gemma and (i + 1) % 6 != 0
         h = rms(x, w(p("attn_norm")))
-        q = (h @ w(p("attn_q")).T).reshape(T, heads, hd)
-        kk = (h @ w(p("attn_k")).T).reshape(T, kv_heads, hd)
-        v = (h @ w(p("attn_v")).T).reshape(T, kv_heads, hd)
+        if f"blk.{i}.attn_qkv.weight" in tensors:
+            qkv = h @ w(p("attn_qkv")).T
+            qd, kvd = heads * hd, kv_heads * hd
+            q = qkv[:, :qd].reshape(T, heads, hd)
+            kk = qkv[:, qd : qd + kvd].reshape(T, kv_heads, hd)
+            v = qkv[:, qd + kvd :].reshape(T, kv_heads, hd)
+        else:
+            q = (h @ w(p("attn_q")).T).reshape(T, heads, hd)
+            kk = (h @ w(p("attn_k")).T).reshape(T, kv_heads, hd)
+            v = (h @ w(p("attn_v")).T).reshape(T, kv_heads, hd)
         if arch in ("qwen3", "gemma3"):
             q = rms(q, w(p("attn_q_norm")))
             kk = rms(kk, w(p("attn_k_norm")))
@@ -103,12 +129,16 @@ def main():
             o = rms(o, w(p("post_attention_norm")))
         x = x + o
         h = rms(x, w(p("ffn_norm")))
-        g = h @ w(p("ffn_gate")).T
+        if f"blk.{i}.ffn_gate.weight" in tensors:
+            g, u = h @ w(p("ffn_gate")).T, h @ w(p("ffn_up")).T
+        else:
+            gu = h @ w(p("ffn_up")).T
+            g, u = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
         if gemma:
             g = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
         else:
             g = g / (1 + np.exp(-g))
-        m = (g * (h @ w(p("ffn_up")).T)) @ w(p("ffn_down")).T
+        m = (g * u) @ w(p("ffn_down")).T
         if gemma:
             m = rms(m, w(p("post_ffw_norm")))
         x = x + m

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-test-model.sh >/dev/null
-scripts/fetch-tokenizers.sh gemma3 qwen3 llama3 >/dev/null
+scripts/fetch-tokenizers.sh gemma3 qwen3 llama3 gpt35turbo gpt4o >/dev/null
 # The independent reference forward pass (scripts/ref_forward.py).
 python3 -c 'import numpy, gguf' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check numpy gguf

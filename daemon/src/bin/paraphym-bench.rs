@@ -43,10 +43,10 @@ enum Cmd {
     },
     /// Write a synthetic model (random weights, real shape and vocabulary).
     Synth {
-        /// qwen3 | llama | gemma3
+        /// qwen3 | llama | gemma3 | phi3
         #[arg(long)]
         arch: String,
-        /// tiny | qwen3-0.6b | qwen3-1.7b
+        /// tiny | qwen3-0.6b | qwen3-1.7b | phi4-mini | phi4 (the last two with --arch phi3)
         #[arg(long)]
         shape: String,
         #[arg(long)]
@@ -159,13 +159,13 @@ fn main() -> Result<()> {
             tokenizer,
         } => {
             let arch = synth::Arch::parse(&arch)
-                .with_context(|| format!("unknown --arch {arch} (qwen3, llama, gemma3)"))?;
+                .with_context(|| format!("unknown --arch {arch} (qwen3, llama, gemma3, phi3)"))?;
             let size = synth::Size::parse(&shape).with_context(|| {
-                format!("unknown --shape {shape} (tiny, qwen3-0.6b, qwen3-1.7b)")
+                format!("unknown --shape {shape} (tiny, qwen3-0.6b, qwen3-1.7b, phi4-mini, phi4)")
             })?;
             let tokenizer = match tokenizer {
                 Some(t) => t,
-                None => synth::reference_tokenizer(arch.tokenizer_family())?,
+                None => synth::reference_tokenizer(arch.tokenizer_family(size))?,
             };
             let t = Instant::now();
             let vocab = synth::Vocabulary::from_tokenizer_json(&tokenizer, arch)?;

@@ -385,9 +385,18 @@ fn byte_level_regex(pre: &str) -> Option<&'static str> {
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}",
             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
         ),
-        "llama-bpe" | "llama3" => concat!(
+        // cl100k's regex: Llama 3 and, as "dbrx", Phi-4.
+        "llama-bpe" | "llama3" | "dbrx" => concat!(
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}",
             r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        ),
+        // o200k (Phi-4-mini).
+        "gpt-4o" => concat!(
+            r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+",
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*",
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
         ),
         _ => return None,
     })
@@ -405,7 +414,7 @@ fn byte_level_bpe(gguf: &GgufFile) -> Result<tokenizers::Tokenizer, EngineError>
     let pre = gguf.get_str("tokenizer.ggml.pre").unwrap_or("default");
     let regex = byte_level_regex(pre).ok_or_else(|| {
         gguf.error(bad(format!(
-            "pre-tokenizer `{pre}` is not supported (supported: qwen2, llama-bpe)"
+            "pre-tokenizer `{pre}` is not supported (supported: qwen2, llama-bpe, dbrx, gpt-4o)"
         )))
     })?;
     let tokens = strings(gguf, "tokenizer.ggml.tokens")?;

@@ -14,7 +14,7 @@ use paraphym_daemon::synth::{self, Arch, Size};
 use crate::tokenizer::CORPUS;
 use crate::util;
 
-const ARCHS: [Arch; 3] = [Arch::Qwen3, Arch::Llama, Arch::Gemma3];
+const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Llama, Arch::Gemma3, Arch::Phi3];
 
 /// The tiny model of `arch`, written once per test run (seed 7).
 fn tiny(arch: Arch) -> PathBuf {
@@ -24,7 +24,7 @@ fn tiny(arch: Arch) -> PathBuf {
     let path = dir.0.join(format!("tiny-{}.gguf", arch.name()));
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     if !path.is_file() {
-        let tok = util::reference_tokenizer(arch.tokenizer_family());
+        let tok = util::reference_tokenizer(arch.tokenizer_family(Size::Tiny));
         let vocab = synth::Vocabulary::from_tokenizer_json(&tok, arch).unwrap();
         synth::write(arch, Size::Tiny, &vocab, 7, &path).unwrap();
     }
@@ -36,9 +36,10 @@ fn load(path: &Path, context: usize, weights: Weights) -> models::Model {
     models::load(&g, context, weights, &Device::Cpu).unwrap()
 }
 
-/// Logits of every position from the reference implementation.
-fn reference(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let out = path.with_extension(format!("ref-{}.f32", tokens.len()));
+/// Logits of every position from the reference implementation, run for a
+/// context of `context` positions (Phi-3's LongRoPE factors depend on it).
+fn reference(path: &Path, tokens: &[u32], context: usize) -> Vec<Vec<f32>> {
+    let out = path.with_extension(format!("ref-{}-{context}.f32", tokens.len()));
     let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
     let status = std::process::Command::new("python3")
         .arg(concat!(
@@ -48,6 +49,7 @@ fn reference(path: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
         .arg(path)
         .arg(ids.join(","))
         .arg(&out)
+        .arg(context.to_string())
         .status()
         .expect("python3 (scripts/test.sh installs numpy and gguf)");
     assert!(status.success(), "ref_forward.py failed");
@@ -79,10 +81,18 @@ fn tiny_models_match_the_reference_forward_pass() {
             )
             .unwrap();
         assert!(tokens.len() > 10);
-        let want = reference(&path, &tokens);
-        let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-        for (weights, tolerance) in [(Weights::Dequantized, 1e-3), (Weights::Quantized, 5e-2)] {
-            let mut model = load(&path, 512, weights);
+        // Phi-3 past its original context switches to the long RoPE factors.
+        let contexts: &[usize] = if arch == Arch::Phi3 {
+            &[512, 4096]
+        } else {
+            &[512]
+        };
+        for (&context, (weights, tolerance)) in contexts.iter().flat_map(|c| {
+            [(Weights::Dequantized, 1e-3), (Weights::Quantized, 5e-2)].map(|w| (c, w))
+        }) {
+            let want = reference(&path, &tokens, context);
+            let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            let mut model = load(&path, context, weights);
             let ours = model
                 .forward(&tokens, LogitsFor::From(0))
                 .unwrap()
@@ -96,12 +106,12 @@ fn tiny_models_match_the_reference_forward_pass() {
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             let rel = diff / scale;
             eprintln!(
-                "{} {weights:?}: max |logit| {scale:.2}, relative diff {rel:.2e}",
+                "{} {weights:?} context {context}: max |logit| {scale:.2}, relative diff {rel:.2e}",
                 arch.name()
             );
             assert!(
                 rel <= tolerance,
-                "{} {weights:?}: relative difference {rel}",
+                "{} {weights:?} context {context}: relative difference {rel}",
                 arch.name()
             );
         }
@@ -151,9 +161,24 @@ fn tiny_models_are_consistent_across_chunking() {
 #[test]
 fn byte_level_bpe_from_metadata_matches_tokenizer_json() {
     let gpl = util::gpl3();
-    for arch in [Arch::Qwen3, Arch::Llama] {
-        let family = arch.tokenizer_family();
-        let gguf = GgufFile::open(&tiny(arch)).unwrap();
+    // Phi-4-mini's o200k vocabulary needs a file of its own (metadata only).
+    let dir = util::TempDir::new("o200k");
+    let o200k = dir.0.join("o200k.gguf");
+    let vocab =
+        synth::Vocabulary::from_tokenizer_json(&util::reference_tokenizer("gpt4o"), Arch::Phi3)
+            .unwrap();
+    assert_eq!(vocab.size, 200_064);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&o200k).unwrap());
+    paraphym_daemon::engine::gguf::write(&mut f, &vocab.metadata, &[]).unwrap();
+    drop(f);
+    let files = [
+        (tiny(Arch::Qwen3), "qwen3"),
+        (tiny(Arch::Llama), "llama3"),
+        (tiny(Arch::Phi3), "gpt35turbo"),
+        (o200k, "gpt4o"),
+    ];
+    for (path, family) in files {
+        let gguf = GgufFile::open(&path).unwrap();
         let ours = Tokenizer::from_gguf(&gguf).unwrap();
         let reference =
             tokenizers::Tokenizer::from_file(util::reference_tokenizer(family)).unwrap();
@@ -188,5 +213,5 @@ fn synthesis_is_deterministic_from_the_seed() {
     assert_eq!(a.len(), c.len());
     // And the file is a model our loader accepts, with the real vocabulary.
     let g = GgufFile::open(&dir.0.join("a.gguf")).unwrap();
-    assert_eq!(models::spec(&g).unwrap().vocab, 128_256);
+    assert_eq!(models::spec(&g, 512).unwrap().vocab, 128_256);
 }

@@ -103,6 +103,30 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// One RoPE table's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub base: f64,
+    /// Linear position scaling (1.0: none).
+    pub scale: f64,
+    /// Per-frequency divisors (Llama 3.1's `rope_freqs.weight`, Phi-3's
+    /// LongRoPE `rope_factors_*`).
+    pub freq_factors: Option<Vec<f64>>,
+    /// Factor on cos and sin (LongRoPE's attention factor; 1.0: none).
+    pub mscale: f64,
+}
+
+impl RopeSpec {
+    pub fn plain(base: f64) -> Self {
+        Self {
+            base,
+            scale: 1.0,
+            freq_factors: None,
+            mscale: 1.0,
+        }
+    }
+}
+
 /// Rotary position tables, sized to the context in use rather than to the
 /// model's maximum. Angles are computed in f64 and stored in F32, whatever the
 /// weights' type (Candle's Qwen3 builds them in F16: 1.2 rad off at 2,049).
@@ -111,32 +135,49 @@ pub struct Rope {
     cos: Tensor,
     sin: Tensor,
     style: RopeStyle,
+    /// Leading dimensions of a head that rotate; the rest pass through
+    /// (partial rotary, Phi-4-mini).
+    rot_dim: usize,
 }
 
 impl Rope {
-    /// Frequencies `base^(-2i/d)`, divided by `freq_factors[i]` when given;
-    /// positions divided by `freq_scale` (linear scaling; 1.0 for none).
+    /// Frequencies `base^(-2i/rot_dim)`, divided by the frequency factors;
+    /// positions divided by the linear scale.
     pub fn new(
         rot_dim: usize,
-        base: f64,
-        freq_scale: f64,
-        freq_factors: Option<&[f64]>,
+        spec: &RopeSpec,
         style: RopeStyle,
         positions: usize,
         dev: &Device,
     ) -> Result<Self> {
-        let (cos, sin) = rope_tables(rot_dim, base, freq_scale, freq_factors, positions);
+        let (mut cos, mut sin) = rope_tables(
+            rot_dim,
+            spec.base,
+            spec.scale,
+            spec.freq_factors.as_deref(),
+            positions,
+        );
+        if spec.mscale != 1.0 {
+            let m = spec.mscale as f32;
+            cos.iter_mut().chain(sin.iter_mut()).for_each(|x| *x *= m);
+        }
         let half = rot_dim / 2;
         Ok(Self {
             cos: Tensor::from_vec(cos, (positions, half), dev)?,
             sin: Tensor::from_vec(sin, (positions, half), dev)?,
             style,
+            rot_dim,
         })
     }
 
     /// Rotate `x` of shape (batch, seq, heads, head_dim) for positions `pos..pos+seq`.
     pub fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let seq = x.dim(1)?;
+        let (seq, head_dim) = (x.dim(1)?, x.dim(3)?);
+        if self.rot_dim < head_dim {
+            let rotated = self.apply(&x.narrow(3, 0, self.rot_dim)?, pos)?;
+            let rest = x.narrow(3, self.rot_dim, head_dim - self.rot_dim)?;
+            return Tensor::cat(&[&rotated, &rest], 3);
+        }
         let cos = self.cos.narrow(0, pos, seq)?;
         let sin = self.sin.narrow(0, pos, seq)?;
         match self.style {

@@ -9,6 +9,7 @@
 
 use candle_core::{Device, Tensor};
 
+pub use super::common::RopeSpec;
 use super::common::{
     attention, attention_mask, check_tokens, first_visible_key, key_range, Embedding, KvCache,
     Linear, LogitsFor, Result, RmsNorm, Rope, RopeStyle, Weights,
@@ -25,16 +26,6 @@ pub enum Activation {
     GeluTanh,
 }
 
-/// One RoPE table's parameters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeSpec {
-    pub base: f64,
-    /// Linear position scaling (1.0: none).
-    pub scale: f64,
-    /// Per-frequency divisors (Llama 3.1's `rope_freqs.weight`).
-    pub freq_factors: Option<Vec<f64>>,
-}
-
 /// Everything the forward pass needs to know about an architecture.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spec {
@@ -49,6 +40,8 @@ pub struct Spec {
     pub eps: f64,
     pub max_context: usize,
     pub rope_style: RopeStyle,
+    /// Leading dimensions of each head that RoPE rotates (`head_dim`: all).
+    pub rot_dim: usize,
     /// RoPE of full-attention layers.
     pub rope: RopeSpec,
     /// RoPE of sliding-window layers, when it differs (Gemma 3).
@@ -84,12 +77,13 @@ impl Spec {
             eps: g.get_f64(&key("attention.layer_norm_rms_epsilon"))?,
             max_context: g.get_usize(&key("context_length"))?,
             rope_style: RopeStyle::Neox,
+            rot_dim: usize_or(g, &key("rope.dimension_count"), head_dim)?,
             rope: RopeSpec {
-                base: g
-                    .get_f64(&key("rope.freq_base"))
-                    .unwrap_or(default_rope_base),
                 scale: linear_rope_scale(g, arch),
-                freq_factors: None,
+                ..RopeSpec::plain(
+                    g.get_f64(&key("rope.freq_base"))
+                        .unwrap_or(default_rope_base),
+                )
             },
             rope_local: None,
             windows: vec![None; layers],
@@ -113,6 +107,12 @@ impl Spec {
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
             return bad(format!("head size {} is not even", self.head_dim));
         }
+        if self.rot_dim == 0 || self.rot_dim % 2 != 0 || self.rot_dim > self.head_dim {
+            return bad(format!(
+                "rotary dimensions {} do not fit a head of {}",
+                self.rot_dim, self.head_dim
+            ));
+        }
         if self.windows.len() != self.layers || self.layers == 0 {
             return bad(format!("{} layers", self.layers));
         }
@@ -126,19 +126,26 @@ impl Spec {
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Qkv,
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     o: Linear,
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
-    gate: Linear,
+    /// `None`: `up` holds the gate rows then the up rows (Phi-3's `ffn_up`).
+    gate: Option<Linear>,
     up: Linear,
     down: Linear,
     post_ffn_norm: Option<RmsNorm>,
     window: Option<usize>,
     cache: Cache,
+}
+
+/// The Q, K and V projections: three tensors, or one (Phi-3's `attn_qkv`,
+/// rows Q then K then V).
+#[derive(Debug, Clone)]
+enum Qkv {
+    Split { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
 }
 
 /// Where a layer keeps its keys and values: plain buffers read by the fused CPU
@@ -220,11 +227,24 @@ impl Model {
             let sandwich = |s: &str| -> Result<Option<RmsNorm>> {
                 spec.sandwich_norms.then(|| norm(&p(s), h)).transpose()
             };
+            let qkv = match g.tensor_info(&p("attn_qkv")) {
+                Some(_) => Qkv::Fused(linear(&p("attn_qkv"), [q_dim + 2 * kv_dim, h])?),
+                None => Qkv::Split {
+                    q: linear(&p("attn_q"), [q_dim, h])?,
+                    k: linear(&p("attn_k"), [kv_dim, h])?,
+                    v: linear(&p("attn_v"), [kv_dim, h])?,
+                },
+            };
+            let (gate, up) = match g.tensor_info(&p("ffn_gate")) {
+                Some(_) => (
+                    Some(linear(&p("ffn_gate"), [spec.ffn, h])?),
+                    linear(&p("ffn_up"), [spec.ffn, h])?,
+                ),
+                None => (None, linear(&p("ffn_up"), [2 * spec.ffn, h])?),
+            };
             layers.push(Layer {
                 attn_norm: norm(&p("attn_norm"), h)?,
-                q: linear(&p("attn_q"), [q_dim, h])?,
-                k: linear(&p("attn_k"), [kv_dim, h])?,
-                v: linear(&p("attn_v"), [kv_dim, h])?,
+                qkv,
                 qk_norm: match spec.qk_norm {
                     true => Some((norm(&p("attn_q_norm"), hd)?, norm(&p("attn_k_norm"), hd)?)),
                     false => None,
@@ -232,25 +252,15 @@ impl Model {
                 o: linear(&p("attn_output"), [h, q_dim])?,
                 post_attn_norm: sandwich("post_attention_norm")?,
                 ffn_norm: norm(&p("ffn_norm"), h)?,
-                gate: linear(&p("ffn_gate"), [spec.ffn, h])?,
-                up: linear(&p("ffn_up"), [spec.ffn, h])?,
+                gate,
+                up,
                 down: linear(&p("ffn_down"), [h, spec.ffn])?,
                 post_ffn_norm: sandwich("post_ffw_norm")?,
                 window,
                 cache: Cache::new(dev),
             });
         }
-        let rope = |r: &RopeSpec| {
-            Rope::new(
-                hd,
-                r.base,
-                r.scale,
-                r.freq_factors.as_deref(),
-                spec.rope_style,
-                context,
-                dev,
-            )
-        };
+        let rope = |r: &RopeSpec| Rope::new(spec.rot_dim, r, spec.rope_style, context, dev);
         Ok(Self {
             embed,
             layers,
@@ -341,9 +351,21 @@ impl Model {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
             let shape = |heads| (1, seq, heads, s.head_dim);
-            let mut q = layer.q.forward(&h)?.reshape(shape(s.heads))?;
-            let mut k = layer.k.forward(&h)?.reshape(shape(s.kv_heads))?;
-            let v = layer.v.forward(&h)?.reshape(shape(s.kv_heads))?;
+            let (q, k, v) = match &layer.qkv {
+                Qkv::Split { q, k, v } => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
+                Qkv::Fused(qkv) => {
+                    let qkv = qkv.forward(&h)?;
+                    let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+                    (
+                        qkv.narrow(2, 0, qd)?,
+                        qkv.narrow(2, qd, kvd)?,
+                        qkv.narrow(2, qd + kvd, kvd)?,
+                    )
+                }
+            };
+            let mut q = q.reshape(shape(s.heads))?;
+            let mut k = k.reshape(shape(s.kv_heads))?;
+            let v = v.reshape(shape(s.kv_heads))?;
             if let Some((qn, kn)) = &layer.qk_norm {
                 q = qn.forward(&q)?;
                 k = kn.forward(&k)?;
@@ -381,12 +403,18 @@ impl Model {
             let x1 = (a + residual)?;
 
             let h = layer.ffn_norm.forward(&x1)?;
-            let g = layer.gate.forward(&h)?;
+            let (g, u) = match &layer.gate {
+                Some(gate) => (gate.forward(&h)?, layer.up.forward(&h)?),
+                None => {
+                    let gu = layer.up.forward(&h)?;
+                    (gu.narrow(2, 0, s.ffn)?, gu.narrow(2, s.ffn, s.ffn)?)
+                }
+            };
             let g = match s.activation {
                 Activation::Silu => candle_nn::ops::silu(&g)?,
                 Activation::GeluTanh => g.gelu()?,
             };
-            let mut m = layer.down.forward(&(g * layer.up.forward(&h)?)?)?;
+            let mut m = layer.down.forward(&(g * u)?)?;
             if let Some(n) = &layer.post_ffn_norm {
                 m = n.forward(&m)?;
             }

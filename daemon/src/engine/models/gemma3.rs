@@ -32,11 +32,7 @@ pub fn spec(g: &GgufFile) -> Result<Spec> {
         base.attn_scale
     };
     Ok(Spec {
-        rope_local: Some(RopeSpec {
-            base: LOCAL_ROPE_BASE,
-            scale: 1.0,
-            freq_factors: None,
-        }),
+        rope_local: Some(RopeSpec::plain(LOCAL_ROPE_BASE)),
         windows: (0..base.layers)
             .map(|i| ((i + 1) % SLIDING_PATTERN != 0).then_some(window))
             .collect(),

@@ -7,6 +7,7 @@ pub mod cpu_attention;
 pub mod decoder;
 pub mod gemma3;
 pub mod llama;
+pub mod phi3;
 pub mod qwen3;
 
 use candle_core::Device;
@@ -18,13 +19,15 @@ use super::error::{EngineError, ModelFileError};
 use super::gguf::GgufFile;
 
 /// Architectures this build can load, by `general.architecture`.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["gemma3", "llama", "qwen3"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["gemma3", "llama", "phi3", "qwen3"];
 
-/// The [`decoder::Spec`] of the model in `gguf`.
-pub fn spec(gguf: &GgufFile) -> Result<decoder::Spec, EngineError> {
+/// The [`decoder::Spec`] of the model in `gguf`, run with `context` positions
+/// (Phi-3's LongRoPE factors depend on it).
+pub fn spec(gguf: &GgufFile, context: usize) -> Result<decoder::Spec, EngineError> {
     match gguf.architecture()? {
         "gemma3" => gemma3::spec(gguf),
         "llama" => llama::spec(gguf),
+        "phi3" => phi3::spec(gguf, context),
         "qwen3" => qwen3::spec(gguf),
         other => Err(gguf.error(ModelFileError::UnsupportedArchitecture {
             arch: other.to_owned(),
@@ -40,5 +43,5 @@ pub fn load(
     weights: Weights,
     device: &Device,
 ) -> Result<Model, EngineError> {
-    Model::load(gguf, spec(gguf)?, context, weights, device)
+    Model::load(gguf, spec(gguf, context)?, context, weights, device)
 }
