@@ -17,7 +17,16 @@ rope.dimension_count dimensions of each head, LongRoPE frequency divisors
 (rope_factors_long when CONTEXT, default the file's context_length, exceeds
 rope.scaling.original_context_length, else rope_factors_short) with cos/sin
 scaled by rope.scaling.attn_factor, and no sliding window (as llama.cpp).
+
+By default weights are dequantized and everything runs in float64: the model's
+exact math. ACT_QUANT=ggml also rounds each matmul's input to 8-bit blocks the
+way ggml's CPU kernels do (q8_K for k-quant weights, q8_0 otherwise);
+overrides by block type or tensor name follow, e.g. ACT_QUANT=ggml,Q8_0=q8_k
+for Candle's AVX-512 kernels that pair q8_0 weights with q8_K activations.
+Which format a kernel uses depends on the CPU and the tensor's shape, so the
+tests compare against the exact math (see docs/ARCHITECTURE.md).
 """
+import os
 import sys
 
 import numpy as np
@@ -25,10 +34,48 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 
+def round_away(v):
+    """Round half away from zero (C's roundf), exactly, for float32 input."""
+    v = v.astype(np.float64)
+    return np.trunc(v + np.copysign(0.5, v))
+
+
+def quantize_activations(x, fmt):
+    """Round each row of x to 8-bit blocks and back, as ggml's quantize_row_q8_K
+    (256 values, scale -127/max, float32 d) or quantize_row_q8_0 (32 values,
+    d = amax/127 stored as float16) do, returning float64."""
+    x = np.asarray(x, dtype=np.float32)
+    n = 256 if fmt == "q8_k" else 32
+    b = x.reshape(x.shape[0], -1, n)
+    if fmt == "q8_k":
+        idx = np.argmax(np.abs(b), axis=-1)[..., None]
+        mx = np.take_along_axis(b, idx, axis=-1)
+        with np.errstate(divide="ignore"):
+            iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0)).astype(np.float32)
+        q = np.clip(round_away((iscale * b).astype(np.float32)), -128, 127)
+        with np.errstate(divide="ignore"):
+            d = np.where(iscale != 0, np.float32(1.0) / iscale, np.float32(0)).astype(np.float32)
+    else:
+        amax = np.abs(b).max(axis=-1, keepdims=True)
+        d32 = (amax / np.float32(127)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(d32 != 0, np.float32(1.0) / d32, np.float32(0)).astype(np.float32)
+        q = round_away((b * inv).astype(np.float32))
+        d = d32.astype(np.float16)
+    return (q * d.astype(np.float64)).reshape(x.shape)
+
+
 def main():
     path, tokens, out = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3]
     r = GGUFReader(path)
     context = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    # ACT_QUANT="" (off), "ggml" (ggml's rule: q8_K for k-quants, q8_0 otherwise),
+    # or overrides such as "ggml,Q8_0=q8_k" for kernels that pair a block type
+    # with the other activation format.
+    spec = os.environ.get("ACT_QUANT", "")
+    act_quant = None
+    if spec:
+        act_quant = dict(kv.split("=") for kv in spec.split(",") if "=" in kv)
 
     def meta(key, default=None):
         f = r.fields.get(key)
@@ -58,6 +105,16 @@ def main():
     def w(name):
         t = tensors[name]
         return dequantize(t.data, t.tensor_type).astype(np.float64)
+
+    def mm(x, name):
+        """x @ W.T; with ACT_QUANT set, x is first rounded to 8 bits per block
+        the way ggml's CPU kernels round activations for W's block type."""
+        t = tensors[name]
+        if act_quant is not None:
+            default = "q8_k" if t.tensor_type.name.endswith("_K") else "q8_0"
+            fmt = act_quant.get(name, act_quant.get(t.tensor_type.name, default))
+            x = quantize_activations(x, fmt)
+        return x @ w(name).T
 
     def rms(x, weight):
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
@@ -98,15 +155,15 @@ def main():
         sliding = gemma and (i + 1) % 6 != 0
         h = rms(x, w(p("attn_norm")))
         if f"blk.{i}.attn_qkv.weight" in tensors:
-            qkv = h @ w(p("attn_qkv")).T
+            qkv = mm(h, p("attn_qkv"))
             qd, kvd = heads * hd, kv_heads * hd
             q = qkv[:, :qd].reshape(T, heads, hd)
             kk = qkv[:, qd : qd + kvd].reshape(T, kv_heads, hd)
             v = qkv[:, qd + kvd :].reshape(T, kv_heads, hd)
         else:
-            q = (h @ w(p("attn_q")).T).reshape(T, heads, hd)
-            kk = (h @ w(p("attn_k")).T).reshape(T, kv_heads, hd)
-            v = (h @ w(p("attn_v")).T).reshape(T, kv_heads, hd)
+            q = mm(h, p("attn_q")).reshape(T, heads, hd)
+            kk = mm(h, p("attn_k")).reshape(T, kv_heads, hd)
+            v = mm(h, p("attn_v")).reshape(T, kv_heads, hd)
         if arch in ("qwen3", "gemma3"):
             q = rms(q, w(p("attn_q_norm")))
             kk = rms(kk, w(p("attn_k_norm")))
@@ -124,27 +181,26 @@ def main():
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s /= s.sum(axis=-1, keepdims=True)
             att[:, hh, :] = s @ v[:, hh // rep, :]
-        o = att.reshape(T, heads * hd) @ w(p("attn_output")).T
+        o = mm(att.reshape(T, heads * hd), p("attn_output"))
         if gemma:
             o = rms(o, w(p("post_attention_norm")))
         x = x + o
         h = rms(x, w(p("ffn_norm")))
         if f"blk.{i}.ffn_gate.weight" in tensors:
-            g, u = h @ w(p("ffn_gate")).T, h @ w(p("ffn_up")).T
+            g, u = mm(h, p("ffn_gate")), mm(h, p("ffn_up"))
         else:
-            gu = h @ w(p("ffn_up")).T
+            gu = mm(h, p("ffn_up"))
             g, u = gu[:, : gu.shape[1] // 2], gu[:, gu.shape[1] // 2 :]
         if gemma:
             g = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
         else:
             g = g / (1 + np.exp(-g))
-        m = (g * u) @ w(p("ffn_down")).T
+        m = mm(g * u, p("ffn_down"))
         if gemma:
             m = rms(m, w(p("post_ffw_norm")))
         x = x + m
     x = rms(x, w("output_norm.weight"))
-    out_w = w("output.weight") if "output.weight" in tensors else emb
-    logits = x @ out_w.T
+    logits = mm(x, "output.weight" if "output.weight" in tensors else "token_embd.weight")
     logits.astype("<f4").tofile(out)
 
 

@@ -193,6 +193,9 @@ enum Stock {
     Qwen3(candle_transformers::models::quantized_qwen3::ModelWeights),
     Gemma3(candle_transformers::models::quantized_gemma3::ModelWeights),
     Llama(candle_transformers::models::quantized_llama::ModelWeights),
+    /// RoPE base fixed at 10,000 and no LongRoPE factors: a speed baseline
+    /// only (its tokens differ from ours on Phi-4's 250,000).
+    Phi3(candle_transformers::models::quantized_phi3::ModelWeights),
 }
 
 impl Stock {
@@ -207,15 +210,16 @@ impl Stock {
             Stock::Qwen3(m) => m.forward(&input, pos)?,
             Stock::Gemma3(m) => m.forward(&input, pos)?,
             Stock::Llama(m) => m.forward(&input, pos)?,
+            Stock::Phi3(m) => m.forward(&input, pos)?,
         })
     }
 
-    /// Gemma 3 and Llama restart their caches at position 0; Qwen3 needs telling.
+    /// Gemma 3, Llama and Phi-3 restart their caches at position 0; Qwen3 needs telling.
     fn clear(&mut self) {
         match self {
             Stock::Qwen3(m) => m.clear_kv_cache(),
             Stock::Llama(m) => m.clear_kv_cache(),
-            Stock::Gemma3(_) => {}
+            Stock::Gemma3(_) | Stock::Phi3(_) => {}
         }
     }
 }
@@ -226,7 +230,9 @@ fn run_stock(
     gen: usize,
     device: &Device,
 ) -> Result<RunStats, EngineError> {
-    use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
+    use candle_transformers::models::{
+        quantized_gemma3, quantized_llama, quantized_phi3, quantized_qwen3,
+    };
     let io = |source| EngineError::Io {
         path: path.to_owned(),
         source,
@@ -250,6 +256,9 @@ fn run_stock(
         )?),
         "llama" => Stock::Llama(quantized_llama::ModelWeights::from_gguf(
             ct, &mut file, device,
+        )?),
+        "phi3" => Stock::Phi3(quantized_phi3::ModelWeights::from_gguf(
+            false, ct, &mut file, device,
         )?),
         other => {
             return Err(EngineError::InvalidParams(format!(

@@ -4,7 +4,6 @@
 //! tokenizer.json files.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use candle_core::Device;
 use paraphym_daemon::engine::gguf::GgufFile;
@@ -16,17 +15,19 @@ use crate::util;
 
 const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Llama, Arch::Gemma3, Arch::Phi3];
 
-/// The tiny model of `arch`, written once per test run (seed 7).
+/// The tiny model of `arch`, written once per test run (seed 7) under Cargo's
+/// target tmp dir: a static never drops, so a temp dir here would leak.
 fn tiny(arch: Arch) -> PathBuf {
-    static DIR: OnceLock<util::TempDir> = OnceLock::new();
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let dir = DIR.get_or_init(|| util::TempDir::new("synthetic"));
-    let path = dir.0.join(format!("tiny-{}.gguf", arch.name()));
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    if !path.is_file() {
+    static WRITTEN: std::sync::Mutex<Vec<Arch>> = std::sync::Mutex::new(Vec::new());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("synthetic");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("tiny-{}.gguf", arch.name()));
+    let mut written = WRITTEN.lock().unwrap_or_else(|e| e.into_inner());
+    if !written.contains(&arch) {
         let tok = util::reference_tokenizer(arch.tokenizer_family(Size::Tiny));
         let vocab = synth::Vocabulary::from_tokenizer_json(&tok, arch).unwrap();
         synth::write(arch, Size::Tiny, &vocab, 7, &path).unwrap();
+        written.push(arch);
     }
     path
 }
