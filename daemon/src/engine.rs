@@ -7,6 +7,7 @@
 //! (a worker thread, a test, a benchmark) owns the thread it runs on.
 
 pub mod bench;
+pub mod chat;
 pub mod error;
 pub mod gguf;
 pub mod models;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 
+pub use chat::{ChatOptions, ChatTemplate, Message};
 pub use error::{EngineError, ModelFileError};
 pub use models::{LogitsFor, Model, Weights};
 pub use sampling::SamplingParams;
@@ -146,10 +148,12 @@ pub enum GenEvent<'a> {
     Text(&'a str),
 }
 
-/// A prompt: text to tokenize (BOS added as the model asks), or token ids as is.
+/// A prompt: raw text to tokenize (BOS added as the model asks), a
+/// conversation rendered with the model's chat template, or token ids as is.
 #[derive(Debug, Clone, Copy)]
 pub enum Prompt<'a> {
     Text(&'a str),
+    Chat(&'a [Message], ChatOptions),
     Tokens(&'a [u32]),
 }
 
@@ -158,6 +162,7 @@ pub enum Prompt<'a> {
 pub struct Engine {
     model: Model,
     tokenizer: Tokenizer,
+    template: ChatTemplate,
     path: PathBuf,
     device: Device,
     load_time: Duration,
@@ -191,6 +196,9 @@ impl Engine {
                 .map_err(|_| EngineError::Tokenizer("the tokenizer build panicked".into()))?;
             Ok::<_, EngineError>((model?, tokenizer?))
         })?;
+        let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
+        let template =
+            ChatTemplate::from_gguf(&gguf, &text(tokenizer.bos()), &text(tokenizer.eos()))?;
         drop(gguf);
         let load_time = start.elapsed();
         tracing::info!(
@@ -203,6 +211,7 @@ impl Engine {
         Ok(Self {
             model,
             tokenizer,
+            template,
             path: path.to_owned(),
             device: opts.device.clone(),
             load_time,
@@ -211,6 +220,27 @@ impl Engine {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Token ids of a conversation rendered with the model's template. BOS is
+    /// added only when the template did not write it (Gemma's and Llama's do).
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        opts: ChatOptions,
+    ) -> Result<Vec<u32>, EngineError> {
+        let text = self.template.render(messages, opts)?;
+        let ids = self.tokenizer.encode(&text, false)?;
+        match self.tokenizer.bos() {
+            Some(bos) if self.tokenizer.adds_bos() && ids.first() != Some(&bos) => {
+                Ok(std::iter::once(bos).chain(ids).collect())
+            }
+            _ => Ok(ids),
+        }
     }
 
     pub fn model(&self) -> &Model {
@@ -254,6 +284,7 @@ impl Engine {
         }
         let prompt_tokens = match prompt {
             Prompt::Text(t) => self.tokenizer.encode(t, true)?,
+            Prompt::Chat(messages, opts) => self.encode_chat(messages, opts)?,
             Prompt::Tokens(t) => t.to_vec(),
         };
         if prompt_tokens.is_empty() {

@@ -61,6 +61,8 @@ pub enum EngineError {
     InvalidParams(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
     #[error("tensor backend: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -162,6 +162,11 @@ impl Tokenizer {
             .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
+    /// Whether the model wants BOS at the start of a prompt.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
     pub fn bos(&self) -> Option<u32> {
         self.bos
     }
@@ -177,6 +182,11 @@ impl Tokenizer {
 
     pub fn is_eog(&self, id: u32) -> bool {
         self.eog.binary_search(&id).is_ok()
+    }
+
+    /// The text of token `id` as the vocabulary spells it (special tokens too).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn token_to_id(&self, text: &str) -> Option<u32> {

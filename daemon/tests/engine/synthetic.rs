@@ -17,7 +17,7 @@ const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Llama, Arch::Gemma3, Arch::Phi3];
 
 /// The tiny model of `arch`, written once per test run (seed 7) under Cargo's
 /// target tmp dir: a static never drops, so a temp dir here would leak.
-fn tiny(arch: Arch) -> PathBuf {
+pub fn tiny(arch: Arch) -> PathBuf {
     static WRITTEN: std::sync::Mutex<Vec<Arch>> = std::sync::Mutex::new(Vec::new());
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("synthetic");
     std::fs::create_dir_all(&dir).unwrap();
