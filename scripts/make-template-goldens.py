@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Render the chat-template goldens that daemon/tests/engine/chat.rs compares against.
+"""Render the chat-template goldens that daemon/tests/engine/template.rs compares against.
 
 Uses Python's jinja2 configured as Hugging Face transformers' apply_chat_template
 configures it (ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks,

@@ -1,6 +1,9 @@
 //! Stream a raw completion from a GGUF model on the CPU:
 //!
-//!     cargo run --release -p paraphym-daemon --example complete -- MODEL.gguf "Paris is the capital of"
+//!     cargo run --release -p paraphym-daemon --example complete -- MODEL "Paris is the capital of"
+//!
+//! MODEL is a reference (docs/MODELS.md): a file, an alias such as `qwen3:1.7b`,
+//! or `hf:owner/name/file.gguf`, pulled into the Hugging Face cache if needed.
 //!
 //! The daemon and its clients replace this once they exist; it stays as the
 //! smallest complete use of the engine.
@@ -11,13 +14,17 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 use paraphym_daemon::engine::{Engine, GenEvent, GenParams, LoadOptions, Prompt, SamplingParams};
+use paraphym_daemon::pull::{self, Hub, HubConfig, TermProgress};
+use paraphym_daemon::registry;
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let model: PathBuf = args
+    let reference = args
         .next()
-        .context("usage: complete MODEL.gguf PROMPT [MAX_TOKENS]")?
-        .into();
+        .context("usage: complete MODEL PROMPT [MAX_TOKENS]")?;
+    let parsed = registry::parse(&reference, |p| p.is_file())?;
+    let hub = Hub::new(HubConfig::from_env())?;
+    let model: PathBuf = pull::locate(&parsed, &hub, TermProgress::default())?;
     let prompt = args
         .next()
         .unwrap_or_else(|| "Paris is the capital of".into());

@@ -7,12 +7,13 @@
 //! (a worker thread, a test, a benchmark) owns the thread it runs on.
 
 pub mod bench;
-pub mod chat;
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod models;
 pub mod sampling;
 pub mod score;
+pub mod template;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -21,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 
-pub use chat::{ChatOptions, ChatTemplate, Message};
 pub use error::{EngineError, ModelFileError};
 pub use models::{LogitsFor, Model, Weights};
 pub use sampling::SamplingParams;
+pub use template::{ChatOptions, ChatTemplate, Message};
 pub use tokenizer::Tokenizer;
 
 use sampling::{Detokenizer, Sampler, StopCheck, StopMatcher};

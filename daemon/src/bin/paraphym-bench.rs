@@ -63,7 +63,7 @@ enum Cmd {
     Decode {
         #[arg(long)]
         model: PathBuf,
-        /// cpu (cuda and metal arrive with their features)
+        /// cpu, cuda[:N] or metal[:N] (the last two need the build's `cuda` / `metal` feature)
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long, default_value_t = 128)]
@@ -272,10 +272,7 @@ fn load(model: &PathBuf, reps: usize, max_s: Option<f64>, max_mib: Option<f64>) 
 }
 
 fn parse_device(s: &str) -> Result<candle_core::Device> {
-    match s {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        other => bail!("device `{other}` is not available in this build (cpu)"),
-    }
+    Ok(paraphym_daemon::engine::device::DeviceSpec::parse(s)?.open()?)
 }
 
 /// One child run's figures.

@@ -5,7 +5,7 @@
 mod util;
 
 mod bad_files;
-mod chat;
 mod gemma3;
 mod synthetic;
+mod template;
 mod tokenizer;

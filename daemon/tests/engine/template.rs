@@ -2,8 +2,8 @@
 //! `tokenizer_config.json`s (scripts/make-template-goldens.py), through the
 //! template source directly and through the GGUF files that carry it.
 
-use paraphym_daemon::engine::chat::{ChatTemplate, TemplateSource};
 use paraphym_daemon::engine::gguf::GgufFile;
+use paraphym_daemon::engine::template::{ChatTemplate, TemplateSource};
 use paraphym_daemon::engine::{ChatOptions, Message, Prompt};
 use paraphym_daemon::synth::Arch;
 use serde_json::Value;

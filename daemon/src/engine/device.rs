@@ -1,0 +1,93 @@
+//! Choosing a compute device: `cpu`, `cuda[:N]` or `metal[:N]`.
+//!
+//! The backends are Cargo features wired as Candle's examples wire them
+//! (`cuda`, `metal`, `mkl`, `accelerate`); asking for one this build lacks is
+//! an error that says which feature to build with.
+
+use candle_core::Device;
+
+use super::error::EngineError;
+
+/// What a device option names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+impl DeviceSpec {
+    /// Parse `cpu`, `cuda`, `cuda:N`, `metal`, `metal:N`.
+    pub fn parse(s: &str) -> Result<Self, EngineError> {
+        let bad = || {
+            EngineError::InvalidParams(format!(
+                "device `{s}`: expected cpu, cuda, cuda:N, metal or metal:N"
+            ))
+        };
+        let (kind, index) = match s.trim().split_once(':') {
+            Some((k, n)) => (k, n.parse::<usize>().map_err(|_| bad())?),
+            None => (s.trim(), 0),
+        };
+        match kind.to_ascii_lowercase().as_str() {
+            "cpu" if index == 0 => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(index)),
+            "metal" => Ok(DeviceSpec::Metal(index)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// The Candle device, or an error naming the missing feature.
+    pub fn open(self) -> Result<Device, EngineError> {
+        let missing = |feature: &str| {
+            EngineError::InvalidParams(format!(
+                "this build has no {feature} support: rebuild with `--features {feature}`"
+            ))
+        };
+        match self {
+            DeviceSpec::Cpu => Ok(Device::Cpu),
+            DeviceSpec::Cuda(_) if !cfg!(feature = "cuda") => Err(missing("cuda")),
+            DeviceSpec::Cuda(n) => Ok(Device::new_cuda(n)?),
+            DeviceSpec::Metal(_) if !cfg!(feature = "metal") => Err(missing("metal")),
+            DeviceSpec::Metal(n) => Ok(Device::new_metal(n)?),
+        }
+    }
+}
+
+/// The backends compiled into this build, for `--version`-style reports.
+pub fn compiled_backends() -> Vec<&'static str> {
+    let mut v = vec!["cpu"];
+    if cfg!(feature = "cuda") {
+        v.push("cuda");
+    }
+    if cfg!(feature = "metal") {
+        v.push("metal");
+    }
+    if cfg!(feature = "mkl") {
+        v.push("mkl");
+    }
+    if cfg!(feature = "accelerate") {
+        v.push("accelerate");
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_options_parse() {
+        assert_eq!(DeviceSpec::parse("cpu").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(DeviceSpec::parse("CUDA").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(DeviceSpec::parse("cuda:1").unwrap(), DeviceSpec::Cuda(1));
+        assert_eq!(DeviceSpec::parse("metal").unwrap(), DeviceSpec::Metal(0));
+        for bad in ["gpu", "cuda:x", "cpu:1", ""] {
+            assert!(DeviceSpec::parse(bad).is_err(), "{bad}");
+        }
+        assert!(DeviceSpec::Cpu.open().unwrap().is_cpu());
+        if !cfg!(feature = "cuda") {
+            let e = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
+}
