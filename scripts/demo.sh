@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, until the daemon and TUI exist: build, make sure a model is
-# there (the Gemma 3 270M test model unless PARAPHYM_MODEL names a GGUF file),
+# there (the Gemma 3 270M test model unless PARAPHYM_MODEL names one: a file,
+# an alias such as qwen3:1.7b, or hf:owner/name/file.gguf; docs/MODELS.md),
 # and stream a completion from it.
 #
 #   scripts/demo.sh ["prompt"] [max_tokens]

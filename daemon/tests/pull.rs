@@ -1,7 +1,7 @@
 //! Pulls against a local mock of the Hugging Face Hub: a small HTTP/1.1 server
 //! with the Hub's resolve endpoint, `Range` support and its headers
 //! (`x-repo-commit`, `x-linked-etag` = sha256, `content-range`), reached the way
-//! users reach mirrors (the endpoint of `HF_ENDPOINT`).
+//! users reach mirrors: through `HF_ENDPOINT`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -196,14 +196,29 @@ impl Drop for Scratch {
     }
 }
 
-fn hub(endpoint: &str, cache: &Scratch, token: Option<&str>, offline: bool) -> Hub {
-    Hub::new(HubConfig {
-        endpoint: endpoint.to_owned(),
-        cache_dir: cache.0.clone(),
-        token: token.map(str::to_owned),
-        offline,
-    })
-    .unwrap()
+/// A hub handle configured the way users configure one: through the
+/// environment (`HF_ENDPOINT`, `HF_HOME`, `HF_TOKEN`, `HF_HUB_OFFLINE`). The
+/// variables are process-wide, so setting and reading them is serialised.
+fn hub(endpoint: &str, home: &Scratch, token: Option<&str>, offline: bool) -> Hub {
+    static ENV: Mutex<()> = Mutex::new(());
+    let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    std::env::set_var("HF_ENDPOINT", endpoint);
+    std::env::set_var("HF_HOME", &home.0);
+    std::env::remove_var("HF_HUB_CACHE");
+    match token {
+        Some(t) => std::env::set_var("HF_TOKEN", t),
+        None => std::env::remove_var("HF_TOKEN"),
+    }
+    if offline {
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    } else {
+        std::env::remove_var("HF_HUB_OFFLINE");
+    }
+    let config = HubConfig::from_env();
+    assert_eq!(config.endpoint, endpoint);
+    assert_eq!(config.cache_dir, home.0.join("hub"));
+    assert_eq!(config.offline, offline);
+    Hub::new(config).unwrap()
 }
 
 fn file(name: &str) -> HubFile {
@@ -222,7 +237,7 @@ fn a_full_pull_lands_in_the_cache_and_is_reused() {
     let h = hub(&mock.endpoint, &cache, None, false);
     assert!(h.cached(&file("model.gguf")).is_none());
     let path = h.pull(&file("model.gguf"), ()).unwrap();
-    assert!(path.starts_with(&cache.0));
+    assert!(path.starts_with(cache.0.join("hub/models--org--model-GGUF/snapshots")));
     assert_eq!(std::fs::read(&path).unwrap(), body);
     let requests = mock.ranges().len();
     // Pulled again: straight from the cache, no request.
