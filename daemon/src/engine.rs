@@ -199,7 +199,9 @@ impl Engine {
         })?;
         let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
         let template =
-            ChatTemplate::from_gguf(&gguf, &text(tokenizer.bos()), &text(tokenizer.eos()))?;
+            ChatTemplate::from_gguf(&gguf, &text(tokenizer.bos()), &text(tokenizer.eos()), |t| {
+                tokenizer.token_to_id(t).is_some()
+            })?;
         drop(gguf);
         let load_time = start.elapsed();
         tracing::info!(

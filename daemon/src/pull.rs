@@ -7,7 +7,7 @@
 //! Around it we add what it leaves out: `HF_TOKEN` and `HF_HUB_OFFLINE`,
 //! errors that say what to do (gated repository, missing file, no network),
 //! a sha256 check against the LFS etag, and a `.part` that is already whole
-//! (the Hub answers 416 to its resume request) is discarded first.
+//! (the Hub answers 416 to its resume request) is started over.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -53,7 +53,10 @@ impl HubConfig {
                 .map(|t| t.trim().to_owned())
                 .filter(|t| !t.is_empty())
         });
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| !matches!(v.as_str(), "0" | "false"));
+        // huggingface_hub's truthy values.
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")
+        });
         Self {
             endpoint: var("HF_ENDPOINT")
                 .map(|e| e.trim_end_matches('/').to_owned())
@@ -68,13 +71,14 @@ impl HubConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     #[error(
-        "{repo} is gated or private and no Hugging Face token is set: accept its licence at \
-         {endpoint}/{repo}, then set HF_TOKEN (or run `huggingface-cli login`)"
+        "{repo} does not exist, or is gated or private and no Hugging Face token is set: check \
+         the name, accept its licence at {endpoint}/{repo}, then set HF_TOKEN (or run \
+         `huggingface-cli login`)"
     )]
     NeedsToken { repo: String, endpoint: String },
     #[error(
-        "your Hugging Face token has no access to {repo}: accept its licence at {endpoint}/{repo} \
-         with the account the token belongs to"
+        "your Hugging Face token has no access to {repo}: check the name, and accept its licence \
+         at {endpoint}/{repo} with the account the token belongs to"
     )]
     Forbidden { repo: String, endpoint: String },
     #[error("{file} is not in {repo} (revision {revision}): check the name at {endpoint}/{repo}")]
@@ -160,7 +164,7 @@ impl Hub {
 
     /// The local path of `f`: from the cache when present, else downloaded
     /// (resuming a partial download), verified, and cached.
-    pub fn pull(&self, f: &HubFile, progress: impl Progress) -> Result<PathBuf, PullError> {
+    pub fn pull(&self, f: &HubFile, progress: impl Progress + Clone) -> Result<PathBuf, PullError> {
         if let Some(p) = self.cached(f) {
             return Ok(p);
         }
@@ -172,14 +176,22 @@ impl Hub {
             });
         }
         let api_repo = self.api.repo(Self::repo(f));
-        let url = api_repo.url(&f.file);
-        let meta = self.api.metadata(&url).map_err(|e| self.classify(f, e))?;
-        let expected = meta.etag().to_owned();
-        self.discard_whole_part(f, &expected, meta.size());
-        let path = api_repo
-            .download_with_progress(&f.file, progress)
-            .map_err(|e| self.classify(f, e))?;
-        // LFS files (every GGUF) carry their sha256 as the etag.
+        let path = match api_repo.download_with_progress(&f.file, progress.clone()) {
+            // A `.part` that is already whole: the Hub answers 416 to the
+            // resume request. Start that one over, once.
+            Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::StatusCode(416)) => {
+                self.discard_parts(f);
+                api_repo.download_with_progress(&f.file, progress)
+            }
+            other => other,
+        }
+        .map_err(|e| self.classify(f, e))?;
+        // The blob is named by the etag hf-hub downloaded: for LFS files
+        // (every GGUF) the content's sha256.
+        let expected = std::fs::canonicalize(&path)
+            .ok()
+            .and_then(|b| b.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_default();
         if is_sha256(&expected) {
             let actual = sha256_file(&path).map_err(|e| PullError::Other {
                 repo: f.repo.clone(),
@@ -203,17 +215,17 @@ impl Hub {
         Ok(path)
     }
 
-    /// A `.part` as long as the file (or longer) cannot be resumed: the Hub
-    /// answers 416. Start that one over.
-    fn discard_whole_part(&self, f: &HubFile, etag: &str, size: usize) {
-        let part = self
+    /// Remove the repository's unfinished downloads.
+    fn discard_parts(&self, f: &HubFile) {
+        let blobs = self
             .config
             .cache_dir
             .join(format!("models--{}", f.repo.replace('/', "--")))
-            .join("blobs")
-            .join(format!("{etag}.part"));
-        if std::fs::metadata(&part).is_ok_and(|m| m.len() >= size as u64) {
-            let _ = std::fs::remove_file(part);
+            .join("blobs");
+        for entry in std::fs::read_dir(blobs).into_iter().flatten().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "part") {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
 
@@ -244,10 +256,15 @@ impl Hub {
                     reason: other.to_string(),
                 },
             },
-            _ => PullError::Other {
+            ApiError::IoError(_) | ApiError::TooManyRetries(_) => PullError::Other {
                 repo,
                 file: f.file.clone(),
                 reason: format!("{e} (the partial download is kept; pulling again resumes it)"),
+            },
+            _ => PullError::Other {
+                repo,
+                file: f.file.clone(),
+                reason: e.to_string(),
             },
         }
     }
@@ -258,7 +275,7 @@ impl Hub {
 pub fn locate(
     model: &registry::Model,
     hub: &Hub,
-    progress: impl Progress,
+    progress: impl Progress + Clone,
 ) -> Result<PathBuf, PullError> {
     match model {
         registry::Model::Path(p) => Ok(p.clone()),
@@ -286,7 +303,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// A one-line progress bar on stderr: bytes, percentage, rate, time left.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TermProgress {
     name: String,
     total: usize,

@@ -243,19 +243,20 @@ fn hub(a: &Alias) -> HubFile {
 }
 
 fn parse_hub(rest: &str) -> Option<Model> {
-    let (path, revision) = match rest.rsplit_once('@') {
-        Some((p, rev)) if !rev.is_empty() && !rev.contains('/') => (p, rev),
-        Some(_) => return None,
-        None => (rest, "main"),
-    };
-    let mut parts = path.splitn(3, '/');
-    let (owner, name, file) = (parts.next()?, parts.next()?, parts.next()?);
+    // Names, and revisions (branches, tags, commits), as the Hub spells them.
     let ok = |s: &str| {
         !s.is_empty()
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
             && !s.starts_with('.')
     };
+    let (path, revision) = match rest.rsplit_once('@') {
+        Some((p, rev)) if ok(rev) => (p, rev),
+        Some(_) => return None,
+        None => (rest, "main"),
+    };
+    let mut parts = path.splitn(3, '/');
+    let (owner, name, file) = (parts.next()?, parts.next()?, parts.next()?);
     let file_ok = file
         .split('/')
         .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
@@ -365,6 +366,8 @@ mod tests {
             "hf:org/repo/m.bin",
             "hf:o/r/../m.gguf",
             "hf:o/r/m.gguf@",
+            "hf:o/r/m.gguf@..",
+            "hf:o/r/m.gguf@a#b",
         ] {
             assert_eq!(
                 parse(bad, none),

@@ -8,8 +8,9 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use paraphym_daemon::pull::{sha256_file, Hub, HubConfig, PullError};
+use paraphym_daemon::pull::{Hub, HubConfig, PullError};
 use paraphym_daemon::registry::HubFile;
+use sha2::{Digest, Sha256};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -41,15 +42,10 @@ impl MockHub {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let ranges = Arc::new(Mutex::new(Vec::new()));
         let seen = ranges.clone();
-        let sha = {
-            let dir = std::env::temp_dir().join(format!("paraphym-mock-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let p = dir.join(format!("{}", body.len()));
-            std::fs::write(&p, &body).unwrap();
-            let s = sha256_file(&p).unwrap();
-            let _ = std::fs::remove_dir_all(dir);
-            s
-        };
+        let sha: String = Sha256::digest(&body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         std::thread::spawn(move || {
             let mut dropped = false;
             for stream in listener.incoming() {

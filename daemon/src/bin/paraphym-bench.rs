@@ -353,7 +353,11 @@ fn decode(
         }
     }
     println!("model     {}", model.display());
-    println!("device    {device}; {}", cpu_features());
+    println!(
+        "device    {device}; backends {}; {}",
+        paraphym_daemon::engine::device::compiled_backends().join(" "),
+        cpu_features()
+    );
     println!(
         "workload  {prompt} prompt tokens, {gen} generated (greedy, EOS ignored); {} interleaved repetitions, each column in its own child process",
         reps.max(1)
@@ -476,25 +480,17 @@ fn vm_hwm_kib() -> Result<u64> {
 
 /// The SIMD features this binary was compiled for (not what the CPU has).
 fn cpu_features() -> String {
-    let mut f = Vec::new();
-    if cfg!(target_feature = "avx2") {
-        f.push("avx2");
-    }
-    if cfg!(target_feature = "fma") {
-        f.push("fma");
-    }
-    if cfg!(target_feature = "f16c") {
-        f.push("f16c");
-    }
-    if cfg!(target_feature = "avx512f") {
-        f.push("avx512f");
-    }
-    if cfg!(target_feature = "avx512vnni") {
-        f.push("avx512vnni");
-    }
-    if cfg!(target_feature = "neon") {
-        f.push("neon");
-    }
+    let f: Vec<&str> = [
+        (cfg!(target_feature = "avx2"), "avx2"),
+        (cfg!(target_feature = "fma"), "fma"),
+        (cfg!(target_feature = "f16c"), "f16c"),
+        (cfg!(target_feature = "avx512f"), "avx512f"),
+        (cfg!(target_feature = "avx512vnni"), "avx512vnni"),
+        (cfg!(target_feature = "neon"), "neon"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
     if f.is_empty() {
         "baseline (no SIMD target features)".into()
     } else {

@@ -55,20 +55,16 @@ impl DeviceSpec {
 
 /// The backends compiled into this build, for `--version`-style reports.
 pub fn compiled_backends() -> Vec<&'static str> {
-    let mut v = vec!["cpu"];
-    if cfg!(feature = "cuda") {
-        v.push("cuda");
-    }
-    if cfg!(feature = "metal") {
-        v.push("metal");
-    }
-    if cfg!(feature = "mkl") {
-        v.push("mkl");
-    }
-    if cfg!(feature = "accelerate") {
-        v.push("accelerate");
-    }
-    v
+    [
+        (true, "cpu"),
+        (cfg!(feature = "cuda"), "cuda"),
+        (cfg!(feature = "metal"), "metal"),
+        (cfg!(feature = "mkl"), "mkl"),
+        (cfg!(feature = "accelerate"), "accelerate"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect()
 }
 
 #[cfg(test)]

@@ -99,10 +99,22 @@ const PHI4: &str = "{%- for message in messages %}\
 {%- endfor %}\
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant<|im_sep|>' }}{%- endif %}";
 
+/// Phi-3, Phi-3.5 and Phi-4-mini.
+const PHI3: &str = "{%- for message in messages %}\
+{{- '<|' + message.role + '|>' + message.content + '<|end|>' }}\
+{%- endfor %}\
+{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- else %}{{- eos_token }}{%- endif %}";
+
 impl ChatTemplate {
-    /// The template of the model in `gguf`, or the fallback for its family.
+    /// The template of the model in `gguf`, or a fallback chosen by the chat
+    /// tokens its vocabulary has (`has_token`), else by architecture.
     /// `bos`/`eos` are the texts of the model's BOS and EOS tokens.
-    pub fn from_gguf(gguf: &GgufFile, bos: &str, eos: &str) -> Result<Self, EngineError> {
+    pub fn from_gguf(
+        gguf: &GgufFile,
+        bos: &str,
+        eos: &str,
+        has_token: impl Fn(&str) -> bool,
+    ) -> Result<Self, EngineError> {
         if let Ok(source) = gguf.get_str("tokenizer.chat_template") {
             match Self::new(source, bos, eos, TemplateSource::File) {
                 Ok(t) => return Ok(t),
@@ -110,12 +122,22 @@ impl ChatTemplate {
                 Err(e) => tracing::warn!("{e}; using the family's fallback template"),
             }
         }
-        let arch = gguf.architecture()?;
-        let (name, source) = match arch {
-            "gemma3" => ("gemma", GEMMA),
-            "llama" => ("llama3", LLAMA3),
-            "phi3" if gguf.tensor_info("rope_factors_long.weight").is_none() => ("phi4", PHI4),
-            _ => ("chatml", CHATML),
+        // The vocabulary says which format the model was trained on (Phi-4 is
+        // often converted as `llama`; Phi-3.5 and Phi-4-mini share `phi3`).
+        let (name, source) = if has_token("<|im_sep|>") {
+            ("phi4", PHI4)
+        } else if has_token("<|end|>") && has_token("<|assistant|>") {
+            ("phi3", PHI3)
+        } else if has_token("<|start_header_id|>") {
+            ("llama3", LLAMA3)
+        } else if has_token("<start_of_turn>") {
+            ("gemma", GEMMA)
+        } else {
+            match gguf.architecture()? {
+                "gemma3" => ("gemma", GEMMA),
+                "llama" => ("llama3", LLAMA3),
+                _ => ("chatml", CHATML),
+            }
         };
         Self::new(source, bos, eos, TemplateSource::Fallback(name))
     }
@@ -178,7 +200,8 @@ impl ChatTemplate {
     }
 }
 
-/// The local time now, formatted with the strftime subset templates use.
+/// The time now in UTC (Hugging Face uses the local time; a daemon's clock
+/// is usually UTC), formatted with the strftime subset templates use.
 fn strftime_now(format: &str) -> Result<String, Error> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -263,6 +286,45 @@ pub fn strftime(format: &str, secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fallbacks_follow_the_vocabulary_then_the_architecture() {
+        use crate::engine::gguf::{self, Value};
+        let dir = std::env::temp_dir().join(format!("paraphym-tmpl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |arch: &str| {
+            let p = dir.join(format!("{arch}.gguf"));
+            let md = vec![(
+                "general.architecture".to_owned(),
+                Value::String(arch.into()),
+            )];
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&p).unwrap());
+            gguf::write(&mut w, &md, &[]).unwrap();
+            drop(w);
+            GgufFile::open(&p).unwrap()
+        };
+        let pick = |arch: &str, tokens: &[&str]| {
+            let g = file(arch);
+            ChatTemplate::from_gguf(&g, "", "", |t| tokens.contains(&t))
+                .unwrap()
+                .source()
+        };
+        use TemplateSource::Fallback;
+        // Phi-4 converted as llama still gets Phi-4's format.
+        assert_eq!(
+            pick("llama", &["<|im_start|>", "<|im_sep|>"]),
+            Fallback("phi4")
+        );
+        assert_eq!(
+            pick("phi3", &["<|end|>", "<|assistant|>"]),
+            Fallback("phi3")
+        );
+        assert_eq!(pick("llama", &["<|start_header_id|>"]), Fallback("llama3"));
+        assert_eq!(pick("gemma3", &["<start_of_turn>"]), Fallback("gemma"));
+        assert_eq!(pick("qwen3", &["<|im_start|>"]), Fallback("chatml"));
+        assert_eq!(pick("gemma3", &[]), Fallback("gemma"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn strftime_matches_known_dates() {

@@ -78,7 +78,7 @@ fn templates_render_byte_identical_to_jinja2_goldens() {
     ] {
         let gguf = GgufFile::open(&crate::synthetic::tiny(arch)).unwrap();
         let eos = goldens["families"][family]["eos_token"].as_str().unwrap();
-        let template = ChatTemplate::from_gguf(&gguf, bos, eos).unwrap();
+        let template = ChatTemplate::from_gguf(&gguf, bos, eos, |_| false).unwrap();
         assert_eq!(template.source(), TemplateSource::File);
         check(&template, family, &goldens, "GGUF");
     }

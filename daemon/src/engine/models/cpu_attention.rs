@@ -59,7 +59,9 @@ impl CpuKv {
         (self.k.capacity() + self.v.capacity()) * 4
     }
 
-    fn reserve(&mut self, kv_heads: usize, head_dim: usize, needed: usize) {
+    /// Room for `needed` positions, growing by doubling but never past `limit`
+    /// (the context), so a 40,960-position model does not reserve 65,536.
+    fn reserve(&mut self, kv_heads: usize, head_dim: usize, needed: usize, limit: usize) {
         if self.kv_heads != kv_heads || self.head_dim != head_dim {
             *self = Self {
                 kv_heads,
@@ -70,7 +72,11 @@ impl CpuKv {
         if needed <= self.cap {
             return;
         }
-        let cap = needed.max(self.cap * 2).max(256).next_power_of_two();
+        let cap = needed
+            .max(self.cap * 2)
+            .max(256)
+            .next_power_of_two()
+            .min(limit.max(needed));
         let regrow = |old: &[f32], old_cap: usize, len: usize| {
             let mut new = vec![0f32; kv_heads * cap * head_dim];
             for h in 0..kv_heads {
@@ -85,8 +91,9 @@ impl CpuKv {
     }
 
     /// Append `seq` positions; `k` and `v` are `[position][kv_head][head_dim]`.
-    fn append(&mut self, k: &[f32], v: &[f32], seq: usize, kv_heads: usize, head_dim: usize) {
-        self.reserve(kv_heads, head_dim, self.len + seq);
+    fn append(&mut self, k: &[f32], v: &[f32], seq: usize, shape: &Shape) {
+        let (kv_heads, head_dim) = (shape.kv_heads, shape.head_dim);
+        self.reserve(kv_heads, head_dim, self.len + seq, shape.context);
         for t in 0..seq {
             for h in 0..kv_heads {
                 let src = (t * kv_heads + h) * head_dim;
@@ -116,6 +123,8 @@ pub struct Shape {
     pub scale: f32,
     /// Sliding window: a query at `p` sees keys `p-w+1..=p`.
     pub window: Option<usize>,
+    /// Positions the model serves: the cache never grows past it.
+    pub context: usize,
 }
 
 /// Append `k`, `v` (1, seq, kv_heads, head_dim) at positions `pos..` and attend
@@ -130,17 +139,14 @@ pub fn attend(
 ) -> candle_core::Result<Tensor> {
     let seq = q.dim(1)?;
     let Shape {
-        heads,
-        kv_heads,
-        head_dim: d,
-        ..
+        heads, head_dim: d, ..
     } = shape;
     if cache.len() != pos {
         candle_core::bail!("kv cache holds {} positions, not {pos}", cache.len());
     }
     with_f32(k, |k| {
         with_f32(v, |v| {
-            cache.append(k, v, seq, kv_heads, d);
+            cache.append(k, v, seq, &shape);
             Ok(())
         })
     })?;
@@ -373,6 +379,7 @@ mod tests {
                 head_dim: d,
                 scale: 0.3,
                 window,
+                context: 1000,
             };
             let q = data(seq * heads * d, 1);
             let k = data(seq * kv_heads * d, 2);

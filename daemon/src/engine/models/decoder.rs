@@ -380,6 +380,7 @@ impl Model {
                         head_dim: s.head_dim,
                         scale: s.attn_scale as f32,
                         window: w,
+                        context: self.context,
                     };
                     cpu_attention::attend(cache, &q, &k, &v, pos, shape)?
                 }
