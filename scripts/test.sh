@@ -10,4 +10,6 @@ scripts/fetch-tokenizers.sh gemma3 qwen3 llama3 gpt35turbo gpt4o >/dev/null
 # The independent reference forward pass (scripts/ref_forward.py).
 python3 -c 'import numpy, gguf' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check numpy gguf
+# The end-to-end tests (tests/) run the real binaries: build them first.
+cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -145,6 +145,9 @@ impl Generation {
 pub enum GenEvent<'a> {
     /// `done` of `total` prompt tokens are in the KV cache.
     Prefilled { done: usize, total: usize },
+    /// A token was sampled (end-of-generation tokens excluded); its text, if
+    /// any is complete yet, follows as `Text`.
+    Token(u32),
     /// New text: whole UTF-8 characters, stop strings withheld.
     Text(&'a str),
 }
@@ -350,6 +353,7 @@ impl Engine {
             }
             out.tokens.push(token);
             history.push(token);
+            on_event(GenEvent::Token(token));
             if let Some(piece) = detok.push(token, decode)? {
                 match stops.push(&piece) {
                     StopCheck::Continue(text) => {

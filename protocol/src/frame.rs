@@ -43,12 +43,14 @@ pub fn read_frame(r: &mut impl Read) -> Result<Vec<u8>, FrameError> {
     if len > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(len.into()));
     }
-    let mut payload = vec![0u8; len as usize];
-    let got = read_full(r, &mut payload)?;
-    if got < payload.len() {
+    // Grow with the bytes that actually arrive: a peer announcing 16 MiB and
+    // sending nothing costs nothing.
+    let mut payload = Vec::with_capacity((len as usize).min(64 << 10));
+    let got = r.take(len.into()).read_to_end(&mut payload)?;
+    if got < len as usize {
         return Err(FrameError::Truncated {
             got,
-            want: payload.len(),
+            want: len as usize,
         });
     }
     Ok(payload)

@@ -5,10 +5,13 @@
 //! [`codec`] (bincode 2, fixed-width little-endian integers). Every byte is
 //! documented in docs/PROTOCOL.md, enough to write a client in another language.
 
+pub mod client;
 pub mod codec;
+pub mod duration;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+pub mod paths;
 
 /// The protocol version, sent in the handshake outside bincode, so a peer of
 /// any version can read it and answer "incompatible" rather than fail to decode.

@@ -38,6 +38,11 @@ pub enum Request {
     Subscribe,
     /// Stop the daemon: in-flight requests get an `Error` (`ShuttingDown`).
     Shutdown,
+    /// Download a model into the local cache: answered by `Progress`es, then
+    /// `Pulled` or `Error`. Resumes a partial download.
+    Pull {
+        model: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +113,16 @@ pub enum Response {
     },
     Health(HealthReport),
     Event(Event),
+    /// Download progress of a `Pull`, in bytes (`total` 0 when unknown).
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    /// The `Pull` finished: the model's local path.
+    Pulled {
+        model: String,
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -151,6 +166,10 @@ pub enum ErrorKind {
     ModelFailed,
     ShuttingDown,
     Internal,
+    /// A download needs the network and it is unreachable (or HF_HUB_OFFLINE is set).
+    Offline,
+    /// The Hub refused: a gated or private repository without (enough) token.
+    AccessDenied,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,6 +279,9 @@ mod tests {
             Request::Health,
             Request::Subscribe,
             Request::Shutdown,
+            Request::Pull {
+                model: "gemma3:270m".into(),
+            },
         ] {
             round_trip(ClientMsg { id: 3, request });
         }
@@ -310,6 +332,11 @@ mod tests {
                 at_ms: 1,
                 tokens_per_s: 2.0,
             }),
+            Response::Progress { done: 5, total: 10 },
+            Response::Pulled {
+                model: "m".into(),
+                path: "/m.gguf".into(),
+            },
         ] {
             round_trip(DaemonMsg { id: 3, response });
         }

@@ -426,7 +426,7 @@ impl Embedding {
         dev: &Device,
     ) -> Result<Self> {
         let table = gguf.tensor(name, Some(&[rows, dim]), dev)?;
-        if dim % table.dtype().block_size() != 0 {
+        if !dim.is_multiple_of(table.dtype().block_size()) {
             return Err(gguf.error(ModelFileError::Malformed(format!(
                 "`{name}` rows of {dim} are not whole {:?} blocks",
                 table.dtype()

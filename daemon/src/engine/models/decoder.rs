@@ -98,16 +98,16 @@ impl Spec {
     /// Consistency checks shared by every family.
     pub fn validate(&self, g: &GgufFile) -> Result<()> {
         let bad = |m: String| Err(g.error(crate::engine::ModelFileError::Malformed(m)));
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} heads cannot share {} kv heads",
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head size {} is not even", self.head_dim));
         }
-        if self.rot_dim == 0 || self.rot_dim % 2 != 0 || self.rot_dim > self.head_dim {
+        if self.rot_dim == 0 || !self.rot_dim.is_multiple_of(2) || self.rot_dim > self.head_dim {
             return bad(format!(
                 "rotary dimensions {} do not fit a head of {}",
                 self.rot_dim, self.head_dim

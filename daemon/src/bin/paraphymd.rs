@@ -1,0 +1,177 @@
+//! paraphymd: the daemon. Keeps models warm and serves them on a Unix socket
+//! (docs/PROTOCOL.md). Usually started by `paraphym` when needed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use paraphym_daemon::config::{DaemonConfig, FOREVER};
+use paraphym_daemon::engine::device::DeviceSpec;
+use paraphym_daemon::registry;
+use paraphym_daemon::server::{self, Daemon, ServeError};
+use paraphym_protocol::{duration, paths};
+use tracing_subscriber::prelude::*;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "paraphymd",
+    version,
+    about = "paraphym's daemon: warm models on a Unix socket"
+)]
+struct Args {
+    /// Socket path [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v1/paraphymd.sock, else ~/.paraphym/paraphym-v1/paraphymd.sock]
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The model for requests that name none [default: $PARAPHYM_MODEL, the config file's default_model, qwen3:1.7b]
+    #[arg(long)]
+    model: Option<String>,
+    /// Workers per loaded model.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Requests waiting per model before new ones get "busy".
+    #[arg(long, default_value_t = DaemonConfig::DEFAULT_MAX_QUEUE)]
+    max_queue: usize,
+    /// How long an idle model stays loaded (300ms, 30s, 5m, 1h, forever).
+    #[arg(long, default_value = "5m")]
+    keep_alive: String,
+    /// Context length of loaded models [default: the engine's, capped by the model].
+    #[arg(long)]
+    context: Option<usize>,
+    /// cpu, cuda[:N] or metal[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Log file [default: $XDG_STATE_HOME/paraphym/paraphymd.log, else ~/.local/state/paraphym/paraphymd.log].
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// A connection's outbox in bytes; generations wait while it is full.
+    #[arg(long, default_value_t = DaemonConfig::DEFAULT_OUTBOX_BYTES)]
+    outbox_bytes: usize,
+    /// A client that has not read for this long is cut off.
+    #[arg(long, default_value = "10s")]
+    write_timeout: String,
+    /// Connections served at once.
+    #[arg(long, default_value_t = DaemonConfig::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Load these models at start (repeatable).
+    #[arg(long)]
+    preload: Vec<String>,
+}
+
+fn default_log_file() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("paraphym").join("paraphymd.log"))
+}
+
+fn init_logging(file: Option<&PathBuf>) -> Result<()> {
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("PARAPHYM_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter());
+    let file_layer = match file {
+        Some(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the log file {}", path.display()))?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(Mutex::new(f))
+                    .with_filter(filter()),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(file_layer)
+        .init();
+    Ok(())
+}
+
+fn run(args: Args) -> Result<ExitCode> {
+    let log_file = args.log_file.clone().or_else(default_log_file);
+    init_logging(log_file.as_ref())?;
+
+    let (socket, owns_dir) = match (&args.socket, paths::default_socket()) {
+        (Some(s), _) => (s.clone(), false),
+        (None, Some(s)) => (s, std::env::var_os(paths::SOCKET_ENV).is_none()),
+        (None, None) => anyhow::bail!("no socket path: pass --socket or set HOME"),
+    };
+    let env_model = std::env::var("PARAPHYM_MODEL").ok();
+    let config_file = registry::Config::load()?;
+    let (default_model, _) = registry::choose(
+        args.model.as_deref(),
+        env_model.as_deref(),
+        config_file.default_model.as_deref(),
+    );
+    let mut config = DaemonConfig::new(socket.clone(), default_model.to_owned());
+    config.owns_socket_dir = owns_dir;
+    config.workers = args.workers.max(1);
+    config.max_queue = args.max_queue.max(1);
+    config.keep_alive = duration::parse(&args.keep_alive)
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(FOREVER);
+    config.context = args.context;
+    config.device = DeviceSpec::parse(&args.device)?.open()?;
+    config.outbox_bytes = args.outbox_bytes.max(1024);
+    config.write_timeout = duration::parse(&args.write_timeout)
+        .map_err(anyhow::Error::msg)?
+        .context("--write-timeout must be finite")?;
+    config.max_connections = args.max_connections.max(1);
+
+    let bound = match server::bind(&socket, owns_dir) {
+        Ok(b) => b,
+        Err(e @ ServeError::AlreadyRunning(_)) => {
+            tracing::error!("{e}");
+            return Ok(ExitCode::from(3));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let daemon = Daemon::new(config);
+    {
+        let daemon = daemon.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+        ])?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    tracing::info!(signal = sig, "stopping on a signal");
+                    daemon.request_stop();
+                }
+            })?;
+    }
+    for model in &args.preload {
+        daemon.preload(model);
+    }
+    server::serve(daemon, bound);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("paraphymd: {e:#}");
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

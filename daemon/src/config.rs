@@ -1,0 +1,100 @@
+//! The daemon's settings (from `paraphymd`'s flags; defaults here).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::Device;
+
+use crate::pull::HubConfig;
+
+/// A keep-alive of `Duration::MAX` means "never evict".
+pub const FOREVER: Duration = Duration::MAX;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    /// The socket's folder is ours (the default path): keep it 0700.
+    pub owns_socket_dir: bool,
+    /// The reference used when a request names no model.
+    pub default_model: String,
+    /// Workers per loaded model.
+    pub workers: usize,
+    /// Requests waiting per model before new ones are refused (`Busy`).
+    pub max_queue: usize,
+    /// How long an idle model stays loaded, unless a request says otherwise.
+    pub keep_alive: Duration,
+    /// Context length for loaded models (`None`: the engine's default).
+    pub context: Option<usize>,
+    pub device: Device,
+    /// A connection's outbox; a generation waits while its client's is full.
+    pub outbox_bytes: usize,
+    /// A write blocked this long means the client stopped reading: its
+    /// requests are cancelled and the connection closed.
+    pub write_timeout: Duration,
+    pub max_connections: usize,
+    /// Reported in `Status`; enforced by the worker pools.
+    pub memory_budget_bytes: u64,
+    pub hub: HubConfig,
+}
+
+impl DaemonConfig {
+    pub const DEFAULT_OUTBOX_BYTES: usize = 1 << 20;
+    pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
+    pub const DEFAULT_MAX_QUEUE: usize = 64;
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+    pub fn new(socket: PathBuf, default_model: String) -> Self {
+        Self {
+            socket,
+            owns_socket_dir: false,
+            default_model,
+            workers: 1,
+            max_queue: Self::DEFAULT_MAX_QUEUE,
+            keep_alive: Self::DEFAULT_KEEP_ALIVE,
+            context: None,
+            device: Device::Cpu,
+            outbox_bytes: Self::DEFAULT_OUTBOX_BYTES,
+            write_timeout: Self::DEFAULT_WRITE_TIMEOUT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            memory_budget_bytes: default_memory_budget(),
+            hub: HubConfig::from_env(),
+        }
+    }
+}
+
+/// Three quarters of physical memory (0 where it can't be read).
+pub fn default_memory_budget() -> u64 {
+    physical_memory().map_or(0, |m| m / 4 * 3)
+}
+
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_kib(&text, "MemTotal:").map(|k| k * 1024)
+}
+
+/// This process's resident memory (Linux; 0 elsewhere).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| meminfo_kib(&t, "VmRSS:"))
+        .map_or(0, |k| k * 1024)
+}
+
+fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_kib_fields() {
+        let t = "MemTotal:       24576000 kB\nVmRSS:\t  1234 kB\n";
+        assert_eq!(super::meminfo_kib(t, "MemTotal:"), Some(24_576_000));
+        assert_eq!(super::meminfo_kib(t, "VmRSS:"), Some(1234));
+        assert_eq!(super::meminfo_kib(t, "Nope:"), None);
+    }
+}

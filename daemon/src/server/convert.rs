@@ -1,0 +1,127 @@
+//! Protocol types to engine types and engine errors to wire errors: the one
+//! place the two vocabularies meet.
+
+use paraphym_protocol::message::{
+    ErrorKind, GenStats, Generate, Prompt as WirePrompt, StopReason, WireError,
+};
+
+use crate::engine::{
+    ChatOptions, EngineError, FinishReason, GenParams, Generation, Message, SamplingParams,
+};
+
+/// Stop strings per request, at most.
+const MAX_STOPS: usize = 16;
+
+/// An owned prompt for a worker.
+#[derive(Debug, Clone)]
+pub enum OwnedPrompt {
+    Text(String),
+    Chat(Vec<Message>, ChatOptions),
+}
+
+impl OwnedPrompt {
+    pub fn as_prompt(&self) -> crate::engine::Prompt<'_> {
+        match self {
+            OwnedPrompt::Text(t) => crate::engine::Prompt::Text(t),
+            OwnedPrompt::Chat(m, o) => crate::engine::Prompt::Chat(m, *o),
+        }
+    }
+}
+
+/// What a worker needs to run one generation.
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    pub prompt: OwnedPrompt,
+    pub params: GenParams,
+}
+
+pub fn bad(message: impl Into<String>) -> WireError {
+    WireError {
+        kind: ErrorKind::BadRequest,
+        message: message.into(),
+    }
+}
+
+/// Validate a `Generate` and turn it into engine terms. Unset options take
+/// llama.cpp's defaults (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05).
+pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
+    let prompt = match &g.prompt {
+        WirePrompt::Raw(t) => OwnedPrompt::Text(t.clone()),
+        WirePrompt::Chat { messages, think } => {
+            if messages.is_empty() {
+                return Err(bad("a chat prompt needs at least one message"));
+            }
+            OwnedPrompt::Chat(
+                messages
+                    .iter()
+                    .map(|m| Message::new(m.role.clone(), m.content.clone()))
+                    .collect(),
+                ChatOptions {
+                    add_generation_prompt: true,
+                    enable_thinking: *think,
+                },
+            )
+        }
+    };
+    let o = &g.options;
+    let d = SamplingParams::default();
+    let sampling = SamplingParams {
+        temperature: o.temperature.unwrap_or(d.temperature),
+        top_k: o.top_k.map_or(d.top_k, |k| k as usize),
+        top_p: o.top_p.unwrap_or(d.top_p),
+        min_p: o.min_p.unwrap_or(d.min_p),
+        repeat_penalty: o.repeat_penalty.unwrap_or(d.repeat_penalty),
+        repeat_last_n: d.repeat_last_n,
+        seed: o.seed,
+    };
+    sampling.validate().map_err(|e| bad(e.to_string()))?;
+    if o.stop.len() > MAX_STOPS {
+        return Err(bad(format!("at most {MAX_STOPS} stop strings")));
+    }
+    if o.stop.iter().any(|s| s.is_empty()) {
+        return Err(bad("stop strings must not be empty"));
+    }
+    let defaults = GenParams::default();
+    Ok(GenRequest {
+        prompt,
+        params: GenParams {
+            sampling,
+            max_tokens: o.max_tokens.map_or(defaults.max_tokens, |n| n as usize),
+            stop: o.stop.clone(),
+            ..defaults
+        },
+    })
+}
+
+/// An engine error as the client sees it.
+pub fn engine_error(e: &EngineError) -> WireError {
+    let kind = match e {
+        EngineError::PromptTooLong { .. } => ErrorKind::ContextOverflow,
+        EngineError::EmptyPrompt | EngineError::InvalidParams(_) | EngineError::Template(_) => {
+            ErrorKind::BadRequest
+        }
+        EngineError::ModelFile { .. } | EngineError::Io { .. } => ErrorKind::ModelFailed,
+        EngineError::Tokenizer(_) | EngineError::Candle(_) => ErrorKind::Internal,
+    };
+    WireError {
+        kind,
+        message: e.to_string(),
+    }
+}
+
+pub fn stats(g: &Generation, time_to_first_token_us: u64) -> GenStats {
+    GenStats {
+        prompt_tokens: g.prompt_tokens as u32,
+        generated_tokens: g.tokens.len() as u32,
+        time_to_first_token_us,
+        prefill_tokens_per_s: g.prefill_tps() as f32,
+        decode_tokens_per_s: g.decode_tps() as f32,
+        stop: match g.finish {
+            FinishReason::EndOfGeneration => StopReason::EndOfGeneration,
+            FinishReason::MaxTokens => StopReason::MaxTokens,
+            FinishReason::StopString(i) => StopReason::StopString(i as u32),
+            FinishReason::ContextFull => StopReason::ContextFull,
+            FinishReason::Cancelled => StopReason::Cancelled,
+        },
+    }
+}
