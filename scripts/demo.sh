@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job, until the daemon and TUI exist: build, make sure a model is
-# there (the Gemma 3 270M test model unless a model is configured: a file, an
-# alias such as qwen3:1.7b, or hf:owner/name/file.gguf; docs/MODELS.md), and
-# stream a completion from it.
+# The main job, until the TUI exists: build, make sure a model is there (the
+# Gemma 3 270M test model unless a model is configured: a file, an alias such
+# as qwen3:1.7b, or hf:owner/name/file.gguf; docs/MODELS.md), and stream a
+# completion through the daemon (`paraphym run` starts paraphymd if none runs;
+# it stays up with the model warm: `paraphym stop` ends it).
 #
 #   scripts/demo.sh ["prompt"] [max_tokens]
 set -euo pipefail
@@ -18,5 +19,6 @@ model_args=()
 if [ -z "${PARAPHYM_MODEL:-}" ] && ! grep -qs '^[[:space:]]*default_model' "$config"; then
   model_args=(--model "$(scripts/fetch-test-model.sh)")
 fi
-cargo build --release -q -p paraphym-daemon --example complete
-exec target/release/examples/complete ${model_args[@]+"${model_args[@]}"} "$prompt" "$max_tokens"
+cargo build --release -q -p paraphym-daemon -p paraphym-tui --bins
+exec target/release/paraphym run --raw --verbose ${model_args[@]+"${model_args[@]}"} \
+  --max-tokens "$max_tokens" "$prompt"

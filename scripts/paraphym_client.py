@@ -30,7 +30,6 @@ EXIT_CODES = {"unknown_model": 4, "busy": 5, "context_overflow": 6}
 
 class Fail(Exception):
     """An error for stderr, with the exit code to leave with."""
-
     def __init__(self, message, code=1):
         super().__init__(message)
         self.code = code
@@ -48,7 +47,6 @@ def vec(items, enc): return u64(len(items)) + b"".join(enc(i) for i in items)
 
 class Reader:
     """Decodes one message payload; running short or bad UTF-8 is an error."""
-
     def __init__(self, data):
         self.data, self.pos = data, 0
 
@@ -61,7 +59,6 @@ class Reader:
     def u32(self): return struct.unpack("<I", self.take(4))[0]
     def u64(self): return struct.unpack("<Q", self.take(8))[0]
     def f32(self): return struct.unpack("<f", self.take(4))[0]
-
     def string(self):
         try:
             return self.take(self.u64()).decode()
@@ -79,7 +76,8 @@ def generate_msg(a):
                   + option(None, None))                         # Prompt::Chat, think: None
     options = (option(a.temperature, f32) + option(a.top_k, u32) + option(a.top_p, f32)
                + option(a.min_p, f32) + option(a.repeat_penalty, f32) + option(a.seed, u64)
-               + option(a.max_tokens, u32) + vec(a.stop, string))
+               + option(a.max_tokens, u32) + vec(a.stop, string)
+               + b"\x00")                                      # ignore_eos: false
     generate = option(a.model, string) + prompt + options + option(a.keep_alive_ms, u64)
     return u64(GEN_ID) + u32(0) + generate                      # Request::Generate
 
@@ -101,17 +99,17 @@ def default_socket():
 
 class Conn:
     """A connected, handshaken socket that sends and receives frames."""
-
     def __init__(self, path):
-        self.sock, self.buf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), b""
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise Fail(f"no daemon is running on {path}", 3)
+        self.file = self.sock.makefile("rb")  # read(n): n bytes, fewer only at the end
         self.sock.settimeout(10)  # a daemon that accepts but never answers
         self.sock.sendall(MAGIC + u32(VERSION))
-        answer = self.read(13)
-        if answer is None or len(answer) < 13 or answer[:8] != MAGIC:
+        answer = self.file.read(13)
+        if len(answer) < 13 or answer[:8] != MAGIC:
             raise Fail(f"{path} is not a paraphym daemon (bad handshake)")
         theirs = struct.unpack("<I", answer[8:12])[0]
         if answer[12] != 0 or theirs != VERSION:
@@ -119,40 +117,29 @@ class Conn:
                        f"{theirs}; use a client for the daemon's version")
         self.sock.settimeout(None)
 
-    def read(self, n):
-        """n bytes; None at a clean end, the short rest if it ends midway."""
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                rest, self.buf = self.buf, b""
-                return rest or None
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
     def send(self, payload):
         self.sock.sendall(u32(len(payload)) + payload)
 
     def frame(self):
-        head = self.read(4)
-        if head is None:
+        head = self.file.read(4)
+        if not head:
             raise Fail("the daemon closed the connection")
-        n = struct.unpack("<I", head)[0] if len(head) == 4 else 0
-        if len(head) < 4 or n > MAX_FRAME:
-            raise Fail("bad frame from the daemon (truncated or over 16 MiB)")
-        payload = self.read(n) or b""
-        if len(payload) < n:
+        n = struct.unpack("<I", head)[0] if len(head) == 4 else None
+        if n is not None and n > MAX_FRAME:
+            raise Fail(f"the daemon sent a frame of {n} bytes, over the 16 MiB limit")
+        payload = self.file.read(n) if n is not None else b""
+        if n is None or len(payload) < n:
             raise Fail("the daemon closed the connection inside a frame")
         return payload
 
 
 def decode(payload):
-    """DaemonMsg -> (id, event dict or None for answers to other requests)."""
+    """A DaemonMsg as an event dict; None for answers to other requests."""
     r = Reader(payload)
     msg_id, variant = r.u64(), r.u32()
     # id 0 answers no request: an Error there is about the whole connection.
     if msg_id != GEN_ID and not (msg_id == 0 and variant == 2):
-        return msg_id, None
+        return None
     if variant == 0:                                   # Token { text }
         event = {"event": "token", "text": r.string()}
     elif variant == 1:                                 # Done(GenStats)
@@ -174,15 +161,15 @@ def decode(payload):
         raise Fail(f"unexpected answer (Response variant {variant}) to a Generate")
     if r.pos != len(payload):
         raise Fail(f"malformed message from the daemon ({len(payload) - r.pos} bytes left over)")
-    return msg_id, event
+    return event
 
 
 def uint(bits):
+    """An argparse type: an unsigned integer of `bits` bits."""
     def parse(s):
-        v = int(s)
-        if not 0 <= v < 1 << bits:
+        if not 0 <= int(s) < 1 << bits:
             raise ValueError(s)
-        return v
+        return int(s)
     parse.__name__ = f"u{bits}"
     return parse
 
@@ -196,9 +183,8 @@ def parse_args():
     p.add_argument("--system", help="a system message (chat only)")
     for name in ("--temperature", "--top-p", "--min-p", "--repeat-penalty"):
         p.add_argument(name, type=float)
-    p.add_argument("--top-k", type=uint(32))
-    p.add_argument("--max-tokens", type=uint(32))
-    p.add_argument("--seed", type=uint(64))
+    for name, bits in (("--top-k", 32), ("--max-tokens", 32), ("--seed", 64)):
+        p.add_argument(name, type=uint(bits))
     p.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
     p.add_argument("--keep-alive-ms", type=uint(64), help="how long the model stays loaded")
     p.add_argument("--json", action="store_true", help="one JSON object per line per event")
@@ -229,7 +215,7 @@ def run(a):
     signal.signal(signal.SIGINT, on_sigint)
     last = "\n"
     while True:
-        _, event = decode(conn.frame())
+        event = decode(conn.frame())
         if event is None:
             continue
         if a.json:
@@ -251,12 +237,9 @@ def main():
     a = parse_args()
     try:
         return run(a)
-    except Fail as e:
+    except (Fail, OSError, OverflowError, struct.error) as e:
         print(f"paraphym_client: {e}", file=sys.stderr)
-        return e.code
-    except (OSError, OverflowError, struct.error) as e:
-        print(f"paraphym_client: {e}", file=sys.stderr)
-        return 1
+        return e.code if isinstance(e, Fail) else 1
     except KeyboardInterrupt:  # before the generation was sent
         return 130
 

@@ -319,15 +319,20 @@ impl Pools {
         };
         let pool = self.get_or_start(&reference, &path);
         pool.touch(keep_alive_ms.map(keep_alive));
-        let mut state = lock(&pool.load);
-        match &mut *state {
-            LoadState::Loading(waiters) => waiters.push(reply),
-            LoadState::Ready => {
-                reply.send(Response::Loaded { model: reference });
+        // Never send while holding the lock: a full outbox waits.
+        let answer = {
+            let mut state = lock(&pool.load);
+            match &mut *state {
+                LoadState::Loading(waiters) => {
+                    waiters.push(reply.clone());
+                    None
+                }
+                LoadState::Ready => Some(Response::Loaded { model: reference }),
+                LoadState::Failed(m) => Some(Response::Error(failed(&reference, m))),
             }
-            LoadState::Failed(m) => {
-                reply.send(Response::Error(failed(&reference, m)));
-            }
+        };
+        if let Some(a) = answer {
+            reply.send(a);
         }
     }
 
@@ -610,7 +615,11 @@ impl Worker {
     }
 
     fn main(self) {
-        let loaded = Engine::load(&self.pool.path, &self.load);
+        // A panic while loading must still answer everyone waiting.
+        let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            Engine::load(&self.pool.path, &self.load).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|p| Err(format!("the loader panicked: {}", panic_text(&*p))));
         let left_loading = {
             let mut n = lock(&self.pool.loading);
             *n -= 1;
@@ -622,8 +631,9 @@ impl Worker {
                 tracing::error!(model = self.pool.reference, "load failed: {e}");
                 self.set_state(WorkerState::Unhealthy);
                 if left_loading == 0 && !self.pool.is_ready() {
-                    self.fail(&e.to_string());
+                    self.fail(&e);
                 }
+                lock(&self.pool.workers).retain(|w| !Arc::ptr_eq(w, &self.cell));
                 return;
             }
         };
@@ -726,11 +736,7 @@ impl Worker {
                 reply.send(Response::Error(convert::engine_error(&e)));
             }
             Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown");
+                let what = panic_text(&*panic);
                 tracing::error!(model = self.pool.reference, "worker panicked: {what}");
                 reply.error(ErrorKind::Internal, format!("the worker failed: {what}"));
             }
@@ -738,6 +744,13 @@ impl Worker {
         reply.finish();
         self.set_state(WorkerState::Idle);
     }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    p.downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| p.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
 }
 
 /// The last frame of a generation, by how it ended.

@@ -402,7 +402,15 @@ fn read_loop(mut stream: Stream, routes: Routes) {
             .and_then(|p| codec::decode::<DaemonMsg>(&p).map_err(ClientError::from));
         let Ok(msg) = msg else { break };
         let table = routes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = table.routes.get(&msg.id) {
+        if msg.id == 0 {
+            // About the connection (limit reached, bad frame): every open
+            // request gets it, then the daemon closes.
+            if let Response::Error(_) = &msg.response {
+                for tx in table.routes.values() {
+                    let _ = tx.send(msg.response.clone());
+                }
+            }
+        } else if let Some(tx) = table.routes.get(&msg.id) {
             let _ = tx.send(msg.response);
         }
     }

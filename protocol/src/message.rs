@@ -65,6 +65,8 @@ pub enum Prompt {
         /// Qwen3's thinking switch (`None`: the template's default).
         think: Option<bool>,
     },
+    /// Token ids as they are (benchmarks, clients with their own tokenizer).
+    Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +87,8 @@ pub struct Options {
     pub seed: Option<u64>,
     pub max_tokens: Option<u32>,
     pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -250,3 +250,93 @@ fn load_unload_models_and_pull() {
         stderr(&offline)
     );
 }
+
+/// scripts/paraphym_client.py, written from docs/PROTOCOL.md alone, gets what
+/// `paraphym run --json` gets for the same seed.
+#[test]
+fn the_python_client_streams_what_the_cli_streams() {
+    let gemma = gemma_path();
+    let g = gemma.to_str().unwrap();
+    let daemon = TestDaemon::start(&[]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("scripts/paraphym_client.py");
+    let cases: [&[&str]; 3] = [
+        &[
+            "--raw",
+            "--temperature",
+            "0.7",
+            "--seed",
+            "7",
+            "--max-tokens",
+            "12",
+            "Paris is the capital of",
+        ],
+        &[
+            "--system",
+            "Answer in one word.",
+            "--temperature",
+            "0.9",
+            "--seed",
+            "3",
+            "--max-tokens",
+            "10",
+            "Name a fruit.",
+        ],
+        &[
+            "--raw",
+            "--seed",
+            "11",
+            "--stop",
+            ".",
+            "--max-tokens",
+            "40",
+            "The weather today is",
+        ],
+    ];
+    let parse = |out: &std::process::Output| -> (String, serde_json::Value) {
+        let events: Vec<serde_json::Value> = stdout(out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let text = events
+            .iter()
+            .filter(|e| e["event"] == "token")
+            .map(|e| e["text"].as_str().unwrap())
+            .collect();
+        let done = events.last().cloned().unwrap();
+        (text, done)
+    };
+    for case in cases {
+        let mut rust_args = vec!["run", "--json", "--model", g];
+        rust_args.extend_from_slice(case);
+        let rust = daemon.cli(&rust_args);
+        assert!(rust.status.success(), "{}", stderr(&rust));
+        let py = Command::new("python3")
+            .arg(&script)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["--json", "--model", g])
+            .args(case)
+            .output()
+            .unwrap();
+        assert!(py.status.success(), "{}", stderr(&py));
+        let (rust_text, rust_done) = parse(&rust);
+        let (py_text, py_done) = parse(&py);
+        assert!(!rust_text.is_empty());
+        assert_eq!(py_text, rust_text, "{case:?}");
+        for key in ["event", "prompt_tokens", "generated_tokens", "stop"] {
+            assert_eq!(py_done[key], rust_done[key], "{key} in {case:?}");
+        }
+    }
+    // Its exit codes follow the CLI's.
+    let unknown = Command::new("python3")
+        .arg(&script)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--model", "no-such-model", "hi"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(4));
+}

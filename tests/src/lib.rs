@@ -31,23 +31,46 @@ fn workspace() -> PathBuf {
         .to_owned()
 }
 
-fn newest_source() -> SystemTime {
-    fn walk(dir: &Path, newest: &mut SystemTime) {
+/// The newest source file `name` is built from: its crate's library, the
+/// protocol crate, and its own `src/bin` file (other binaries don't count).
+fn newest_source(name: &str) -> SystemTime {
+    fn walk(dir: &Path, name: &str, newest: &mut SystemTime) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
-                walk(&p, newest);
+                if p.file_name().is_some_and(|n| n == "bin") {
+                    walk_bin(&p, name, newest);
+                } else {
+                    walk(&p, name, newest);
+                }
             } else if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
                 *newest = (*newest).max(m);
             }
         }
     }
+    fn walk_bin(dir: &Path, name: &str, newest: &mut SystemTime) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+            if stem == name {
+                walk(&p, name, newest);
+                if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+                    *newest = (*newest).max(m);
+                }
+            }
+        }
+    }
+    let crate_dir = if name == "paraphym" {
+        "tui/src"
+    } else {
+        "daemon/src"
+    };
     let mut newest = SystemTime::UNIX_EPOCH;
-    for d in ["daemon/src", "protocol/src", "tui/src"] {
-        walk(&workspace().join(d), &mut newest);
+    for d in [crate_dir, "protocol/src"] {
+        walk(&workspace().join(d), name, &mut newest);
     }
     newest
 }
@@ -65,7 +88,7 @@ pub fn bin(name: &str) -> PathBuf {
             )
         });
     assert!(
-        built >= newest_source(),
+        built >= newest_source(name),
         "{} is older than its sources: run `cargo build --workspace --bins` first (scripts/test.sh does)",
         p.display()
     );

@@ -250,6 +250,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
             seed: a.seed,
             max_tokens: a.max_tokens,
             stop: a.stop,
+            ignore_eos: false,
         },
         keep_alive_ms,
     };

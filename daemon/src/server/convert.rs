@@ -17,6 +17,7 @@ const MAX_STOPS: usize = 16;
 pub enum OwnedPrompt {
     Text(String),
     Chat(Vec<Message>, ChatOptions),
+    Tokens(Vec<u32>),
 }
 
 impl OwnedPrompt {
@@ -24,6 +25,7 @@ impl OwnedPrompt {
         match self {
             OwnedPrompt::Text(t) => crate::engine::Prompt::Text(t),
             OwnedPrompt::Chat(m, o) => crate::engine::Prompt::Chat(m, *o),
+            OwnedPrompt::Tokens(t) => crate::engine::Prompt::Tokens(t),
         }
     }
 }
@@ -47,6 +49,7 @@ pub fn bad(message: impl Into<String>) -> WireError {
 pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
     let prompt = match &g.prompt {
         WirePrompt::Raw(t) => OwnedPrompt::Text(t.clone()),
+        WirePrompt::Tokens(t) => OwnedPrompt::Tokens(t.clone()),
         WirePrompt::Chat { messages, think } => {
             if messages.is_empty() {
                 return Err(bad("a chat prompt needs at least one message"));
@@ -81,6 +84,9 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
     if o.stop.iter().any(|s| s.is_empty()) {
         return Err(bad("stop strings must not be empty"));
     }
+    if o.max_tokens == Some(0) {
+        return Err(bad("max_tokens must be at least 1"));
+    }
     let defaults = GenParams::default();
     Ok(GenRequest {
         prompt,
@@ -88,6 +94,7 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
             sampling,
             max_tokens: o.max_tokens.map_or(defaults.max_tokens, |n| n as usize),
             stop: o.stop.clone(),
+            ignore_eos: o.ignore_eos,
             ..defaults
         },
     })

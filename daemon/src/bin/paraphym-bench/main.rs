@@ -4,9 +4,11 @@
 //! `load-child`) that only loads the model and runs the warm-up pass, and
 //! reports the load time and the child's peak RSS (VmHWM).
 
+mod via_daemon;
+
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -72,9 +74,27 @@ enum Cmd {
         gen_tokens: usize,
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// Loops to compare (stock is skipped for architectures Candle lacks).
-        #[arg(long, value_delimiter = ',', default_value = "stock,bare,engine")]
+        /// Loops to compare: stock, bare, engine, daemon (the engine through
+        /// paraphymd's socket).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "stock,bare,engine,daemon"
+        )]
         loops: Vec<String>,
+    },
+    /// The daemon's own cost of time to first token: requests of a 1-token
+    /// prompt through the socket, client-observed minus daemon-reported.
+    Ipc {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 100)]
+        requests: usize,
+        /// Fail if the median exceeds this many milliseconds.
+        #[arg(long)]
+        max_median_ms: Option<f64>,
     },
     /// (internal) one loop once; prints key=value measurements.
     #[command(hide = true)]
@@ -126,9 +146,12 @@ fn main() -> Result<()> {
             prompt_tokens,
             gen_tokens,
         } => {
-            let which = bench::Loop::parse(&which).context("--loop stock|bare|engine")?;
-            let device = parse_device(&device)?;
             let prompt = bench::prompt_tokens(&model, prompt_tokens)?;
+            if which == "daemon" {
+                return daemon_child(&model, &device, &prompt, gen_tokens);
+            }
+            let which = bench::Loop::parse(&which).context("--loop stock|bare|engine|daemon")?;
+            let device = parse_device(&device)?;
             let r = bench::run(which, &model, &prompt, gen_tokens, &device)?;
             let ids: Vec<String> = r.tokens.iter().map(u32::to_string).collect();
             println!(
@@ -151,6 +174,12 @@ fn main() -> Result<()> {
             reps,
             loops,
         } => decode(&model, &device, prompt_tokens, gen_tokens, reps, &loops),
+        Cmd::Ipc {
+            model,
+            device,
+            requests,
+            max_median_ms,
+        } => ipc(&model, &device, requests, max_median_ms),
         Cmd::Synth {
             arch,
             shape,
@@ -414,9 +443,11 @@ fn decode(
         }
     };
     ratio("engine", "bare", "decode_tps", "decode");
+    ratio("daemon", "bare", "decode_tps", "decode");
     ratio("bare", "stock", "decode_tps", "decode");
     ratio("bare", "bare'", "decode_tps", "decode");
     ratio("engine", "bare", "prefill_tps", "prefill");
+    ratio("daemon", "engine", "ttft_s", "TTFT");
     ratio("bare", "stock", "prefill_tps", "prefill");
     let ids = |n: &str| col(n).map(|i| runs[i][0].tokens.clone());
     if let (Some(b), Some(e)) = (ids("bare"), ids("engine")) {
@@ -429,9 +460,102 @@ fn decode(
         }
         println!("tokens    bare and engine emitted identical ids ({gen} tokens)");
     }
+    if let Some(d) = col("daemon") {
+        println!(
+            "tokens    daemon streamed {} pieces for {} tokens",
+            runs[d][0].get("pieces"),
+            runs[d][0].get("generated")
+        );
+    }
     if let (Some(b), Some(s)) = (ids("bare"), ids("stock")) {
         let same = b.iter().zip(&s).take_while(|(x, y)| x == y).count();
         println!("tokens    stock agrees with bare on the first {same} of {gen} tokens");
+    }
+    Ok(())
+}
+
+/// The `daemon` column: the same generation through paraphymd's socket,
+/// timed by the client. Decode speed counts the tokens after the first over
+/// the time from the first piece to `Done`; TTFT is request sent to first piece.
+fn daemon_child(model: &std::path::Path, device: &str, prompt: &[u32], gen: usize) -> Result<()> {
+    let context = (prompt.len() + gen).max(paraphym_daemon::engine::WARMUP_TOKENS + 1);
+    let t = Instant::now();
+    let d = via_daemon::Daemon::start(device, context)?;
+    d.load(model)?;
+    let load = t.elapsed();
+    let o = via_daemon::observe(&d.client, via_daemon::greedy(model, prompt, gen))?;
+    let n = o.stats.generated_tokens as usize;
+    if n != gen {
+        bail!("the daemon generated {n} tokens, not {gen}");
+    }
+    let prefill = Duration::from_micros(o.stats.time_to_first_token_us);
+    println!(
+        "load_s={} warmup_s=0 prefill_tps={} decode_tps={} ttft_s={} vmhwm_kib={} pieces={} generated={} tokens=",
+        load.as_secs_f64(),
+        prompt.len() as f64 / prefill.as_secs_f64(),
+        (n - 1) as f64 / o.rest.as_secs_f64(),
+        o.first.as_secs_f64(),
+        d.vm_hwm_kib()?,
+        o.pieces,
+        n,
+    );
+    Ok(())
+}
+
+fn ipc(
+    model: &std::path::Path,
+    device: &str,
+    requests: usize,
+    max_median_ms: Option<f64>,
+) -> Result<()> {
+    let prompt = bench::prompt_tokens(model, 1)?;
+    let d = via_daemon::Daemon::start(device, 64)?;
+    d.load(model)?;
+    // Warm the connection and the worker.
+    for _ in 0..5 {
+        via_daemon::observe(&d.client, via_daemon::greedy(model, &prompt, 1))?;
+    }
+    let mut observed = Vec::new();
+    let mut reported = Vec::new();
+    let mut cost = Vec::new();
+    for _ in 0..requests.max(1) {
+        let o = via_daemon::observe(&d.client, via_daemon::greedy(model, &prompt, 1))?;
+        let seen = o.first.as_secs_f64() * 1e3;
+        let said = o.stats.time_to_first_token_us as f64 / 1e3;
+        observed.push(seen);
+        reported.push(said);
+        cost.push(seen - said);
+    }
+    println!("model     {}", model.display());
+    println!("device    {device}");
+    println!(
+        "workload  {} requests of a 1-token prompt, 1 token each, one after another on one connection",
+        requests.max(1)
+    );
+    for (label, v) in [
+        ("client-observed TTFT ms", &observed),
+        ("daemon-reported TTFT ms", &reported),
+        ("IPC cost ms", &cost),
+    ] {
+        let s = Stats::of(v);
+        let mut sorted = v.clone();
+        sorted.sort_by(f64::total_cmp);
+        let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
+        println!(
+            "{label:<26} median {:.3}  p90 {:.3}  min {:.3}  max {:.3}",
+            s.median, p90, s.min, s.max
+        );
+    }
+    if let Some(limit) = max_median_ms {
+        let m = Stats::of(&cost).median;
+        println!(
+            "target    IPC cost median <= {limit} ms: {:.3} ms {}",
+            m,
+            verdict(m <= limit)
+        );
+        if m > limit {
+            bail!("IPC cost median {m:.3} ms is over {limit} ms");
+        }
     }
     Ok(())
 }

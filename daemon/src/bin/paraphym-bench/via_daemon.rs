@@ -1,0 +1,142 @@
+//! The `daemon` column and the IPC benchmark: the real `paraphymd` (the
+//! binary beside this one) on a private socket, driven through the client
+//! library exactly as `paraphym` drives it, timed from this side of the socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use paraphym_protocol::client::{Client, Piece};
+use paraphym_protocol::message::{Generate, Options, Prompt, Request, Response};
+
+/// A daemon started for one measurement; stopped (and its folder removed) on drop.
+pub struct Daemon {
+    child: Child,
+    dir: PathBuf,
+    pub client: Client,
+}
+
+impl Daemon {
+    pub fn start(device: &str, context: usize) -> Result<Self> {
+        let exe = std::env::current_exe()?
+            .parent()
+            .context("bench binary folder")?
+            .join("paraphymd");
+        if !exe.is_file() {
+            bail!(
+                "{} is missing: build it beside paraphym-bench (cargo build --release --bins)",
+                exe.display()
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("paraphym-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("d.sock");
+        let child = Command::new(&exe)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--log-file")
+            .arg(dir.join("log"))
+            .args(["--device", device, "--keep-alive", "forever"])
+            .args(["--context", &context.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let start = Instant::now();
+        let client = loop {
+            match Client::connect(&socket) {
+                Ok(c) => break c,
+                Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => bail!("paraphymd did not start: {e}"),
+            }
+        };
+        Ok(Self { child, dir, client })
+    }
+
+    pub fn load(&self, model: &Path) -> Result<()> {
+        match self.client.call(Request::Load {
+            model: model.display().to_string(),
+            keep_alive_ms: None,
+        })? {
+            Response::Loaded { .. } => Ok(()),
+            other => bail!("unexpected answer to Load: {other:?}"),
+        }
+    }
+
+    /// The daemon's peak RSS (VmHWM), KiB.
+    pub fn vm_hwm_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmHWM")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.client.call(Request::Shutdown);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A greedy request for exactly `gen` tokens of `prompt` (ids as they are).
+pub fn greedy(model: &Path, prompt: &[u32], gen: usize) -> Generate {
+    Generate {
+        model: Some(model.display().to_string()),
+        prompt: Prompt::Tokens(prompt.to_vec()),
+        options: Options {
+            temperature: Some(0.0),
+            max_tokens: Some(gen as u32),
+            ignore_eos: true,
+            ..Options::default()
+        },
+        keep_alive_ms: None,
+    }
+}
+
+/// What one generation looked like from the client's side.
+pub struct Observed {
+    /// Request sent to first piece received.
+    pub first: Duration,
+    /// First piece to the final `Done`.
+    pub rest: Duration,
+    pub pieces: usize,
+    pub stats: paraphym_protocol::message::GenStats,
+}
+
+pub fn observe(client: &Client, request: Generate) -> Result<Observed> {
+    let sent = Instant::now();
+    let mut first = None;
+    let mut pieces = 0;
+    for p in client.generate(request)? {
+        let now = Instant::now();
+        let first_at = *first.get_or_insert(now);
+        match p? {
+            Piece::Token(_) => pieces += 1,
+            Piece::Done(stats) => {
+                return Ok(Observed {
+                    first: first_at - sent,
+                    rest: now - first_at,
+                    pieces,
+                    stats,
+                })
+            }
+        }
+    }
+    bail!("the stream ended without Done")
+}
