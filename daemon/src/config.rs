@@ -32,7 +32,7 @@ pub struct DaemonConfig {
     /// requests are cancelled and the connection closed.
     pub write_timeout: Duration,
     pub max_connections: usize,
-    /// Reported in `Status`; enforced by the worker pools.
+    /// Reported in `Status` (enforcement: issue 6's memory governor).
     pub memory_budget_bytes: u64,
     pub hub: HubConfig,
 }

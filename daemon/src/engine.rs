@@ -18,6 +18,7 @@ pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -165,8 +166,8 @@ pub enum Prompt<'a> {
 #[derive(Debug)]
 pub struct Engine {
     model: Model,
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
+    tokenizer: Arc<Tokenizer>,
+    template: Arc<ChatTemplate>,
     path: PathBuf,
     device: Device,
     load_time: Duration,
@@ -216,12 +217,30 @@ impl Engine {
         );
         Ok(Self {
             model,
-            tokenizer,
-            template,
+            tokenizer: Arc::new(tokenizer),
+            template: Arc::new(template),
             path: path.to_owned(),
             device: opts.device.clone(),
             load_time,
         })
+    }
+
+    /// Another engine over the same weights, tokenizer and template, with
+    /// its own (empty) KV cache: what a second worker of a model costs is
+    /// that cache and its activation buffers, not another copy of the model.
+    /// Candle keeps its repacked weight layouts inside the shared tensors, so
+    /// a replica is warm from the start.
+    pub fn replica(&self) -> Self {
+        let mut model = self.model.clone();
+        model.clear_kv();
+        Self {
+            model,
+            tokenizer: self.tokenizer.clone(),
+            template: self.template.clone(),
+            path: self.path.clone(),
+            device: self.device.clone(),
+            load_time: Duration::ZERO,
+        }
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {

@@ -8,9 +8,11 @@ extern crate accelerate_src;
 #[cfg(feature = "mkl")]
 extern crate intel_mkl_src;
 
+pub mod breaker;
 pub mod config;
 pub mod engine;
 pub mod events;
+pub mod governor;
 pub mod pool;
 pub mod pull;
 pub mod registry;

@@ -3,6 +3,8 @@
 //! Candle's examples do; jobs reach it through the model's flume queue.
 //! Connection threads submit and never wait on a worker.
 
+pub mod scaler;
+
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -46,8 +48,12 @@ fn unknown(message: String) -> WireError {
 
 #[derive(Debug)]
 enum LoadState {
-    /// Waiting for the first worker; these `Load` requests are answered then.
-    Loading(Vec<Reply>),
+    /// Waiting for the first worker: these `Load` requests are answered then;
+    /// `remaining` workers are still loading.
+    Loading {
+        waiters: Vec<Reply>,
+        remaining: usize,
+    },
     Ready,
     Failed(String),
 }
@@ -69,7 +75,6 @@ pub struct Pool {
     workers: Mutex<Vec<Arc<WorkerCell>>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     load: Mutex<LoadState>,
-    loading: Mutex<usize>,
     keep_alive: Mutex<Duration>,
     last_used: Mutex<Instant>,
 }
@@ -133,6 +138,8 @@ struct Settings {
 #[derive(Debug)]
 pub struct Pools {
     map: Arc<Mutex<HashMap<PathBuf, Arc<Pool>>>>,
+    /// Set at shutdown: no pool starts after it.
+    closed: std::sync::atomic::AtomicBool,
     /// Worker threads of unloaded models, joined at shutdown.
     retired: Mutex<Vec<JoinHandle<()>>>,
     settings: Settings,
@@ -154,6 +161,7 @@ impl Pools {
         };
         Self {
             map: Arc::default(),
+            closed: Default::default(),
             retired: Mutex::default(),
             settings: Settings {
                 workers: config.workers.max(1),
@@ -196,10 +204,20 @@ impl Pools {
         Ok((reference.to_owned(), path))
     }
 
-    pub(crate) fn get_or_start(&self, reference: &str, path: &Path) -> Arc<Pool> {
+    pub(crate) fn get_or_start(
+        &self,
+        reference: &str,
+        path: &Path,
+    ) -> Result<Arc<Pool>, WireError> {
         let mut map = lock(&self.map);
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(WireError {
+                kind: ErrorKind::ShuttingDown,
+                message: "the daemon is shutting down".into(),
+            });
+        }
         if let Some(p) = map.get(path) {
-            return p.clone();
+            return Ok(p.clone());
         }
         let (tx, rx) = flume::bounded(self.settings.max_queue);
         let pool = Arc::new(Pool {
@@ -211,8 +229,10 @@ impl Pools {
             rx,
             workers: Mutex::default(),
             handles: Mutex::default(),
-            load: Mutex::new(LoadState::Loading(Vec::new())),
-            loading: Mutex::new(self.settings.workers),
+            load: Mutex::new(LoadState::Loading {
+                waiters: Vec::new(),
+                remaining: self.settings.workers,
+            }),
             keep_alive: Mutex::new(self.settings.keep_alive),
             last_used: Mutex::new(Instant::now()),
         });
@@ -234,24 +254,45 @@ impl Pools {
                 map: self.map.clone(),
                 load: self.settings.load.clone(),
             };
-            match std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("worker-{n}"))
-                .spawn(move || worker.main())
-            {
+                .spawn(move || worker.main());
+            match spawned {
                 Ok(h) => lock(&pool.handles).push(h),
-                Err(e) => tracing::error!("cannot start a worker thread: {e}"),
+                Err(e) => {
+                    // Counts as a failed load, so nobody waits for it.
+                    tracing::error!("cannot start a worker thread: {e}");
+                    lock(&pool.workers).pop();
+                    let mut state = lock(&pool.load);
+                    if let LoadState::Loading { remaining, .. } = &mut *state {
+                        *remaining -= 1;
+                        if *remaining == 0 {
+                            *state = LoadState::Failed(format!("cannot start a worker: {e}"));
+                        }
+                    }
+                }
             }
         }
+        if matches!(*lock(&pool.load), LoadState::Failed(_)) {
+            return Err(failed(reference, "no worker could be started"));
+        }
         map.insert(path.to_owned(), pool.clone());
-        pool
+        Ok(pool)
+    }
+
+    /// Forget `pool` if it is still the one registered for its path.
+    fn forget(&self, pool: &Arc<Pool>) {
+        forget(&self.map, pool);
     }
 
     /// Queue a generation on its model's pool, loading the model if needed;
     /// a refusal is answered on the job's reply.
     pub fn submit(&self, model: Option<&str>, keep_alive_ms: Option<u64>, job: Job) {
         if let Err((job, e)) = self.try_submit(model, keep_alive_ms, job) {
-            job.reply.finish();
-            job.reply.send(Response::Error(e));
+            if job.control.claim() {
+                job.reply.finish();
+                job.reply.post(Response::Error(e));
+            }
         }
     }
 
@@ -269,14 +310,20 @@ impl Pools {
         let mut job = job;
         // Twice: the pool may be closing (idle eviction) as we submit.
         for _ in 0..2 {
-            let pool = self.get_or_start(&reference, &path);
+            let pool = match self.get_or_start(&reference, &path) {
+                Ok(p) => p,
+                Err(e) => return Err((job, e)),
+            };
+            pool.touch(keep_alive_ms.map(keep_alive));
+            // Under the queue's lock: a failing load closes the queue under
+            // it too, so a job is either refused here or drained there.
+            let tx_guard = lock(&pool.tx);
             if let LoadState::Failed(m) = &*lock(&pool.load) {
                 return Err((job, failed(&reference, m)));
             }
-            pool.touch(keep_alive_ms.map(keep_alive));
-            let tx = lock(&pool.tx).clone();
-            let Some(tx) = tx else {
-                lock(&self.map).remove(&path);
+            let Some(tx) = tx_guard.as_ref() else {
+                drop(tx_guard);
+                self.forget(&pool);
                 continue;
             };
             match tx.try_send(job) {
@@ -295,7 +342,8 @@ impl Pools {
                 }
                 Err(flume::TrySendError::Disconnected(j)) => {
                     job = j;
-                    lock(&self.map).remove(&path);
+                    drop(tx_guard);
+                    self.forget(&pool);
                 }
             }
         }
@@ -317,13 +365,19 @@ impl Pools {
                 return;
             }
         };
-        let pool = self.get_or_start(&reference, &path);
+        let pool = match self.get_or_start(&reference, &path) {
+            Ok(p) => p,
+            Err(e) => {
+                reply.post(Response::Error(e));
+                return;
+            }
+        };
         pool.touch(keep_alive_ms.map(keep_alive));
-        // Never send while holding the lock: a full outbox waits.
+        // Never send while holding the lock.
         let answer = {
             let mut state = lock(&pool.load);
             match &mut *state {
-                LoadState::Loading(waiters) => {
+                LoadState::Loading { waiters, .. } => {
                     waiters.push(reply.clone());
                     None
                 }
@@ -332,24 +386,25 @@ impl Pools {
             }
         };
         if let Some(a) = answer {
-            reply.send(a);
+            reply.post(a);
         }
     }
 
     /// `Unload`: the model's queue is finished, its workers exit, then
     /// `Unloaded` is sent.
     pub fn unload(&self, model: &str, reply: Reply) {
-        let found = self.resolve(Some(model)).ok().and_then(|(_, path)| {
+        let path = self.resolve(Some(model)).ok().map(|(_, p)| p);
+        let found = {
             let mut map = lock(&self.map);
-            map.remove(&path).or_else(|| {
-                // Also by the reference it was loaded under.
-                let key = map
-                    .iter()
+            // By its file, else by the reference it was loaded under (the
+            // file may be gone).
+            let key = path.filter(|p| map.contains_key(p)).or_else(|| {
+                map.iter()
                     .find(|(_, p)| p.reference == model)
-                    .map(|(k, _)| k.clone())?;
-                map.remove(&key)
-            })
-        });
+                    .map(|(k, _)| k.clone())
+            });
+            key.and_then(|k| map.remove(&k))
+        };
         let Some(pool) = found else {
             reply.error(ErrorKind::UnknownModel, format!("{model} is not loaded"));
             return;
@@ -505,12 +560,38 @@ impl Pools {
         lock(&self.retired).retain(|h| !h.is_finished());
     }
 
-    /// Close every pool and wait for the workers until `deadline`.
+    /// Close every pool, answer whoever waits on one with
+    /// `Error(ShuttingDown)`, and wait for the workers until `deadline`.
     pub fn stop_all(&self, deadline: Instant) {
-        let pools: Vec<Arc<Pool>> = lock(&self.map).drain().map(|(_, p)| p).collect();
+        let pools: Vec<Arc<Pool>> = {
+            let mut map = lock(&self.map);
+            self.closed
+                .store(true, std::sync::atomic::Ordering::Release);
+            map.drain().map(|(_, p)| p).collect()
+        };
         let mut handles: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.retired));
+        let bye = || {
+            Response::Error(WireError {
+                kind: ErrorKind::ShuttingDown,
+                message: "the daemon is shutting down".into(),
+            })
+        };
         for p in &pools {
             handles.extend(p.close());
+            let waiters = match &mut *lock(&p.load) {
+                LoadState::Loading { waiters, .. } => std::mem::take(waiters),
+                _ => Vec::new(),
+            };
+            for w in waiters {
+                w.post(bye());
+            }
+            // Queued jobs (workers still loading may never take them).
+            while let Ok(job) = p.rx.try_recv() {
+                if job.control.claim() {
+                    job.reply.finish();
+                    job.reply.post(bye());
+                }
+            }
         }
         for h in handles {
             while !h.is_finished() && Instant::now() < deadline {
@@ -615,22 +696,30 @@ impl Worker {
     }
 
     fn main(self) {
+        let name = std::thread::current().name().unwrap_or("worker").to_owned();
+        tracing::debug!(model = self.pool.reference, name, "worker starting");
         // A panic while loading must still answer everyone waiting.
         let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
             Engine::load(&self.pool.path, &self.load).map_err(|e| e.to_string())
         }))
         .unwrap_or_else(|p| Err(format!("the loader panicked: {}", panic_text(&*p))));
-        let left_loading = {
-            let mut n = lock(&self.pool.loading);
-            *n -= 1;
-            *n
-        };
         let mut engine = match loaded {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(model = self.pool.reference, "load failed: {e}");
                 self.set_state(WorkerState::Unhealthy);
-                if left_loading == 0 && !self.pool.is_ready() {
+                // The last worker to fail, with none ready, fails the pool.
+                let last = {
+                    let mut state = lock(&self.pool.load);
+                    match &mut *state {
+                        LoadState::Loading { remaining, .. } => {
+                            *remaining -= 1;
+                            *remaining == 0
+                        }
+                        _ => false,
+                    }
+                };
+                if last {
                     self.fail(&e);
                 }
                 lock(&self.pool.workers).retain(|w| !Arc::ptr_eq(w, &self.cell));
@@ -640,14 +729,18 @@ impl Worker {
         *lock(&self.pool.architecture) = engine.model().architecture().to_owned();
         let waiters = {
             let mut state = lock(&self.pool.load);
-            match std::mem::replace(&mut *state, LoadState::Ready) {
-                LoadState::Loading(w) => w,
+            match &mut *state {
+                LoadState::Loading { waiters, .. } => {
+                    let w = std::mem::take(waiters);
+                    *state = LoadState::Ready;
+                    w
+                }
                 _ => Vec::new(),
             }
         };
         self.set_state(WorkerState::Idle);
         for w in waiters {
-            w.send(Response::Loaded {
+            w.post(Response::Loaded {
                 model: self.pool.reference.clone(),
             });
         }
@@ -662,30 +755,26 @@ impl Worker {
 
     /// Every worker failed to load: answer everyone waiting, forget the pool.
     fn fail(&self, message: &str) {
+        // Queue lock first (as `try_submit`): no job gets in after this.
         let waiters = {
+            let mut tx = lock(&self.pool.tx);
             let mut state = lock(&self.pool.load);
+            tx.take();
             match std::mem::replace(&mut *state, LoadState::Failed(message.to_owned())) {
-                LoadState::Loading(w) => w,
+                LoadState::Loading { waiters, .. } => waiters,
                 _ => Vec::new(),
             }
         };
         let err = failed(&self.pool.reference, message);
         for w in waiters {
-            w.send(Response::Error(err.clone()));
+            w.post(Response::Error(err.clone()));
         }
-        {
-            let mut map = lock(&self.map);
-            if map
-                .get(&self.pool.path)
-                .is_some_and(|p| Arc::ptr_eq(p, &self.pool))
-            {
-                map.remove(&self.pool.path);
-            }
-        }
-        lock(&self.pool.tx).take();
+        forget(&self.map, &self.pool);
         while let Ok(job) = self.pool.rx.try_recv() {
-            job.reply.send(Response::Error(err.clone()));
-            job.reply.finish();
+            if job.control.claim() {
+                job.reply.finish();
+                job.reply.post(Response::Error(err.clone()));
+            }
         }
     }
 
@@ -696,10 +785,14 @@ impl Worker {
             reply,
             received,
         } = job;
+        if !control.claim() {
+            // Answered already (cancelled while queued).
+            return;
+        }
         if control.is_cancelled() {
-            // Cancelled while queued.
-            final_frame(&reply, &control, None);
+            // Cancelled while queued (a disconnect, or shutdown).
             reply.finish();
+            final_frame(&reply, &control, None);
             return;
         }
         self.set_state(WorkerState::Busy);
@@ -721,16 +814,22 @@ impl Worker {
                 },
             )
         }));
+        // Forget the job before its last frame, so the client may reuse its
+        // id as soon as it sees that frame.
+        reply.finish();
         match result {
             Ok(Ok(g)) => {
                 let ttft = started.duration_since(received) + g.time_to_first_token;
                 let stats = convert::stats(&g, ttft.as_micros() as u64);
-                final_frame(&reply, &control, Some(stats));
-                let mut s = lock(&self.cell.snapshot);
-                s.requests_served += 1;
-                if g.tokens.len() > 1 {
-                    s.tokens_per_s = g.decode_tps() as f32;
+                // Counted before the client can see the end and ask `Status`.
+                {
+                    let mut s = lock(&self.cell.snapshot);
+                    s.requests_served += 1;
+                    if g.tokens.len() > 1 {
+                        s.tokens_per_s = g.decode_tps() as f32;
+                    }
                 }
+                final_frame(&reply, &control, Some(stats));
             }
             Ok(Err(e)) => {
                 reply.send(Response::Error(convert::engine_error(&e)));
@@ -739,9 +838,11 @@ impl Worker {
                 let what = panic_text(&*panic);
                 tracing::error!(model = self.pool.reference, "worker panicked: {what}");
                 reply.error(ErrorKind::Internal, format!("the worker failed: {what}"));
+                // Weights are never written; the KV cache is the only state,
+                // and it is cleared here and at the start of every generation.
+                engine.model_mut().clear_kv();
             }
         }
-        reply.finish();
         self.set_state(WorkerState::Idle);
     }
 }
@@ -769,16 +870,29 @@ fn final_frame(
         }
         (true, Some(CancelReason::Disconnected | CancelReason::SlowClient)) => {}
         _ => {
-            let stats = stats.unwrap_or(paraphym_protocol::message::GenStats {
-                prompt_tokens: 0,
-                generated_tokens: 0,
-                time_to_first_token_us: 0,
-                prefill_tokens_per_s: 0.0,
-                decode_tokens_per_s: 0.0,
-                stop: paraphym_protocol::message::StopReason::Cancelled,
-            });
-            reply.send(Response::Done(stats));
+            reply.send(Response::Done(stats.unwrap_or_else(cancelled_stats)));
         }
+    }
+}
+
+/// The statistics of a generation cancelled before it started.
+pub fn cancelled_stats() -> paraphym_protocol::message::GenStats {
+    paraphym_protocol::message::GenStats {
+        prompt_tokens: 0,
+        generated_tokens: 0,
+        time_to_first_token_us: 0,
+        prefill_tokens_per_s: 0.0,
+        decode_tokens_per_s: 0.0,
+        stop: paraphym_protocol::message::StopReason::Cancelled,
+    }
+}
+
+/// Remove `pool` from `map` if it is still the one registered for its path
+/// (a newer pool for the same file is left alone).
+fn forget(map: &Mutex<HashMap<PathBuf, Arc<Pool>>>, pool: &Arc<Pool>) {
+    let mut map = lock(map);
+    if map.get(&pool.path).is_some_and(|p| Arc::ptr_eq(p, pool)) {
+        map.remove(&pool.path);
     }
 }
 

@@ -46,6 +46,9 @@ pub enum CancelReason {
 pub struct JobControl {
     pub flag: AtomicBool,
     reason: AtomicU8,
+    /// Whoever sets this owns the job's final answer: the worker that starts
+    /// it, or the connection that cancels it while it is still queued.
+    claimed: AtomicBool,
 }
 
 impl JobControl {
@@ -55,6 +58,11 @@ impl JobControl {
             .reason
             .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
         self.flag.store(true, Ordering::Release);
+    }
+
+    /// Take the job's final answer; `false` if someone already has.
+    pub fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -97,6 +105,16 @@ impl Reply {
                 self.conn.outbox.try_push(f),
                 Err(outbox::TryPushError::Closed)
             ),
+            None => false,
+        }
+    }
+
+    /// Queue a final answer without waiting for room (a worker or the
+    /// housekeeping thread answering someone else's request must not wait
+    /// on that client).
+    pub fn post(&self, response: Response) -> bool {
+        match encode(self.id, response) {
+            Some(f) => self.conn.outbox.force_push(f).is_ok(),
             None => false,
         }
     }
@@ -210,7 +228,9 @@ impl Daemon {
     pub fn preload(&self, model: &str) {
         match self.pools.resolve(Some(model)) {
             Ok((reference, path)) => {
-                self.pools.get_or_start(&reference, &path);
+                if let Err(e) = self.pools.get_or_start(&reference, &path) {
+                    tracing::error!("--preload {model}: {}", e.message);
+                }
             }
             Err(e) => tracing::error!("--preload {model}: {}", e.message),
         }
@@ -356,7 +376,13 @@ pub fn serve(daemon: Arc<Daemon>, mut bound: Bound) {
     if let Ok(name) = bound.path.as_path().to_fs_name::<GenericFilePath>() {
         let _ = Stream::connect(name);
     }
-    let _ = accept.join();
+    let woke = Instant::now();
+    while !accept.is_finished() && woke.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if accept.is_finished() {
+        let _ = accept.join();
+    }
 
     // In-flight and queued jobs end with Error(ShuttingDown) (workers send it).
     let conns: Vec<Arc<Conn>> = daemon.lock_conns().values().cloned().collect();

@@ -66,6 +66,9 @@ struct RouteTable {
     routes: HashMap<RequestId, Sender<Response>>,
     /// Set once the reader thread has stopped: no answer will come.
     closed: bool,
+    /// An error the daemon sent about the whole connection (id 0), kept for
+    /// requests made after it arrived.
+    conn_error: Option<WireError>,
 }
 
 /// The sending side of a connection; cheap to clone, usable from any thread.
@@ -89,6 +92,9 @@ impl Handle {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         let mut table = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = &table.conn_error {
+            return Err(ClientError::Daemon(e.clone()));
+        }
         if table.closed {
             return Err(ClientError::Disconnected);
         }
@@ -167,6 +173,27 @@ impl Client {
     /// Send a request that has one answer and wait for it. Error answers
     /// become [`ClientError::Daemon`].
     pub fn call(&self, request: Request) -> Result<Response, ClientError> {
+        match request {
+            Request::Generate(_) | Request::Subscribe | Request::Pull { .. } => {
+                return Err(ClientError::Unexpected(
+                    "call() takes one-answer requests: use generate(), subscribe() or stream()"
+                        .into(),
+                ))
+            }
+            Request::Cancel { target } => {
+                // No answer comes for a cancel.
+                self.handle.cancel(target)?;
+                return Ok(Response::Done(crate::message::GenStats {
+                    prompt_tokens: 0,
+                    generated_tokens: 0,
+                    time_to_first_token_us: 0,
+                    prefill_tokens_per_s: 0.0,
+                    decode_tokens_per_s: 0.0,
+                    stop: crate::message::StopReason::Cancelled,
+                }));
+            }
+            _ => {}
+        }
         let (id, rx) = self.handle.open()?;
         let sent = self.handle.send(id, request);
         let answer = sent.and_then(|()| rx.recv().map_err(|_| ClientError::Disconnected));
@@ -209,7 +236,10 @@ impl Client {
     /// Subscribe to the daemon's events (worker states, throughput).
     pub fn subscribe(&self) -> Result<Subscription, ClientError> {
         let (id, rx) = self.handle.open()?;
-        self.handle.send(id, Request::Subscribe)?;
+        if let Err(e) = self.handle.send(id, Request::Subscribe) {
+            self.handle.close(id);
+            return Err(e);
+        }
         Ok(Subscription {
             id,
             rx,
@@ -401,11 +431,12 @@ fn read_loop(mut stream: Stream, routes: Routes) {
             .map_err(ClientError::from)
             .and_then(|p| codec::decode::<DaemonMsg>(&p).map_err(ClientError::from));
         let Ok(msg) = msg else { break };
-        let table = routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = routes.lock().unwrap_or_else(|e| e.into_inner());
         if msg.id == 0 {
             // About the connection (limit reached, bad frame): every open
-            // request gets it, then the daemon closes.
-            if let Response::Error(_) = &msg.response {
+            // request gets it, and so does any made later.
+            if let Response::Error(e) = &msg.response {
+                table.conn_error = Some(e.clone());
                 for tx in table.routes.values() {
                     let _ = tx.send(msg.response.clone());
                 }
@@ -414,8 +445,14 @@ fn read_loop(mut stream: Stream, routes: Routes) {
             let _ = tx.send(msg.response);
         }
     }
-    // Dropping the senders wakes every waiting request with `Disconnected`.
+    // Dropping the senders wakes every waiting request with `Disconnected`
+    // (or the connection's error, if the daemon sent one).
     let mut table = routes.lock().unwrap_or_else(|e| e.into_inner());
     table.closed = true;
+    if let Some(e) = table.conn_error.clone() {
+        for tx in table.routes.values() {
+            let _ = tx.send(Response::Error(e.clone()));
+        }
+    }
     table.routes.clear();
 }

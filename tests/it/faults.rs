@@ -315,3 +315,59 @@ fn sixty_four_clients_at_once() {
         assert!(h.join().unwrap(), "client {i}");
     }
 }
+
+#[test]
+fn past_the_connection_limit_a_client_is_told_busy() {
+    let daemon = TestDaemon::start(&["--max-connections", "2"]);
+    let a = daemon.client();
+    let b = daemon.client();
+    assert!(matches!(a.call(Request::Health), Ok(Response::Health(_))));
+    let c = daemon.client();
+    // The daemon's id-0 Busy reaches the request, then the connection closes.
+    let err = c.call(Request::Health).unwrap_err();
+    assert_eq!(err.kind(), Some(ErrorKind::Busy), "{err}");
+    assert!(err.to_string().contains("at most 2 connections"), "{err}");
+    // The CLI says so with exit code 5.
+    assert_eq!(daemon.cli(&["ps"]).status.code(), Some(5));
+    drop(b);
+    // A slot freed is a slot usable again.
+    let ok = wait_until(Duration::from_secs(5), || {
+        matches!(
+            daemon.client().call(Request::Health),
+            Ok(Response::Health(_))
+        )
+    });
+    assert!(ok);
+    drop(a);
+}
+
+#[test]
+fn cancelling_a_queued_request_answers_at_once() {
+    let model = tiny(Arch::Llama);
+    let m = model.to_str().unwrap();
+    let daemon = TestDaemon::start(&[]);
+    let client = daemon.client();
+    let g = |prompt: &str, n: u32| {
+        let Request::Generate(g) = generate(m, prompt, n) else {
+            unreachable!()
+        };
+        g
+    };
+    let mut running = client.generate(g("Busy worker", 4000)).unwrap();
+    assert!(matches!(
+        running.next(),
+        Some(Ok(paraphym_protocol::client::Piece::Token(_)))
+    ));
+    let queued = client.generate(g("Waiting", 8)).unwrap();
+    queued.cancel().unwrap();
+    let (text, stats) = queued.collect_text().unwrap();
+    assert_eq!(stats.stop, StopReason::Cancelled);
+    assert!(text.is_empty());
+    // The generation ahead of it was still running when that answer came:
+    // it too ends cancelled, not at its 4,000 tokens.
+    running.cancel().unwrap();
+    let (_, s) = running.collect_text().unwrap();
+    assert_eq!(s.stop, StopReason::Cancelled);
+    // Its id may be reused right away.
+    still_serves(&daemon, m);
+}

@@ -61,6 +61,18 @@ pub fn serve(mut stream: Stream, daemon: Arc<Daemon>) {
         return;
     };
     tracing::debug!(conn = conn.id, "connected");
+    // Whatever happens below (a panic included), the connection is closed
+    // and forgotten.
+    struct Guard<'a>(&'a Arc<Conn>, &'a Daemon);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            self.0.cancel_all(CancelReason::Disconnected);
+            self.0.outbox.close();
+            self.0.shutdown_socket();
+            self.1.lock_conns().remove(&self.0.id);
+        }
+    }
+    let guard = Guard(&conn, &daemon);
     if over_limit {
         let reply = Reply {
             id: 0,
@@ -78,7 +90,7 @@ pub fn serve(mut stream: Stream, daemon: Arc<Daemon>) {
         read_loop(stream, &conn, &daemon);
     }
     let _ = writer.join();
-    daemon.lock_conns().remove(&conn.id);
+    drop(guard);
     tracing::debug!(conn = conn.id, "disconnected");
 }
 
@@ -195,6 +207,11 @@ fn dispatch(msg: ClientMsg, received: Instant, conn: &Arc<Conn>, daemon: &Arc<Da
                 }
                 jobs.insert(msg.id, control.clone());
             }
+            // Shutdown may have cancelled every job just before this one was
+            // registered: the flag is set first, so this check catches it.
+            if daemon.is_shutting_down() {
+                control.cancel(CancelReason::Shutdown);
+            }
             let job = Job {
                 request,
                 control,
@@ -207,8 +224,19 @@ fn dispatch(msg: ClientMsg, received: Instant, conn: &Arc<Conn>, daemon: &Arc<Da
         }
         Request::Cancel { target } => {
             // Unknown or finished targets are ignored: the race is normal.
-            if let Some(job) = conn.lock_jobs().get(&target) {
+            let job = conn.lock_jobs().get(&target).cloned();
+            if let Some(job) = job {
                 job.cancel(CancelReason::Client);
+                // Still queued: answer now rather than after the generations
+                // ahead of it (the worker skips a claimed job).
+                if job.claim() {
+                    let r = Reply {
+                        id: target,
+                        conn: conn.clone(),
+                    };
+                    r.finish();
+                    r.post(Response::Done(crate::pool::cancelled_stats()));
+                }
             }
         }
         Request::ListModels => {

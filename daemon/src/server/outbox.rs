@@ -90,6 +90,19 @@ impl Outbox {
         Ok(())
     }
 
+    /// Queue a small final frame (an answer to a waiter, an error) without
+    /// waiting for room: whoever sends it must not wait on this client.
+    pub fn force_push(&self, frame: Vec<u8>) -> Result<(), Closed> {
+        let mut s = self.lock();
+        if s.mode != Mode::Open {
+            return Err(Closed);
+        }
+        s.bytes += frame.len();
+        s.frames.push_back(frame);
+        self.changed.notify_all();
+        Ok(())
+    }
+
     /// The writer's side: everything queued, concatenated, waiting until
     /// there is something; `None` once the outbox is closed (or drained).
     pub fn take_batch(&self) -> Option<Vec<u8>> {

@@ -1,0 +1,125 @@
+//! How many workers a model should have: more while requests queue (up to
+//! `max`), fewer after workers sit idle (down to `min`). Pure: the caller
+//! passes what it sees, the memory governor has the last word on spawning.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub min: usize,
+    pub max: usize,
+    /// A worker idle this long may be retired (above `min`).
+    pub idle_period: Duration,
+}
+
+/// A pool as the scaler sees it.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    /// Jobs waiting for a worker.
+    pub queued: usize,
+    /// Workers being created (not yet taking jobs).
+    pub starting: usize,
+    pub busy: usize,
+    /// Idle workers: (id, how long idle).
+    pub idle: Vec<(u32, Duration)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Hold,
+    Spawn(usize),
+    /// Retire these idle workers, longest idle first.
+    Retire(Vec<u32>),
+}
+
+pub fn decide(v: &View, l: &Limits) -> Decision {
+    let max = l.max.max(1);
+    let min = l.min.min(max);
+    let total = v.starting + v.busy + v.idle.len();
+    if total < min {
+        return Decision::Spawn(min - total);
+    }
+    // Jobs that neither an idle worker nor one on its way will take.
+    let uncovered = v.queued.saturating_sub(v.idle.len() + v.starting);
+    if uncovered > 0 && total < max {
+        return Decision::Spawn(uncovered.min(max - total));
+    }
+    if v.queued == 0 && total > min {
+        let mut idle: Vec<(u32, Duration)> = v
+            .idle
+            .iter()
+            .copied()
+            .filter(|(_, d)| *d >= l.idle_period)
+            .collect();
+        idle.sort_by_key(|w| std::cmp::Reverse(w.1));
+        idle.truncate(total - min);
+        if !idle.is_empty() {
+            return Decision::Retire(idle.into_iter().map(|(id, _)| id).collect());
+        }
+    }
+    Decision::Hold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits = Limits {
+        min: 1,
+        max: 4,
+        idle_period: Duration::from_secs(60),
+    };
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn spawns_for_uncovered_queue_up_to_max() {
+        let v = View {
+            queued: 3,
+            busy: 2,
+            ..View::default()
+        };
+        assert_eq!(decide(&v, &L), Decision::Spawn(2), "capped at max 4");
+        let v = View {
+            queued: 3,
+            busy: 1,
+            starting: 1,
+            idle: vec![(0, secs(1))],
+        };
+        assert_eq!(decide(&v, &L), Decision::Spawn(1));
+        let v = View {
+            queued: 1,
+            busy: 4,
+            ..View::default()
+        };
+        assert_eq!(decide(&v, &L), Decision::Hold, "at max: the job waits");
+        assert_eq!(
+            decide(&View::default(), &L),
+            Decision::Spawn(1),
+            "below min"
+        );
+    }
+
+    #[test]
+    fn retires_long_idle_workers_down_to_min() {
+        let v = View {
+            idle: vec![(1, secs(61)), (2, secs(120)), (3, secs(5))],
+            ..View::default()
+        };
+        assert_eq!(decide(&v, &L), Decision::Retire(vec![2, 1]));
+        let v = View {
+            idle: vec![(1, secs(61)), (2, secs(120))],
+            ..View::default()
+        };
+        assert_eq!(decide(&v, &L), Decision::Retire(vec![2]), "keeps min");
+        let v = View {
+            queued: 1,
+            busy: 1,
+            idle: vec![(1, secs(100))],
+            ..View::default()
+        };
+        assert_eq!(decide(&v, &L), Decision::Hold, "never retire with a queue");
+    }
+}
