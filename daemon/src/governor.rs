@@ -138,9 +138,9 @@ mod tests {
         // A busy model is never evicted.
         let res = [r("b", 100, 1, false, 5), r("a", 100, 1, true, 1)];
         assert_eq!(
-            plan_load(300, &res, c, 3),
+            plan_load(300, &res, c, 10),
             Plan::NoRoom {
-                need: 130,
+                need: 200,
                 free: 80
             }
         );
