@@ -71,6 +71,14 @@ impl Breaker {
         }
     }
 
+    /// Time until the breaker half-opens (`None` unless open).
+    pub fn admit_preview(&self, now: Instant) -> Option<std::time::Duration> {
+        match self.open_until {
+            Some(t) if now < t => Some(t - now),
+            _ => None,
+        }
+    }
+
     /// A request (or load) succeeded: close.
     pub fn success(&mut self) {
         self.failures = 0;

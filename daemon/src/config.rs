@@ -17,8 +17,21 @@ pub struct DaemonConfig {
     pub owns_socket_dir: bool,
     /// The reference used when a request names no model.
     pub default_model: String,
-    /// Workers per loaded model.
-    pub workers: usize,
+    /// Workers a cold model starts with.
+    pub prewarm: usize,
+    /// Workers kept per loaded model however idle.
+    pub min_workers: usize,
+    /// Workers per model at most.
+    pub max_workers: usize,
+    /// A worker idle this long may be retired (down to `min_workers`).
+    pub idle_period: Duration,
+    /// Consecutive failures of a model that open its circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker fails requests fast before a trial.
+    pub breaker_cooldown: Duration,
+    /// A busy worker without progress (a token or a prefill chunk) for this
+    /// long is stuck: its request fails and it is replaced.
+    pub stuck_timeout: Duration,
     /// Requests waiting per model before new ones are refused (`Busy`).
     pub max_queue: usize,
     /// How long an idle model stays loaded, unless a request says otherwise.
@@ -35,6 +48,8 @@ pub struct DaemonConfig {
     /// Reported in `Status` (enforcement: issue 6's memory governor).
     pub memory_budget_bytes: u64,
     pub hub: HubConfig,
+    /// Test-only hooks (always empty in release builds).
+    pub hooks: crate::hooks::Hooks,
 }
 
 impl DaemonConfig {
@@ -43,13 +58,20 @@ impl DaemonConfig {
     pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
     pub const DEFAULT_MAX_QUEUE: usize = 64;
     pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+    pub const DEFAULT_IDLE_PERIOD: Duration = Duration::from_secs(60);
 
     pub fn new(socket: PathBuf, default_model: String) -> Self {
         Self {
             socket,
             owns_socket_dir: false,
             default_model,
-            workers: 1,
+            prewarm: 2,
+            min_workers: 1,
+            max_workers: default_max_workers(),
+            idle_period: Self::DEFAULT_IDLE_PERIOD,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(30),
+            stuck_timeout: Duration::from_secs(60),
             max_queue: Self::DEFAULT_MAX_QUEUE,
             keep_alive: Self::DEFAULT_KEEP_ALIVE,
             context: None,
@@ -59,8 +81,16 @@ impl DaemonConfig {
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             memory_budget_bytes: default_memory_budget(),
             hub: HubConfig::from_env(),
+            hooks: crate::hooks::from_env(),
         }
     }
+}
+
+/// Half the cores, between 2 and 8: on the CPU every worker's matmuls use
+/// all cores, so more concurrent streams than that only contend.
+pub fn default_max_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores / 2).clamp(2, 8)
 }
 
 /// Three quarters of physical memory (0 where it can't be read).

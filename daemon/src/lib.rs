@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod events;
 pub mod governor;
+pub mod hooks;
 pub mod pool;
 pub mod pull;
 pub mod registry;

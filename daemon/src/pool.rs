@@ -2,13 +2,21 @@
 //! owns an `Engine` and runs one generation at a time, synchronously, as
 //! Candle's examples do; jobs reach it through the model's flume queue.
 //! Connection threads submit and never wait on a worker.
+//!
+//! A model's first worker loads the weights; every other worker is a replica
+//! sharing them (`Engine::replica`: its own KV cache only). A cold model
+//! starts `prewarm` workers; the scaler adds replicas while requests queue
+//! (up to `max_workers`) and retires workers idle for `idle_period` (down to
+//! `min_workers`); the housekeeping thread unloads a model idle past its
+//! keep-alive.
 
 pub mod scaler;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,6 +25,7 @@ use paraphym_protocol::message::{
     WorkerState,
 };
 
+use crate::breaker::{self, Breaker};
 use crate::config::{self, DaemonConfig, FOREVER};
 use crate::engine::{Engine, GenEvent, LoadOptions};
 use crate::events::Events;
@@ -33,6 +42,8 @@ pub struct Job {
     pub reply: Reply,
     /// When the daemon read the request (time to first token counts from here).
     pub received: Instant,
+    /// The half-open breaker's trial: its outcome decides.
+    pub trial: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -48,19 +59,47 @@ fn unknown(message: String) -> WireError {
 
 #[derive(Debug)]
 enum LoadState {
-    /// Waiting for the first worker: these `Load` requests are answered then;
-    /// `remaining` workers are still loading.
+    /// Waiting for the loader: these `Load` requests are answered then.
     Loading {
         waiters: Vec<Reply>,
-        remaining: usize,
     },
-    Ready,
+    /// Loaded: replicas are made from this engine (which never generates).
+    Ready(Arc<Engine>),
     Failed(String),
 }
 
 #[derive(Debug)]
 struct WorkerCell {
     snapshot: Mutex<WorkerSnapshot>,
+    /// When its state last changed.
+    since: Mutex<Instant>,
+    /// Set by the scaler: stop once idle.
+    retire: AtomicBool,
+    /// Last sign of life while busy (a prefill chunk or a token).
+    progress: Mutex<Instant>,
+    /// The job it runs, for the supervisor to answer if it gets stuck.
+    current: Mutex<Option<(Arc<JobControl>, Reply)>>,
+}
+
+impl WorkerCell {
+    fn state(&self) -> WorkerState {
+        lock(&self.snapshot).state
+    }
+}
+
+type Map = Mutex<HashMap<PathBuf, Arc<Pool>>>;
+
+/// Circuit breakers by model file; they outlive pools (a failed load
+/// forgets its pool, not its failures).
+type Breakers = Mutex<HashMap<PathBuf, Breaker>>;
+
+/// How a request or load ended, for the breaker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Success,
+    Failure(String),
+    /// No verdict (the client's fault, or cancelled): a trial may run again.
+    Neutral,
 }
 
 /// One loaded (or loading) model.
@@ -75,8 +114,15 @@ pub struct Pool {
     workers: Mutex<Vec<Arc<WorkerCell>>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     load: Mutex<LoadState>,
+    /// Signalled when `load` leaves `Loading` (replicas wait on it).
+    loaded: Condvar,
+    next_worker: AtomicU32,
     keep_alive: Mutex<Duration>,
     last_used: Mutex<Instant>,
+    settings: Settings,
+    events: Arc<Events>,
+    map: Weak<Map>,
+    breakers: Arc<Breakers>,
 }
 
 impl Pool {
@@ -91,11 +137,195 @@ impl Pool {
         !self.rx.is_empty()
             || lock(&self.workers)
                 .iter()
-                .any(|w| lock(&w.snapshot).state == WorkerState::Busy)
+                .any(|w| w.state() == WorkerState::Busy)
     }
 
     fn is_ready(&self) -> bool {
-        matches!(*lock(&self.load), LoadState::Ready)
+        matches!(*lock(&self.load), LoadState::Ready(_))
+    }
+
+    fn is_closing(&self) -> bool {
+        lock(&self.tx).is_none()
+    }
+
+    /// Start a worker: the loader (a cold model's first), or a replica that
+    /// waits for the loader's weights. `false` if no thread could start.
+    fn spawn_worker(self: &Arc<Self>, loader: bool) -> bool {
+        let id = self.next_worker.fetch_add(1, Ordering::Relaxed);
+        let cell = Arc::new(WorkerCell {
+            snapshot: Mutex::new(WorkerSnapshot {
+                id,
+                state: if loader {
+                    WorkerState::Loading
+                } else {
+                    WorkerState::Spawning
+                },
+                requests_served: 0,
+                tokens_per_s: 0.0,
+            }),
+            since: Mutex::new(Instant::now()),
+            retire: AtomicBool::new(false),
+            progress: Mutex::new(Instant::now()),
+            current: Mutex::new(None),
+        });
+        lock(&self.workers).push(cell.clone());
+        let worker = Worker {
+            pool: self.clone(),
+            cell: cell.clone(),
+            loader,
+        };
+        worker.publish();
+        let spawned = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || worker.main());
+        match spawned {
+            Ok(h) => {
+                lock(&self.handles).push(h);
+                true
+            }
+            Err(e) => {
+                tracing::error!("cannot start a worker thread: {e}");
+                lock(&self.workers).retain(|w| !Arc::ptr_eq(w, &cell));
+                if loader {
+                    self.fail(&format!("cannot start a worker: {e}"));
+                }
+                false
+            }
+        }
+    }
+
+    /// Apply the scaler: more workers while requests queue, fewer after idle.
+    fn rebalance(self: &Arc<Self>) {
+        if !self.is_ready() || self.is_closing() {
+            return;
+        }
+        let view = {
+            let workers = lock(&self.workers);
+            let mut v = scaler::View {
+                queued: self.rx.len(),
+                ..scaler::View::default()
+            };
+            for w in workers.iter() {
+                match w.state() {
+                    WorkerState::Loading | WorkerState::Spawning => v.starting += 1,
+                    WorkerState::Busy => v.busy += 1,
+                    WorkerState::Idle if !w.retire.load(Ordering::Relaxed) => v
+                        .idle
+                        .push((lock(&w.snapshot).id, lock(&w.since).elapsed())),
+                    _ => {}
+                }
+            }
+            v
+        };
+        match scaler::decide(&view, &self.settings.limits) {
+            scaler::Decision::Hold => {}
+            scaler::Decision::Spawn(n) => {
+                tracing::info!(
+                    model = self.reference,
+                    n,
+                    queued = view.queued,
+                    "scaling up"
+                );
+                for _ in 0..n {
+                    self.spawn_worker(false);
+                }
+            }
+            scaler::Decision::Retire(ids) => {
+                tracing::info!(model = self.reference, ?ids, "retiring idle workers");
+                for w in lock(&self.workers).iter() {
+                    if ids.contains(&lock(&w.snapshot).id) {
+                        w.retire.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tell the model's breaker how a request (or the load) ended.
+    fn record(&self, outcome: Outcome) {
+        record(
+            &self.breakers,
+            &self.events,
+            &self.path,
+            &self.settings,
+            outcome,
+        );
+    }
+
+    /// Give up on stuck workers: answer their requests, replace them.
+    fn supervise(self: &Arc<Self>) {
+        let stuck: Vec<Arc<WorkerCell>> = lock(&self.workers)
+            .iter()
+            .filter(|w| {
+                w.state() == WorkerState::Busy
+                    && !w.retire.load(Ordering::Relaxed)
+                    && lock(&w.progress).elapsed() >= self.settings.stuck_timeout
+            })
+            .cloned()
+            .collect();
+        for w in stuck {
+            let id = lock(&w.snapshot).id;
+            tracing::error!(
+                model = self.reference,
+                worker = id,
+                "no progress for {:?}: abandoning its request and replacing it",
+                self.settings.stuck_timeout
+            );
+            w.retire.store(true, Ordering::Relaxed);
+            {
+                let mut snap = lock(&w.snapshot);
+                snap.state = WorkerState::Unhealthy;
+            }
+            self.events.publish(Event::Worker {
+                model: self.reference.clone(),
+                worker: lock(&w.snapshot).clone(),
+            });
+            if let Some((control, reply)) = lock(&w.current).take() {
+                control.cancel(CancelReason::Stuck);
+                if control.finish_once() {
+                    reply.finish();
+                    reply.post(Response::Error(WireError {
+                        kind: ErrorKind::Internal,
+                        message: format!(
+                            "the worker made no progress for {} s; it was replaced, try again",
+                            self.settings.stuck_timeout.as_secs()
+                        ),
+                    }));
+                }
+            }
+            self.record(Outcome::Failure("a worker got stuck".into()));
+            self.spawn_worker(false);
+        }
+    }
+
+    /// The load failed: answer everyone waiting, forget the pool.
+    fn fail(&self, message: &str) {
+        // Queue lock first (as `try_submit`): no job gets in after this.
+        let waiters = {
+            let mut tx = lock(&self.tx);
+            let mut state = lock(&self.load);
+            tx.take();
+            let old = std::mem::replace(&mut *state, LoadState::Failed(message.to_owned()));
+            self.loaded.notify_all();
+            match old {
+                LoadState::Loading { waiters } => waiters,
+                _ => Vec::new(),
+            }
+        };
+        let err = failed(&self.reference, message);
+        self.record(Outcome::Failure(err.message.clone()));
+        for w in waiters {
+            w.post(Response::Error(err.clone()));
+        }
+        if let Some(map) = self.map.upgrade() {
+            forget(&map, self);
+        }
+        while let Ok(job) = self.rx.try_recv() {
+            if job.control.claim() {
+                job.reply.finish();
+                job.reply.post(Response::Error(err.clone()));
+            }
+        }
     }
 
     fn status(&self) -> ModelStatus {
@@ -129,7 +359,12 @@ impl Pool {
 /// Settings every pool shares.
 #[derive(Debug, Clone)]
 struct Settings {
-    workers: usize,
+    hooks: crate::hooks::Hooks,
+    breaker_failures: u32,
+    breaker_cooldown: Duration,
+    stuck_timeout: Duration,
+    prewarm: usize,
+    limits: scaler::Limits,
     max_queue: usize,
     keep_alive: Duration,
     load: LoadOptions,
@@ -137,7 +372,8 @@ struct Settings {
 
 #[derive(Debug)]
 pub struct Pools {
-    map: Arc<Mutex<HashMap<PathBuf, Arc<Pool>>>>,
+    map: Arc<Map>,
+    breakers: Arc<Breakers>,
     /// Set at shutdown: no pool starts after it.
     closed: std::sync::atomic::AtomicBool,
     /// Worker threads of unloaded models, joined at shutdown.
@@ -161,10 +397,20 @@ impl Pools {
         };
         Self {
             map: Arc::default(),
+            breakers: Arc::default(),
             closed: Default::default(),
             retired: Mutex::default(),
             settings: Settings {
-                workers: config.workers.max(1),
+                hooks: config.hooks.clone(),
+                breaker_failures: config.breaker_failures,
+                breaker_cooldown: config.breaker_cooldown,
+                stuck_timeout: config.stuck_timeout,
+                prewarm: config.prewarm.max(1),
+                limits: scaler::Limits {
+                    min: config.min_workers,
+                    max: config.max_workers.max(1),
+                    idle_period: config.idle_period,
+                },
                 max_queue: config.max_queue.max(1),
                 keep_alive: config.keep_alive,
                 load: LoadOptions {
@@ -231,53 +477,53 @@ impl Pools {
             handles: Mutex::default(),
             load: Mutex::new(LoadState::Loading {
                 waiters: Vec::new(),
-                remaining: self.settings.workers,
             }),
+            loaded: Condvar::new(),
+            next_worker: AtomicU32::new(0),
             keep_alive: Mutex::new(self.settings.keep_alive),
             last_used: Mutex::new(Instant::now()),
+            settings: self.settings.clone(),
+            events: self.events.clone(),
+            map: Arc::downgrade(&self.map),
+            breakers: self.breakers.clone(),
         });
-        tracing::info!(model = reference, path = %path.display(), workers = self.settings.workers, "loading");
-        for n in 0..self.settings.workers {
-            let cell = Arc::new(WorkerCell {
-                snapshot: Mutex::new(WorkerSnapshot {
-                    id: n as u32,
-                    state: WorkerState::Loading,
-                    requests_served: 0,
-                    tokens_per_s: 0.0,
-                }),
-            });
-            lock(&pool.workers).push(cell.clone());
-            let worker = Worker {
-                pool: pool.clone(),
-                cell,
-                events: self.events.clone(),
-                map: self.map.clone(),
-                load: self.settings.load.clone(),
-            };
-            let spawned = std::thread::Builder::new()
-                .name(format!("worker-{n}"))
-                .spawn(move || worker.main());
-            match spawned {
-                Ok(h) => lock(&pool.handles).push(h),
-                Err(e) => {
-                    // Counts as a failed load, so nobody waits for it.
-                    tracing::error!("cannot start a worker thread: {e}");
-                    lock(&pool.workers).pop();
-                    let mut state = lock(&pool.load);
-                    if let LoadState::Loading { remaining, .. } = &mut *state {
-                        *remaining -= 1;
-                        if *remaining == 0 {
-                            *state = LoadState::Failed(format!("cannot start a worker: {e}"));
-                        }
-                    }
-                }
-            }
-        }
-        if matches!(*lock(&pool.load), LoadState::Failed(_)) {
+        let prewarm = self
+            .settings
+            .prewarm
+            .clamp(1, self.settings.limits.max.max(1));
+        tracing::info!(model = reference, path = %path.display(), prewarm, "loading");
+        if !pool.spawn_worker(true) {
             return Err(failed(reference, "no worker could be started"));
+        }
+        for _ in 1..prewarm {
+            pool.spawn_worker(false);
         }
         map.insert(path.to_owned(), pool.clone());
         Ok(pool)
+    }
+
+    /// Ask the model's breaker; `Ok(true)` for the half-open trial.
+    fn admit(&self, reference: &str, path: &Path) -> Result<bool, WireError> {
+        let mut breakers = lock(&self.breakers);
+        let Some(b) = breakers.get_mut(path) else {
+            return Ok(false);
+        };
+        match b.admit(Instant::now()) {
+            breaker::Admission::Allow => Ok(false),
+            breaker::Admission::Trial => {
+                tracing::info!(model = reference, "breaker half-open: trial request");
+                Ok(true)
+            }
+            breaker::Admission::Reject { retry_in } => Err(WireError {
+                kind: ErrorKind::ModelFailed,
+                message: format!(
+                    "{reference} failed {} times in a row (last: {}); requests fail fast for {} s more",
+                    b.consecutive_failures(),
+                    b.last_error().unwrap_or("unknown"),
+                    retry_in.as_secs_f64().ceil() as u64
+                ),
+            }),
+        }
     }
 
     /// Forget `pool` if it is still the one registered for its path.
@@ -308,6 +554,10 @@ impl Pools {
             Err(e) => return Err((job, e)),
         };
         let mut job = job;
+        match self.admit(&reference, &path) {
+            Ok(trial) => job.trial = trial,
+            Err(e) => return Err((job, e)),
+        }
         // Twice: the pool may be closing (idle eviction) as we submit.
         for _ in 0..2 {
             let pool = match self.get_or_start(&reference, &path) {
@@ -327,7 +577,11 @@ impl Pools {
                 continue;
             };
             match tx.try_send(job) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    drop(tx_guard);
+                    pool.rebalance();
+                    return Ok(());
+                }
                 Err(flume::TrySendError::Full(j)) => {
                     return Err((
                         j,
@@ -365,6 +619,13 @@ impl Pools {
                 return;
             }
         };
+        let loaded = lock(&self.map).get(&path).is_some_and(|p| p.is_ready());
+        if !loaded {
+            if let Err(e) = self.admit(&reference, &path) {
+                reply.post(Response::Error(e));
+                return;
+            }
+        }
         let pool = match self.get_or_start(&reference, &path) {
             Ok(p) => p,
             Err(e) => {
@@ -377,11 +638,11 @@ impl Pools {
         let answer = {
             let mut state = lock(&pool.load);
             match &mut *state {
-                LoadState::Loading { waiters, .. } => {
+                LoadState::Loading { waiters } => {
                     waiters.push(reply.clone());
                     None
                 }
-                LoadState::Ready => Some(Response::Loaded { model: reference }),
+                LoadState::Ready(_) => Some(Response::Loaded { model: reference }),
                 LoadState::Failed(m) => Some(Response::Error(failed(&reference, m))),
             }
         };
@@ -483,10 +744,27 @@ impl Pools {
     pub fn status(&self) -> StatusReport {
         let mut models: Vec<ModelStatus> = lock(&self.map).values().map(|p| p.status()).collect();
         models.sort_by(|a, b| a.reference.cmp(&b.reference));
+        let now = Instant::now();
+        let mut faults: Vec<paraphym_protocol::message::ModelFault> = lock(&self.breakers)
+            .iter()
+            .filter(|(_, b)| b.state(now) != breaker::State::Closed)
+            .map(|(path, b)| paraphym_protocol::message::ModelFault {
+                model: path.display().to_string(),
+                breaker: wire_breaker(b.state(now)),
+                consecutive_failures: b.consecutive_failures(),
+                last_error: b.last_error().unwrap_or_default().to_owned(),
+                retry_in_ms: match b.admit_preview(now) {
+                    Some(d) => d.as_millis() as u64,
+                    None => 0,
+                },
+            })
+            .collect();
+        faults.sort_by(|a, b| a.model.cmp(&b.model));
         StatusReport {
             models,
             memory_used_bytes: config::resident_bytes(),
             memory_budget_bytes: self.memory_budget,
+            faults,
         }
     }
 
@@ -527,8 +805,17 @@ impl Pools {
         lock(&self.map).values().all(|p| {
             lock(&p.workers)
                 .iter()
-                .all(|w| lock(&w.snapshot).state != WorkerState::Unhealthy)
+                .all(|w| w.state() != WorkerState::Unhealthy)
         })
+    }
+
+    /// Supervise and scale every pool (housekeeping).
+    fn rebalance_all(&self) {
+        let pools: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
+        for p in pools {
+            p.supervise();
+            p.rebalance();
+        }
     }
 
     /// Unload models idle past their keep-alive.
@@ -579,7 +866,7 @@ impl Pools {
         for p in &pools {
             handles.extend(p.close());
             let waiters = match &mut *lock(&p.load) {
-                LoadState::Loading { waiters, .. } => std::mem::take(waiters),
+                LoadState::Loading { waiters } => std::mem::take(waiters),
                 _ => Vec::new(),
             };
             for w in waiters {
@@ -658,6 +945,62 @@ impl crate::pull::Progress for WireProgress {
     }
 }
 
+fn wire_breaker(s: breaker::State) -> paraphym_protocol::message::BreakerState {
+    use paraphym_protocol::message::BreakerState as W;
+    match s {
+        breaker::State::Closed => W::Closed,
+        breaker::State::Open => W::Open,
+        breaker::State::HalfOpen => W::HalfOpen,
+    }
+}
+
+/// Feed an outcome to the breaker of `path`, publishing state changes.
+fn record(
+    breakers: &Breakers,
+    events: &Events,
+    path: &Path,
+    settings: &Settings,
+    outcome: Outcome,
+) {
+    let now = Instant::now();
+    let change = {
+        let mut all = lock(breakers);
+        let b = all
+            .entry(path.to_owned())
+            .or_insert_with(|| Breaker::new(settings.breaker_failures, settings.breaker_cooldown));
+        let before = b.state(now);
+        let message = match &outcome {
+            Outcome::Success => {
+                b.success();
+                String::new()
+            }
+            Outcome::Failure(m) => {
+                b.failure(now, m);
+                m.clone()
+            }
+            Outcome::Neutral => {
+                b.release_trial();
+                String::new()
+            }
+        };
+        let after = b.state(now);
+        if after == breaker::State::Closed && b.consecutive_failures() == 0 {
+            all.remove(path);
+        }
+        // A failed trial re-opens an open breaker: report it as a change.
+        let reopened = matches!(outcome, Outcome::Failure(_)) && before == breaker::State::HalfOpen;
+        (before != after || reopened).then_some((after, message))
+    };
+    if let Some((state, message)) = change {
+        tracing::warn!(model = %path.display(), ?state, message, "circuit breaker");
+        events.publish(Event::Breaker {
+            model: path.display().to_string(),
+            state: wire_breaker(state),
+            message,
+        });
+    }
+}
+
 /// A wire keep-alive: `u64::MAX` milliseconds means forever.
 fn keep_alive(ms: u64) -> Duration {
     if ms == u64::MAX {
@@ -677,103 +1020,114 @@ fn failed(reference: &str, message: &str) -> WireError {
 struct Worker {
     pool: Arc<Pool>,
     cell: Arc<WorkerCell>,
-    events: Arc<Events>,
-    map: Arc<Mutex<HashMap<PathBuf, Arc<Pool>>>>,
-    load: LoadOptions,
+    /// The model's first worker: loads the weights the others share.
+    loader: bool,
 }
 
+/// How often an idle worker looks at its retire flag.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
 impl Worker {
-    fn set_state(&self, state: WorkerState) {
-        let snap = {
-            let mut s = lock(&self.cell.snapshot);
-            s.state = state;
-            s.clone()
-        };
-        self.events.publish(Event::Worker {
+    fn publish(&self) {
+        let snap = lock(&self.cell.snapshot).clone();
+        self.pool.events.publish(Event::Worker {
             model: self.pool.reference.clone(),
             worker: snap,
         });
     }
 
+    fn set_state(&self, state: WorkerState) {
+        lock(&self.cell.snapshot).state = state;
+        *lock(&self.cell.since) = Instant::now();
+        self.publish();
+    }
+
     fn main(self) {
-        let name = std::thread::current().name().unwrap_or("worker").to_owned();
-        tracing::debug!(model = self.pool.reference, name, "worker starting");
-        // A panic while loading must still answer everyone waiting.
-        let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            Engine::load(&self.pool.path, &self.load).map_err(|e| e.to_string())
-        }))
-        .unwrap_or_else(|p| Err(format!("the loader panicked: {}", panic_text(&*p))));
-        let mut engine = match loaded {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(model = self.pool.reference, "load failed: {e}");
-                self.set_state(WorkerState::Unhealthy);
-                // The last worker to fail, with none ready, fails the pool.
-                let last = {
-                    let mut state = lock(&self.pool.load);
-                    match &mut *state {
-                        LoadState::Loading { remaining, .. } => {
-                            *remaining -= 1;
-                            *remaining == 0
-                        }
-                        _ => false,
+        let engine = if self.loader {
+            self.load()
+        } else {
+            self.replicate()
+        };
+        if let Some(mut engine) = engine {
+            if !self.loader {
+                self.set_state(WorkerState::Idle);
+            }
+            loop {
+                match self.pool.rx.recv_timeout(IDLE_POLL) {
+                    Ok(job) => {
+                        self.run(&mut engine, job);
+                        self.pool.touch(None);
                     }
-                };
-                if last {
-                    self.fail(&e);
+                    Err(flume::RecvTimeoutError::Timeout) => {}
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
                 }
-                lock(&self.pool.workers).retain(|w| !Arc::ptr_eq(w, &self.cell));
-                return;
-            }
-        };
-        *lock(&self.pool.architecture) = engine.model().architecture().to_owned();
-        let waiters = {
-            let mut state = lock(&self.pool.load);
-            match &mut *state {
-                LoadState::Loading { waiters, .. } => {
-                    let w = std::mem::take(waiters);
-                    *state = LoadState::Ready;
-                    w
+                if self.cell.retire.load(Ordering::Relaxed) {
+                    break;
                 }
-                _ => Vec::new(),
             }
-        };
-        self.set_state(WorkerState::Idle);
-        for w in waiters {
-            w.post(Response::Loaded {
-                model: self.pool.reference.clone(),
-            });
+            self.set_state(WorkerState::Stopping);
+            drop(engine);
         }
-        while let Ok(job) = self.pool.rx.recv() {
-            self.run(&mut engine, job);
-            self.pool.touch(None);
-        }
-        self.set_state(WorkerState::Stopping);
-        drop(engine);
+        self.set_state(WorkerState::Stopped);
         lock(&self.pool.workers).retain(|w| !Arc::ptr_eq(w, &self.cell));
     }
 
-    /// Every worker failed to load: answer everyone waiting, forget the pool.
-    fn fail(&self, message: &str) {
-        // Queue lock first (as `try_submit`): no job gets in after this.
-        let waiters = {
-            let mut tx = lock(&self.pool.tx);
-            let mut state = lock(&self.pool.load);
-            tx.take();
-            match std::mem::replace(&mut *state, LoadState::Failed(message.to_owned())) {
-                LoadState::Loading { waiters, .. } => waiters,
-                _ => Vec::new(),
+    /// The loader: read the weights, publish the prototype, answer `Load`s.
+    fn load(&self) -> Option<Engine> {
+        let pool = &self.pool;
+        // A panic while loading must still answer everyone waiting.
+        let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            Engine::load(&pool.path, &pool.settings.load).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|p| Err(format!("the loader panicked: {}", panic_text(&*p))));
+        let engine = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(model = pool.reference, "load failed: {e}");
+                self.set_state(WorkerState::Failed);
+                pool.fail(&e);
+                return None;
             }
         };
-        let err = failed(&self.pool.reference, message);
+        *lock(&pool.architecture) = engine.model().architecture().to_owned();
+        let waiters = {
+            let mut state = lock(&pool.load);
+            let w = match &mut *state {
+                LoadState::Loading { waiters } => std::mem::take(waiters),
+                _ => Vec::new(),
+            };
+            *state = LoadState::Ready(Arc::new(engine.replica()));
+            pool.loaded.notify_all();
+            w
+        };
+        // Idle before anyone hears "loaded", so a `Status` right after agrees.
+        self.set_state(WorkerState::Idle);
         for w in waiters {
-            w.post(Response::Error(err.clone()));
+            w.post(Response::Loaded {
+                model: pool.reference.clone(),
+            });
         }
-        forget(&self.map, &self.pool);
-        while let Ok(job) = self.pool.rx.try_recv() {
-            if job.control.claim() {
-                job.reply.finish();
-                job.reply.post(Response::Error(err.clone()));
+        Some(engine)
+    }
+
+    /// A later worker: wait for the loader, then share its weights.
+    fn replicate(&self) -> Option<Engine> {
+        let pool = &self.pool;
+        let mut state = lock(&pool.load);
+        loop {
+            match &*state {
+                LoadState::Ready(proto) => {
+                    let engine = proto.replica();
+                    drop(state);
+                    if let Some(d) = pool.settings.hooks.replica_delay {
+                        std::thread::sleep(d);
+                    }
+                    return Some(engine);
+                }
+                LoadState::Failed(_) => return None,
+                LoadState::Loading { .. } => {
+                    state = pool.loaded.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
             }
         }
     }
@@ -784,40 +1138,73 @@ impl Worker {
             control,
             reply,
             received,
+            trial,
         } = job;
         if !control.claim() {
             // Answered already (cancelled while queued).
+            if trial {
+                self.pool.record(Outcome::Neutral);
+            }
             return;
         }
         if control.is_cancelled() {
             // Cancelled while queued (a disconnect, or shutdown).
             reply.finish();
-            final_frame(&reply, &control, None);
+            if control.finish_once() {
+                final_frame(&reply, &control, None);
+            }
+            if trial {
+                self.pool.record(Outcome::Neutral);
+            }
             return;
         }
+        *lock(&self.cell.progress) = Instant::now();
+        *lock(&self.cell.current) = Some((control.clone(), reply.clone()));
         self.set_state(WorkerState::Busy);
         let started = Instant::now();
-        let events = &self.events;
+        let events = &self.pool.events;
+        let hooks = &self.pool.settings.hooks;
+        let text = request.prompt.text_for_hooks();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if crate::hooks::Hooks::matches(&hooks.fail_prompt, &text) {
+                return Err(crate::engine::EngineError::Candle(candle_core::Error::Msg(
+                    "injected failure (test hook)".into(),
+                )));
+            }
+            if crate::hooks::Hooks::matches(&hooks.panic_prompt, &text) {
+                panic!("injected panic (test hook)");
+            }
+            let stall = crate::hooks::Hooks::matches(&hooks.stall_prompt, &text);
             engine.generate(
                 request.prompt.as_prompt(),
                 &request.params,
                 &control.flag,
-                |ev| match ev {
-                    GenEvent::Token(_) => events.count_token(),
-                    GenEvent::Text(t) => {
-                        if !reply.send(Response::Token { text: t.to_owned() }) {
-                            control.cancel(CancelReason::Disconnected);
+                |ev| {
+                    *lock(&self.cell.progress) = Instant::now();
+                    match ev {
+                        GenEvent::Token(_) => {
+                            events.count_token();
+                            if stall {
+                                // A hung kernel: no progress, no end.
+                                std::thread::sleep(Duration::from_secs(3600));
+                            }
                         }
+                        GenEvent::Text(t) => {
+                            if !reply.send(Response::Token { text: t.to_owned() }) {
+                                control.cancel(CancelReason::Disconnected);
+                            }
+                        }
+                        GenEvent::Prefilled { .. } => {}
                     }
-                    GenEvent::Prefilled { .. } => {}
                 },
             )
         }));
+        lock(&self.cell.current).take();
         // Forget the job before its last frame, so the client may reuse its
         // id as soon as it sees that frame.
         reply.finish();
-        match result {
+        let mut replace = false;
+        let outcome = match result {
             Ok(Ok(g)) => {
                 let ttft = started.duration_since(received) + g.time_to_first_token;
                 let stats = convert::stats(&g, ttft.as_micros() as u64);
@@ -829,21 +1216,52 @@ impl Worker {
                         s.tokens_per_s = g.decode_tps() as f32;
                     }
                 }
-                final_frame(&reply, &control, Some(stats));
+                if control.finish_once() {
+                    final_frame(&reply, &control, Some(stats));
+                }
+                if g.finish == crate::engine::FinishReason::Cancelled {
+                    Outcome::Neutral
+                } else {
+                    Outcome::Success
+                }
             }
             Ok(Err(e)) => {
-                reply.send(Response::Error(convert::engine_error(&e)));
+                let wire = convert::engine_error(&e);
+                if control.finish_once() {
+                    reply.send(Response::Error(wire.clone()));
+                }
+                match wire.kind {
+                    ErrorKind::Internal | ErrorKind::ModelFailed => Outcome::Failure(wire.message),
+                    _ => Outcome::Neutral,
+                }
             }
             Err(panic) => {
-                let what = panic_text(&*panic);
-                tracing::error!(model = self.pool.reference, "worker panicked: {what}");
-                reply.error(ErrorKind::Internal, format!("the worker failed: {what}"));
-                // Weights are never written; the KV cache is the only state,
-                // and it is cleared here and at the start of every generation.
-                engine.model_mut().clear_kv();
+                let what = panic_text(&*panic).to_owned();
+                tracing::error!(
+                    model = self.pool.reference,
+                    "worker panicked: {what}; replacing it"
+                );
+                if control.finish_once() {
+                    reply.post(Response::Error(WireError {
+                        kind: ErrorKind::Internal,
+                        message: format!("the worker failed ({what}); it was replaced"),
+                    }));
+                }
+                replace = true;
+                Outcome::Failure(format!("a worker panicked: {what}"))
             }
+        };
+        if trial || outcome != Outcome::Neutral {
+            self.pool.record(outcome);
         }
-        self.set_state(WorkerState::Idle);
+        if replace {
+            // A fresh replica takes its place; this one leaves.
+            self.set_state(WorkerState::Unhealthy);
+            self.cell.retire.store(true, Ordering::Relaxed);
+            self.pool.spawn_worker(false);
+        } else if !self.cell.retire.load(Ordering::Relaxed) {
+            self.set_state(WorkerState::Idle);
+        }
     }
 }
 
@@ -889,9 +1307,12 @@ pub fn cancelled_stats() -> paraphym_protocol::message::GenStats {
 
 /// Remove `pool` from `map` if it is still the one registered for its path
 /// (a newer pool for the same file is left alone).
-fn forget(map: &Mutex<HashMap<PathBuf, Arc<Pool>>>, pool: &Arc<Pool>) {
+fn forget(map: &Map, pool: &Pool) {
     let mut map = lock(map);
-    if map.get(&pool.path).is_some_and(|p| Arc::ptr_eq(p, pool)) {
+    if map
+        .get(&pool.path)
+        .is_some_and(|p| std::ptr::eq(Arc::as_ptr(p), pool))
+    {
         map.remove(&pool.path);
     }
 }
@@ -922,6 +1343,7 @@ pub fn start_housekeeping(daemon: Arc<Daemon>) -> Housekeeping {
                 stopped.recv_timeout(Duration::from_millis(250))
             {
                 daemon.pools.evict_idle();
+                daemon.pools.rebalance_all();
                 let now = Instant::now();
                 if now.duration_since(last.0) >= SAMPLE_EVERY {
                     let total = daemon.events.tokens_total();

@@ -38,6 +38,9 @@ pub enum CancelReason {
     Shutdown = 3,
     /// The client stopped reading; its connection is being closed.
     SlowClient = 4,
+    /// The worker stopped making progress: the request was answered with an
+    /// error and the worker replaced.
+    Stuck = 5,
 }
 
 /// Shared between a connection (which may cancel) and the worker running
@@ -49,6 +52,9 @@ pub struct JobControl {
     /// Whoever sets this owns the job's final answer: the worker that starts
     /// it, or the connection that cancels it while it is still queued.
     claimed: AtomicBool,
+    /// Set by whoever sends the final frame (the worker, or the supervisor
+    /// that gave up on a stuck worker).
+    finished: AtomicBool,
 }
 
 impl JobControl {
@@ -65,6 +71,11 @@ impl JobControl {
         !self.claimed.swap(true, Ordering::AcqRel)
     }
 
+    /// Take the right to send the final frame; `false` if it was sent.
+    pub fn finish_once(&self) -> bool {
+        !self.finished.swap(true, Ordering::AcqRel)
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.flag.load(Ordering::Acquire)
     }
@@ -75,6 +86,7 @@ impl JobControl {
             2 => Some(CancelReason::Disconnected),
             3 => Some(CancelReason::Shutdown),
             4 => Some(CancelReason::SlowClient),
+            5 => Some(CancelReason::Stuck),
             _ => None,
         }
     }

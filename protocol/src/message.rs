@@ -190,6 +190,28 @@ pub struct StatusReport {
     pub models: Vec<ModelStatus>,
     pub memory_used_bytes: u64,
     pub memory_budget_bytes: u64,
+    /// Models whose circuit breaker is not closed (loaded or not).
+    pub faults: Vec<ModelFault>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFault {
+    /// The model's file.
+    pub model: String,
+    pub breaker: BreakerState,
+    pub consecutive_failures: u32,
+    pub last_error: String,
+    /// Until the breaker half-opens (0 when it is half-open).
+    pub retry_in_ms: u64,
+}
+
+/// A model's circuit breaker: closed (normal), open (requests fail fast),
+/// half-open (one trial request decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,11 +231,20 @@ pub struct WorkerSnapshot {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorkerState {
+    /// Loading the model's weights (a model's first worker).
     Loading,
     Idle,
     Busy,
+    /// Stuck or failing; being replaced.
     Unhealthy,
+    /// Draining: finishing what it has, then stopping (retired or unloaded).
     Stopping,
+    /// Created, waiting for the model's weights to share (later workers).
+    Spawning,
+    /// Gone (the last event of a worker).
+    Stopped,
+    /// Its load failed.
+    Failed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +264,14 @@ pub enum Event {
         /// Milliseconds since the daemon started.
         at_ms: u64,
         tokens_per_s: f32,
+    },
+    /// A model's circuit breaker changed state.
+    Breaker {
+        /// The model's file.
+        model: String,
+        state: BreakerState,
+        /// Why (the last failure), empty when closing.
+        message: String,
     },
 }
 
@@ -320,6 +359,13 @@ mod tests {
                 }],
                 memory_used_bytes: 1 << 30,
                 memory_budget_bytes: 8 << 30,
+                faults: vec![ModelFault {
+                    model: "/m.gguf".into(),
+                    breaker: BreakerState::Open,
+                    consecutive_failures: 3,
+                    last_error: "boom".into(),
+                    retry_in_ms: 500,
+                }],
             }),
             Response::Loaded { model: "x".into() },
             Response::Unloaded { model: "x".into() },
@@ -335,6 +381,11 @@ mod tests {
             Response::Event(Event::Throughput {
                 at_ms: 1,
                 tokens_per_s: 2.0,
+            }),
+            Response::Event(Event::Breaker {
+                model: "/m.gguf".into(),
+                state: BreakerState::HalfOpen,
+                message: String::new(),
             }),
             Response::Progress { done: 5, total: 10 },
             Response::Pulled {

@@ -85,33 +85,41 @@ fn exit_codes_tell_scripts_what_happened() {
     );
     assert_eq!(code(&["unload", "never-loaded"]), Some(4));
 
-    // Busy: one generation running, one waiting (queue of 1), a third refused.
+    drop(daemon);
+
+    // Busy: one generation running, one waiting (a queue of 1), a third
+    // refused with exit code 5. The running one is long and is cancelled
+    // afterwards, so the queue is still full when the third arrives.
+    let daemon = TestDaemon::start(&["--max-queue", "1", "--prewarm", "1", "--max-workers", "1"]);
     let client = daemon.client();
     let gen = |max: u32| paraphym_protocol::message::Generate {
         model: Some(m.to_owned()),
         prompt: paraphym_protocol::message::Prompt::Raw("go".into()),
         options: paraphym_protocol::message::Options {
             max_tokens: Some(max),
+            ignore_eos: true,
             ..Default::default()
         },
         keep_alive_ms: None,
     };
-    // A context of 64 ends each run early, so keep the worker busy with a
-    // stream of long requests: the first runs, the second fills the queue.
-    let running = client.generate(gen(60)).unwrap();
-    let mut running = running;
+    let mut running = client.generate(gen(4000)).unwrap();
     assert!(matches!(
         running.next(),
         Some(Ok(paraphym_protocol::client::Piece::Token(_)))
     ));
-    let queued = client.generate(gen(60)).unwrap();
+    let queued = client.generate(gen(4)).unwrap();
     let busy = daemon.cli(&["run", "--raw", "--model", m, "hi"]);
-    let _ = (running.collect::<Vec<_>>(), queued.collect_text());
-    // The queue may have drained already on a fast machine: then it ran.
-    assert!(matches!(busy.status.code(), Some(5) | Some(0)), "{busy:?}");
-    if busy.status.code() == Some(5) {
-        assert!(stderr(&busy).contains("try again"), "{}", stderr(&busy));
-    }
+    running.cancel().unwrap();
+    let (_, first) = running.collect_text().unwrap();
+    let (_, second) = queued.collect_text().unwrap();
+    assert_eq!(busy.status.code(), Some(5), "{}", stderr(&busy));
+    assert!(stderr(&busy).contains("try again"), "{}", stderr(&busy));
+    assert_eq!(
+        first.stop,
+        paraphym_protocol::message::StopReason::Cancelled,
+        "still running when the third request came"
+    );
+    assert_eq!(second.generated_tokens, 4, "the queued one was served");
 }
 
 #[test]

@@ -216,7 +216,7 @@ fn unknown_models_and_oversize_prompts_are_typed_errors() {
 fn a_client_that_disconnects_mid_stream_frees_its_worker() {
     let model = tiny(Arch::Llama);
     let m = model.to_str().unwrap();
-    let daemon = TestDaemon::start(&[]);
+    let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1"]);
     let mut c = RawConn::open(&daemon.socket);
     c.send(1, generate(m, "Tell me everything", 4000));
     for _ in 0..3 {
@@ -239,7 +239,9 @@ fn a_client_that_never_reads_is_cut_off_and_blocks_no_one() {
     // Small outbox and timeout so the test is quick; the defaults are 1 MiB
     // and 10 s (docs/PROTOCOL.md).
     let daemon = TestDaemon::start(&[
-        "--workers",
+        "--prewarm",
+        "2",
+        "--max-workers",
         "2",
         "--outbox-bytes",
         "4096",
@@ -272,7 +274,7 @@ fn a_client_that_never_reads_is_cut_off_and_blocks_no_one() {
 fn sixty_four_clients_at_once() {
     let model = tiny(Arch::Qwen3);
     let m = model.to_str().unwrap().to_owned();
-    let daemon = TestDaemon::start(&["--workers", "2"]);
+    let daemon = TestDaemon::start(&["--prewarm", "2"]);
     // Load first so the burst measures the server, not the loader.
     daemon
         .client()
@@ -345,7 +347,7 @@ fn past_the_connection_limit_a_client_is_told_busy() {
 fn cancelling_a_queued_request_answers_at_once() {
     let model = tiny(Arch::Llama);
     let m = model.to_str().unwrap();
-    let daemon = TestDaemon::start(&[]);
+    let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1"]);
     let client = daemon.client();
     let g = |prompt: &str, n: u32| {
         let Request::Generate(g) = generate(m, prompt, n) else {

@@ -2,5 +2,7 @@
 
 mod cli;
 mod faults;
+mod health;
 mod lifecycle;
+mod scaling;
 mod streaming;

@@ -138,7 +138,7 @@ fn streamed_tokens_equal_the_engines_output_for_the_same_seed() {
 fn eight_concurrent_clients_all_complete_correctly() {
     let model = tiny(Arch::Llama);
     let m = model.to_str().unwrap().to_owned();
-    let daemon = TestDaemon::start(&["--workers", "2"]);
+    let daemon = TestDaemon::start(&["--prewarm", "2", "--max-workers", "2"]);
     let mut engine = Engine::load(&model, &LoadOptions::default()).unwrap();
     let expected: Vec<String> = (0..8)
         .map(|i| {
@@ -190,7 +190,7 @@ fn eight_concurrent_clients_all_complete_correctly() {
 fn one_connection_carries_concurrent_generations_events_and_cancel() {
     let model = tiny(Arch::Gemma3);
     let m = model.to_str().unwrap();
-    let daemon = TestDaemon::start(&["--workers", "2"]);
+    let daemon = TestDaemon::start(&["--prewarm", "2", "--max-workers", "2"]);
     let client = daemon.client();
     let events = client.subscribe().unwrap();
     let long = client

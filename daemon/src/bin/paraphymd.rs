@@ -27,9 +27,27 @@ struct Args {
     /// The model for requests that name none [default: $PARAPHYM_MODEL, the config file's default_model, qwen3:1.7b]
     #[arg(long)]
     model: Option<String>,
-    /// Workers per loaded model.
+    /// Workers a model starts with on first use.
+    #[arg(long, default_value_t = 2)]
+    prewarm: usize,
+    /// Workers kept per loaded model however idle.
     #[arg(long, default_value_t = 1)]
-    workers: usize,
+    min_workers: usize,
+    /// Workers per model at most [default: half the cores, 2 to 8].
+    #[arg(long)]
+    max_workers: Option<usize>,
+    /// A worker idle this long is retired (down to --min-workers).
+    #[arg(long, default_value = "60s")]
+    idle_period: String,
+    /// Consecutive failures that open a model's circuit breaker.
+    #[arg(long, default_value_t = 3)]
+    breaker_failures: u32,
+    /// How long an open breaker fails requests fast before one trial.
+    #[arg(long, default_value = "30s")]
+    breaker_cooldown: String,
+    /// A busy worker without progress for this long is replaced.
+    #[arg(long, default_value = "60s")]
+    stuck_timeout: String,
     /// Requests waiting per model before new ones get "busy".
     #[arg(long, default_value_t = DaemonConfig::DEFAULT_MAX_QUEUE)]
     max_queue: usize,
@@ -120,7 +138,22 @@ fn run(args: Args) -> Result<ExitCode> {
     );
     let mut config = DaemonConfig::new(socket.clone(), default_model.to_owned());
     config.owns_socket_dir = owns_dir;
-    config.workers = args.workers.max(1);
+    config.prewarm = args.prewarm.max(1);
+    config.min_workers = args.min_workers;
+    if let Some(m) = args.max_workers {
+        config.max_workers = m.max(1);
+    }
+    config.min_workers = config.min_workers.min(config.max_workers);
+    config.breaker_failures = args.breaker_failures.max(1);
+    config.breaker_cooldown = duration::parse(&args.breaker_cooldown)
+        .map_err(anyhow::Error::msg)?
+        .context("--breaker-cooldown must be finite")?;
+    config.stuck_timeout = duration::parse(&args.stuck_timeout)
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(std::time::Duration::MAX);
+    config.idle_period = duration::parse(&args.idle_period)
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or(std::time::Duration::MAX);
     config.max_queue = args.max_queue.max(1);
     config.keep_alive = duration::parse(&args.keep_alive)
         .map_err(anyhow::Error::msg)?

@@ -217,6 +217,7 @@ fn dispatch(msg: ClientMsg, received: Instant, conn: &Arc<Conn>, daemon: &Arc<Da
                 control,
                 reply: reply.clone(),
                 received,
+                trial: false,
             };
             daemon
                 .pools

@@ -21,6 +21,15 @@ pub enum OwnedPrompt {
 }
 
 impl OwnedPrompt {
+    /// The prompt's text (test hooks match on it).
+    pub fn text_for_hooks(&self) -> String {
+        match self {
+            OwnedPrompt::Text(t) => t.clone(),
+            OwnedPrompt::Chat(m, _) => m.iter().map(|m| m.content.as_str()).collect(),
+            OwnedPrompt::Tokens(_) => String::new(),
+        }
+    }
+
     pub fn as_prompt(&self) -> crate::engine::Prompt<'_> {
         match self {
             OwnedPrompt::Text(t) => crate::engine::Prompt::Text(t),

@@ -1,0 +1,73 @@
+//! Test-only fault and timing hooks. They exist only in debug builds (the
+//! code below is compiled out of release builds) and are switched on by the
+//! test harness through the daemon's environment at start, never by a
+//! client: `PARAPHYM_TEST_HOOKS=replica_delay_ms=2000,...`.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hooks {
+    /// Delay a replica worker's start (after the weights are shared).
+    pub replica_delay: Option<Duration>,
+    /// A generation whose prompt contains this fails (an internal error).
+    pub fail_prompt: Option<String>,
+    /// A generation whose prompt contains this panics in the worker.
+    pub panic_prompt: Option<String>,
+    /// A generation whose prompt contains this stops making progress
+    /// (the worker sleeps, as a hung kernel would).
+    pub stall_prompt: Option<String>,
+}
+
+impl Hooks {
+    /// The hook named by `prompt`, if any.
+    pub fn matches(hook: &Option<String>, prompt: &str) -> bool {
+        hook.as_deref().is_some_and(|h| prompt.contains(h))
+    }
+}
+
+/// The hooks of this process: none in a release build.
+pub fn from_env() -> Hooks {
+    #[cfg(debug_assertions)]
+    {
+        match std::env::var("PARAPHYM_TEST_HOOKS") {
+            Ok(spec) => {
+                let h = parse(&spec);
+                tracing::warn!(?h, "test hooks are on (debug build)");
+                h
+            }
+            Err(_) => Hooks::default(),
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        Hooks::default()
+    }
+}
+
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
+fn parse(spec: &str) -> Hooks {
+    let mut h = Hooks::default();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = item.split_once('=').unwrap_or((item, ""));
+        match k {
+            "replica_delay_ms" => h.replica_delay = v.parse().ok().map(Duration::from_millis),
+            "fail_prompt" => h.fail_prompt = Some(v.to_owned()),
+            "panic_prompt" => h.panic_prompt = Some(v.to_owned()),
+            "stall_prompt" => h.stall_prompt = Some(v.to_owned()),
+            other => tracing::warn!("unknown test hook {other:?}"),
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_known_hooks() {
+        let h = super::parse("replica_delay_ms=1500, bogus=1");
+        assert_eq!(
+            h.replica_delay,
+            Some(std::time::Duration::from_millis(1500))
+        );
+    }
+}
