@@ -157,6 +157,18 @@ def decode(payload):
         kind = r.u32()
         event = {"event": "error", "kind": KINDS[kind] if kind < len(KINDS) else f"kind_{kind}",
                  "message": r.string()}
+    elif variant == 11:                                # Stage(Stage): progress
+        stage = r.u32()
+        if stage == 0:
+            event = {"event": "stage", "stage": "queued", "position": r.u32()}
+        elif stage == 1:
+            event = {"event": "stage", "stage": "loading", "percent": r.take(1)[0]}
+        elif stage == 2:
+            event = {"event": "stage", "stage": "prefill", "done": r.u32(), "total": r.u32()}
+        elif stage == 3:
+            event = {"event": "stage", "stage": "generating"}
+        else:
+            raise Fail(f"unknown stage {stage} from the daemon")
     else:
         raise Fail(f"unexpected answer (Response variant {variant}) to a Generate")
     if r.pos != len(payload):

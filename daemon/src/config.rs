@@ -17,6 +17,8 @@ pub struct DaemonConfig {
     pub owns_socket_dir: bool,
     /// The reference used when a request names no model.
     pub default_model: String,
+    /// Prompt tokens per prefill chunk: a cancel lands within one chunk.
+    pub prefill_chunk: usize,
     /// Workers a cold model starts with.
     pub prewarm: usize,
     /// Workers kept per loaded model however idle.
@@ -65,6 +67,7 @@ impl DaemonConfig {
             socket,
             owns_socket_dir: false,
             default_model,
+            prefill_chunk: 256,
             prewarm: 2,
             min_workers: 1,
             max_workers: default_max_workers(),

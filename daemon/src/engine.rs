@@ -176,6 +176,16 @@ pub struct Engine {
 impl Engine {
     /// Load a GGUF model; with `opts.warmup`, run the warm-up pass before returning.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self, EngineError> {
+        Self::load_with_progress(path, opts, &mut |_| {})
+    }
+
+    /// [`Engine::load`], reporting progress as a fraction in `0.0..=1.0`
+    /// (layers read, then the warm-up pass).
+    pub fn load_with_progress(
+        path: &Path,
+        opts: &LoadOptions,
+        progress: &mut (dyn FnMut(f32) + Send),
+    ) -> Result<Self, EngineError> {
         let start = Instant::now();
         let gguf = gguf::GgufFile::open(path)?;
         let context = opts.context.unwrap_or(DEFAULT_CONTEXT);
@@ -189,13 +199,21 @@ impl Engine {
                     path: path.to_owned(),
                     source,
                 })?;
-            let model =
-                models::load(&gguf, context, opts.weights, &opts.device).and_then(|mut m| {
-                    if opts.warmup {
-                        warm_up(&mut m, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
-                    }
-                    Ok(m)
-                });
+            // Layers are most of the load; the warm-up pass the last tenth.
+            let model = models::load_with_progress(
+                &gguf,
+                context,
+                opts.weights,
+                &opts.device,
+                &mut |done, total| progress(0.9 * done as f32 / total.max(1) as f32),
+            )
+            .and_then(|mut m| {
+                if opts.warmup {
+                    warm_up(&mut m, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
+                }
+                progress(1.0);
+                Ok(m)
+            });
             let tokenizer = tok
                 .join()
                 .map_err(|_| EngineError::Tokenizer("the tokenizer build panicked".into()))?;

@@ -13,16 +13,17 @@
 pub mod scaler;
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use paraphym_protocol::message::{
-    ErrorKind, Event, ModelInfo, ModelStatus, Response, StatusReport, WireError, WorkerSnapshot,
-    WorkerState,
+    ErrorKind, Event, ModelInfo, ModelStatus, Response, Stage, StatusReport, WireError,
+    WorkerSnapshot, WorkerState,
 };
 
 use crate::breaker::{self, Breaker};
@@ -44,6 +45,8 @@ pub struct Job {
     pub received: Instant,
     /// The half-open breaker's trial: its outcome decides.
     pub trial: bool,
+    /// Its place in the pool's waiting list (set on submit).
+    pub seq: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -123,6 +126,11 @@ pub struct Pool {
     events: Arc<Events>,
     map: Weak<Map>,
     breakers: Arc<Breakers>,
+    /// Jobs in the queue, in order, for their `Stage::Queued` positions.
+    waiting: Mutex<VecDeque<(u64, Reply)>>,
+    next_seq: AtomicU64,
+    /// Load progress, for requests that arrive while loading.
+    load_percent: AtomicU8,
 }
 
 impl Pool {
@@ -241,6 +249,31 @@ impl Pool {
         }
     }
 
+    /// A job left the queue: tell those behind it their new positions.
+    fn dequeued(&self, seq: u64) {
+        let mut waiting = lock(&self.waiting);
+        let Some(i) = waiting.iter().position(|(s, _)| *s == seq) else {
+            return;
+        };
+        waiting.remove(i);
+        for (pos, (_, reply)) in waiting.iter().enumerate().skip(i) {
+            reply.post(Response::Stage(Stage::Queued {
+                position: pos as u32 + 1,
+            }));
+        }
+    }
+
+    /// Loading progress to everyone waiting (when the percentage moves).
+    fn loading(&self, fraction: f32) {
+        let percent = (fraction.clamp(0.0, 1.0) * 100.0) as u8;
+        if self.load_percent.swap(percent, Ordering::Relaxed) == percent {
+            return;
+        }
+        for (_, reply) in lock(&self.waiting).iter() {
+            reply.post(Response::Stage(Stage::Loading { percent }));
+        }
+    }
+
     /// Tell the model's breaker how a request (or the load) ended.
     fn record(&self, outcome: Outcome) {
         record(
@@ -326,6 +359,7 @@ impl Pool {
                 job.reply.post(Response::Error(err.clone()));
             }
         }
+        lock(&self.waiting).clear();
     }
 
     fn status(&self) -> ModelStatus {
@@ -360,6 +394,7 @@ impl Pool {
 #[derive(Debug, Clone)]
 struct Settings {
     hooks: crate::hooks::Hooks,
+    prefill_chunk: usize,
     breaker_failures: u32,
     breaker_cooldown: Duration,
     stuck_timeout: Duration,
@@ -402,6 +437,7 @@ impl Pools {
             retired: Mutex::default(),
             settings: Settings {
                 hooks: config.hooks.clone(),
+                prefill_chunk: config.prefill_chunk.max(1),
                 breaker_failures: config.breaker_failures,
                 breaker_cooldown: config.breaker_cooldown,
                 stuck_timeout: config.stuck_timeout,
@@ -486,6 +522,9 @@ impl Pools {
             events: self.events.clone(),
             map: Arc::downgrade(&self.map),
             breakers: self.breakers.clone(),
+            waiting: Mutex::default(),
+            next_seq: AtomicU64::new(1),
+            load_percent: AtomicU8::new(0),
         });
         let prewarm = self
             .settings
@@ -576,13 +615,30 @@ impl Pools {
                 self.forget(&pool);
                 continue;
             };
+            // In the waiting list before the queue, so a worker that takes
+            // it at once finds it there to remove.
+            job.seq = pool.next_seq.fetch_add(1, Ordering::Relaxed);
+            let (seq, reply) = (job.seq, job.reply.clone());
+            lock(&pool.waiting).push_back((seq, reply.clone()));
+            let unlist = |pool: &Pool| lock(&pool.waiting).retain(|(s, _)| *s != seq);
             match tx.try_send(job) {
                 Ok(()) => {
                     drop(tx_guard);
+                    let position = lock(&pool.waiting).iter().position(|(s, _)| *s == seq);
+                    if let Some(p) = position {
+                        reply.post(Response::Stage(Stage::Queued {
+                            position: p as u32 + 1,
+                        }));
+                        if !pool.is_ready() {
+                            let percent = pool.load_percent.load(Ordering::Relaxed);
+                            reply.post(Response::Stage(Stage::Loading { percent }));
+                        }
+                    }
                     pool.rebalance();
                     return Ok(());
                 }
                 Err(flume::TrySendError::Full(j)) => {
+                    unlist(&pool);
                     return Err((
                         j,
                         WireError {
@@ -592,9 +648,10 @@ impl Pools {
                                 self.settings.max_queue
                             ),
                         },
-                    ))
+                    ));
                 }
                 Err(flume::TrySendError::Disconnected(j)) => {
+                    unlist(&pool);
                     job = j;
                     drop(tx_guard);
                     self.forget(&pool);
@@ -879,6 +936,7 @@ impl Pools {
                     job.reply.post(bye());
                 }
             }
+            lock(&p.waiting).clear();
         }
         for h in handles {
             while !h.is_finished() && Instant::now() < deadline {
@@ -1077,7 +1135,8 @@ impl Worker {
         let pool = &self.pool;
         // A panic while loading must still answer everyone waiting.
         let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            Engine::load(&pool.path, &pool.settings.load).map_err(|e| e.to_string())
+            Engine::load_with_progress(&pool.path, &pool.settings.load, &mut |f| pool.loading(f))
+                .map_err(|e| e.to_string())
         }))
         .unwrap_or_else(|p| Err(format!("the loader panicked: {}", panic_text(&*p))));
         let engine = match loaded {
@@ -1134,12 +1193,15 @@ impl Worker {
 
     fn run(&self, engine: &mut Engine, job: Job) {
         let Job {
-            request,
+            mut request,
             control,
             reply,
             received,
             trial,
+            seq,
         } = job;
+        self.pool.dequeued(seq);
+        request.params.prefill_chunk = self.pool.settings.prefill_chunk;
         if !control.claim() {
             // Answered already (cancelled while queued).
             if trial {
@@ -1194,7 +1256,16 @@ impl Worker {
                                 control.cancel(CancelReason::Disconnected);
                             }
                         }
-                        GenEvent::Prefilled { .. } => {}
+                        GenEvent::Prefilled { done, total } => {
+                            let stage = |s| reply.send(Response::Stage(s));
+                            stage(Stage::Prefill {
+                                done: done as u32,
+                                total: total as u32,
+                            });
+                            if done >= total {
+                                stage(Stage::Generating);
+                            }
+                        }
                     }
                 },
             )

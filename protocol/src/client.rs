@@ -82,9 +82,33 @@ pub struct Handle {
 impl Handle {
     fn send(&self, id: RequestId, request: Request) -> Result<(), ClientError> {
         let payload = codec::encode(&ClientMsg { id, request })?;
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        frame::write_frame(&mut *w, &payload)?;
-        Ok(())
+        let sent = {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            frame::write_frame(&mut *w, &payload)
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            // The daemon may have said why before closing (id-0 error):
+            // give the reader a moment to hand it over.
+            Err(e) => Err(self.why_closed().unwrap_or(ClientError::Frame(e))),
+        }
+    }
+
+    /// The daemon's connection-level error, once the reader has seen the end.
+    fn why_closed(&self) -> Option<ClientError> {
+        for _ in 0..50 {
+            {
+                let table = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(e) = &table.conn_error {
+                    return Some(ClientError::Daemon(e.clone()));
+                }
+                if table.closed {
+                    return None;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// Register a new request id and the channel its answers arrive on.
@@ -261,6 +285,8 @@ impl Drop for Client {
 /// One piece of a generation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Piece {
+    /// Progress before the first token (queued, loading, prefill).
+    Stage(crate::message::Stage),
     Token(String),
     /// The last item: the generation's statistics.
     Done(GenStats),
@@ -303,6 +329,7 @@ impl TokenStream {
     fn piece(&mut self, r: Response) -> Result<Piece, ClientError> {
         match r {
             Response::Token { text } => Ok(Piece::Token(text)),
+            Response::Stage(s) => Ok(Piece::Stage(s)),
             Response::Done(stats) => {
                 self.done = true;
                 Ok(Piece::Done(stats))
@@ -324,6 +351,7 @@ impl TokenStream {
         for piece in self {
             match piece? {
                 Piece::Token(t) => text.push_str(&t),
+                Piece::Stage(_) => {}
                 Piece::Done(stats) => return Ok((text, stats)),
             }
         }

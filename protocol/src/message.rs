@@ -127,6 +127,22 @@ pub enum Response {
         model: String,
         path: String,
     },
+    /// Where a generation is before its first token (sent as it changes).
+    Stage(Stage),
+}
+
+/// A generation's progress before its first token, so a slow start never
+/// looks like a hang.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Waiting for a worker; 1 means next.
+    Queued { position: u32 },
+    /// The model is loading.
+    Loading { percent: u8 },
+    /// `done` of `total` prompt tokens processed.
+    Prefill { done: u32, total: u32 },
+    /// The prompt is in; tokens follow.
+    Generating,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -392,6 +408,13 @@ mod tests {
                 model: "m".into(),
                 path: "/m.gguf".into(),
             },
+            Response::Stage(Stage::Queued { position: 2 }),
+            Response::Stage(Stage::Loading { percent: 40 }),
+            Response::Stage(Stage::Prefill {
+                done: 256,
+                total: 1000,
+            }),
+            Response::Stage(Stage::Generating),
         ] {
             round_trip(DaemonMsg { id: 3, response });
         }

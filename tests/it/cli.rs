@@ -104,7 +104,7 @@ fn exit_codes_tell_scripts_what_happened() {
     };
     let mut running = client.generate(gen(4000)).unwrap();
     assert!(matches!(
-        running.next(),
+        paraphym_tests::next_piece(&mut running),
         Some(Ok(paraphym_protocol::client::Piece::Token(_)))
     ));
     let queued = client.generate(gen(4)).unwrap();

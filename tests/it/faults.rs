@@ -136,7 +136,7 @@ fn bad_frames_get_clear_errors_and_others_are_served() {
     // Short garbage that frames correctly but decodes to nothing.
     let mut c = RawConn::open(&daemon.socket);
     c.send_bytes(&[3, 0, 0, 0, 0xff, 0xfe, 0xfd]);
-    let (kind, _) = error_of(&c.recv().unwrap());
+    let (kind, _) = error_of(&c.answer());
     assert_eq!(kind, ErrorKind::BadRequest);
 
     // A truncated frame, then the client leaves: nothing breaks.
@@ -161,22 +161,22 @@ fn unknown_models_and_oversize_prompts_are_typed_errors() {
     let mut c = RawConn::open(&daemon.socket);
 
     c.send(1, generate("no-such-model", "hi", 4));
-    let (kind, message) = error_of(&c.recv().unwrap());
+    let (kind, message) = error_of(&c.answer());
     assert_eq!(kind, ErrorKind::UnknownModel);
     assert!(message.contains("no-such-model"), "{message}");
 
     c.send(2, generate("/nowhere/model.gguf", "hi", 4));
-    assert_eq!(error_of(&c.recv().unwrap()).0, ErrorKind::UnknownModel);
+    assert_eq!(error_of(&c.answer()).0, ErrorKind::UnknownModel);
 
     // An alias that is not downloaded says how to get it.
     c.send(3, generate("gemma3:4b", "hi", 4));
-    let (kind, message) = error_of(&c.recv().unwrap());
+    let (kind, message) = error_of(&c.answer());
     assert_eq!(kind, ErrorKind::UnknownModel);
     assert!(message.contains("paraphym pull gemma3:4b"), "{message}");
 
     // Over the context (64 positions here).
     c.send(4, generate(m, &"word ".repeat(200), 4));
-    let (kind, message) = error_of(&c.recv().unwrap());
+    let (kind, message) = error_of(&c.answer());
     assert_eq!(kind, ErrorKind::ContextOverflow);
     assert!(message.contains("context"), "{message}");
 
@@ -186,13 +186,13 @@ fn unknown_models_and_oversize_prompts_are_typed_errors() {
     };
     g.options.temperature = Some(-1.0);
     c.send(5, Request::Generate(g));
-    assert_eq!(error_of(&c.recv().unwrap()).0, ErrorKind::BadRequest);
+    assert_eq!(error_of(&c.answer()).0, ErrorKind::BadRequest);
 
     // A file that is not a model: the load fails with a reason.
     let junk = daemon.dir.path().join("junk.gguf");
     std::fs::write(&junk, b"not a gguf file at all").unwrap();
     c.send(6, generate(junk.to_str().unwrap(), "hi", 4));
-    let (kind, message) = error_of(&c.recv().unwrap());
+    let (kind, message) = error_of(&c.answer());
     assert_eq!(kind, ErrorKind::ModelFailed);
     assert!(message.contains("junk.gguf"), "{message}");
 
@@ -201,7 +201,7 @@ fn unknown_models_and_oversize_prompts_are_typed_errors() {
     loop {
         let msg = c.recv().unwrap();
         match msg.response {
-            Response::Token { .. } => {}
+            Response::Token { .. } | Response::Stage(_) => {}
             Response::Done(s) => {
                 assert_eq!(s.stop, StopReason::ContextFull);
                 break;
@@ -219,8 +219,13 @@ fn a_client_that_disconnects_mid_stream_frees_its_worker() {
     let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1"]);
     let mut c = RawConn::open(&daemon.socket);
     c.send(1, generate(m, "Tell me everything", 4000));
-    for _ in 0..3 {
-        assert!(matches!(c.recv().unwrap().response, Response::Token { .. }));
+    let mut tokens = 0;
+    while tokens < 3 {
+        match c.recv().unwrap().response {
+            Response::Token { .. } => tokens += 1,
+            Response::Stage(_) => {}
+            other => panic!("{other:?}"),
+        }
     }
     assert_eq!(status_workers(&daemon), vec![WorkerState::Busy]);
     drop(c);
@@ -357,7 +362,7 @@ fn cancelling_a_queued_request_answers_at_once() {
     };
     let mut running = client.generate(g("Busy worker", 4000)).unwrap();
     assert!(matches!(
-        running.next(),
+        paraphym_tests::next_piece(&mut running),
         Some(Ok(paraphym_protocol::client::Piece::Token(_)))
     ));
     let queued = client.generate(g("Waiting", 8)).unwrap();

@@ -104,7 +104,10 @@ fn stops_cleanly(how: &str) {
     let mut stream = client
         .generate(long_generation(model.to_str().unwrap()))
         .unwrap();
-    assert!(matches!(stream.next(), Some(Ok(Piece::Token(_)))));
+    assert!(matches!(
+        paraphym_tests::next_piece(&mut stream),
+        Some(Ok(Piece::Token(_)))
+    ));
     match how {
         "shutdown" => {
             let out = daemon.cli(&["stop"]);
@@ -113,7 +116,7 @@ fn stops_cleanly(how: &str) {
         sig => daemon.signal(sig),
     }
     let last = stream
-        .find(|p| !matches!(p, Ok(Piece::Token(_))))
+        .find(|p| !matches!(p, Ok(Piece::Token(_) | Piece::Stage(_))))
         .expect("a final frame");
     match last {
         Err(ClientError::Daemon(e)) => assert_eq!(e.kind, ErrorKind::ShuttingDown),

@@ -4,5 +4,6 @@ mod cli;
 mod faults;
 mod health;
 mod lifecycle;
+mod progress;
 mod scaling;
 mod streaming;

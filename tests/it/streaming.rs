@@ -70,6 +70,7 @@ fn streamed_tokens_equal_the_engines_output_for_the_same_seed() {
                     text.push_str(&t);
                 }
                 Piece::Done(s) => done = Some(s),
+                Piece::Stage(_) => {}
             }
         }
         let stats = done.expect("a Done frame");

@@ -329,6 +329,13 @@ pub fn cli_env(socket: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, 
     child.wait_with_output().expect("paraphym output")
 }
 
+/// The next piece of a stream that is not progress (`Stage`).
+pub fn next_piece(
+    s: &mut paraphym_protocol::client::TokenStream,
+) -> Option<Result<paraphym_protocol::client::Piece, paraphym_protocol::client::ClientError>> {
+    s.find(|p| !matches!(p, Ok(paraphym_protocol::client::Piece::Stage(_))))
+}
+
 /// A connection that speaks the protocol by hand, for the fault tests.
 pub struct RawConn(pub UnixStream);
 
@@ -356,5 +363,15 @@ impl RawConn {
     pub fn recv(&mut self) -> Result<DaemonMsg, frame::FrameError> {
         let payload = frame::read_frame(&mut self.0)?;
         Ok(codec::decode(&payload).expect("a daemon message decodes"))
+    }
+
+    /// The next message that is not a generation's progress (`Stage`).
+    pub fn answer(&mut self) -> DaemonMsg {
+        loop {
+            let m = self.recv().expect("a message");
+            if !matches!(m.response, paraphym_protocol::message::Response::Stage(_)) {
+                return m;
+            }
+        }
     }
 }

@@ -12,7 +12,8 @@ use clap::Args;
 use paraphym_protocol::client::{Client, ClientError, Piece};
 use paraphym_protocol::duration;
 use paraphym_protocol::message::{
-    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, Request, Response, StopReason,
+    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, Request, Response, Stage,
+    StopReason,
 };
 use serde_json::json;
 
@@ -173,6 +174,30 @@ fn kind_name(k: ErrorKind) -> &'static str {
     }
 }
 
+fn stage_json(s: Stage) -> serde_json::Value {
+    match s {
+        Stage::Queued { position } => {
+            json!({"event": "stage", "stage": "queued", "position": position})
+        }
+        Stage::Loading { percent } => {
+            json!({"event": "stage", "stage": "loading", "percent": percent})
+        }
+        Stage::Prefill { done, total } => {
+            json!({"event": "stage", "stage": "prefill", "done": done, "total": total})
+        }
+        Stage::Generating => json!({"event": "stage", "stage": "generating"}),
+    }
+}
+
+fn stage_text(s: Stage) -> String {
+    match s {
+        Stage::Queued { position } => format!("queued: position {position}…"),
+        Stage::Loading { percent } => format!("loading the model {percent}%…"),
+        Stage::Prefill { done, total } => format!("reading the prompt {done}/{total}…"),
+        Stage::Generating => "generating…".into(),
+    }
+}
+
 fn done_json(s: &GenStats) -> serde_json::Value {
     json!({
         "event": "done",
@@ -277,10 +302,26 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
         }
     }
     let tty = std::io::stdout().is_terminal();
+    // Progress before the first token goes to stderr on a terminal, on one
+    // line that the first token clears.
+    let show_stage = !a.json && std::io::stderr().is_terminal();
+    let mut stage_shown = false;
     let mut out = std::io::stdout().lock();
     let mut last_char = '\n';
     for piece in stream {
+        if stage_shown && !matches!(piece, Ok(Piece::Stage(_))) {
+            eprint!("\r\x1b[2K");
+            stage_shown = false;
+        }
         match piece {
+            Ok(Piece::Stage(stage)) => {
+                if a.json {
+                    json_line(stage_json(stage));
+                } else if show_stage {
+                    eprint!("\r\x1b[2K{}", stage_text(stage));
+                    stage_shown = true;
+                }
+            }
             Ok(Piece::Token(text)) => {
                 if a.json {
                     json_line(json!({"event": "token", "text": text}));

@@ -27,6 +27,9 @@ struct Args {
     /// The model for requests that name none [default: $PARAPHYM_MODEL, the config file's default_model, qwen3:1.7b]
     #[arg(long)]
     model: Option<String>,
+    /// Prompt tokens per prefill chunk (a cancel lands within one chunk).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
     /// Workers a model starts with on first use.
     #[arg(long, default_value_t = 2)]
     prewarm: usize,
@@ -139,6 +142,7 @@ fn run(args: Args) -> Result<ExitCode> {
     let mut config = DaemonConfig::new(socket.clone(), default_model.to_owned());
     config.owns_socket_dir = owns_dir;
     config.prewarm = args.prewarm.max(1);
+    config.prefill_chunk = args.prefill_chunk.max(1);
     config.min_workers = args.min_workers;
     if let Some(m) = args.max_workers {
         config.max_workers = m.max(1);

@@ -218,6 +218,7 @@ fn dispatch(msg: ClientMsg, received: Instant, conn: &Arc<Conn>, daemon: &Arc<Da
                 reply: reply.clone(),
                 received,
                 trial: false,
+                seq: 0,
             };
             daemon
                 .pools

@@ -209,6 +209,7 @@ impl Model {
         context: usize,
         weights: Weights,
         dev: &Device,
+        progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         spec.validate(g)?;
         let context = context.min(spec.max_context).max(1);
@@ -259,6 +260,7 @@ impl Model {
                 window,
                 cache: Cache::new(dev),
             });
+            progress(i + 1, spec.layers);
         }
         let rope = |r: &RopeSpec| Rope::new(spec.rot_dim, r, spec.rope_style, context, dev);
         Ok(Self {

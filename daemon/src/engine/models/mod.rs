@@ -43,5 +43,23 @@ pub fn load(
     weights: Weights,
     device: &Device,
 ) -> Result<Model, EngineError> {
-    Model::load(gguf, spec(gguf, context)?, context, weights, device)
+    load_with_progress(gguf, context, weights, device, &mut |_, _| {})
+}
+
+/// [`load`], reporting `(layers loaded, layers)` as it goes.
+pub fn load_with_progress(
+    gguf: &GgufFile,
+    context: usize,
+    weights: Weights,
+    device: &Device,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Model, EngineError> {
+    Model::load(
+        gguf,
+        spec(gguf, context)?,
+        context,
+        weights,
+        device,
+        progress,
+    )
 }
