@@ -24,7 +24,7 @@ MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 1, 16 << 20
 GEN_ID = 1  # our Generate's request id
 STOPS = ["end_of_generation", "max_tokens", "stop_string", "context_full", "cancelled"]
 KINDS = ["bad_request", "unknown_model", "context_overflow", "busy", "model_failed",
-         "shutting_down", "internal", "offline", "access_denied"]
+         "shutting_down", "internal", "offline", "access_denied", "out_of_memory"]
 EXIT_CODES = {"unknown_model": 4, "busy": 5, "context_overflow": 6}
 
 

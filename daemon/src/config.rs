@@ -47,7 +47,7 @@ pub struct DaemonConfig {
     /// requests are cancelled and the connection closed.
     pub write_timeout: Duration,
     pub max_connections: usize,
-    /// Reported in `Status` (enforcement: issue 6's memory governor).
+    /// What the models may take (estimates, `governor.rs`); 0: no limit.
     pub memory_budget_bytes: u64,
     pub hub: HubConfig,
     /// Test-only hooks (always empty in release builds).
@@ -96,14 +96,36 @@ pub fn default_max_workers() -> usize {
     (cores / 2).clamp(2, 8)
 }
 
-/// Three quarters of physical memory (0 where it can't be read).
+/// 80% of the memory available at start, plus what this process already
+/// holds (0, no budget, where it can't be read). CUDA devices: issue 8.
 pub fn default_memory_budget() -> u64 {
-    physical_memory().map_or(0, |m| m / 4 * 3)
+    available_memory().map_or(0, |m| (m + resident_bytes()) / 5 * 4)
 }
 
-fn physical_memory() -> Option<u64> {
+fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    meminfo_kib(&text, "MemTotal:").map(|k| k * 1024)
+    meminfo_kib(&text, "MemAvailable:").map(|k| k * 1024)
+}
+
+/// `8GiB`, `512MiB`, `1.5G`, `1000000` (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 8GiB, 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0f64.powi(4),
+        u => return Err(format!("unknown unit {u:?} in {s:?}")),
+    };
+    Ok((n * mult) as u64)
 }
 
 /// This process's resident memory (Linux; 0 elsewhere).
@@ -123,6 +145,14 @@ fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_bytes("8GiB"), Ok(8 << 30));
+        assert_eq!(super::parse_bytes("512 MiB"), Ok(512 << 20));
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert!(super::parse_bytes("lots").is_err());
+    }
+
     #[test]
     fn reads_kib_fields() {
         let t = "MemTotal:       24576000 kB\nVmRSS:\t  1234 kB\n";

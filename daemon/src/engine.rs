@@ -434,6 +434,62 @@ impl Engine {
     }
 }
 
+/// What loading a model will cost in memory, estimated from its GGUF file
+/// before loading it (the daemon's memory governor decides with this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Shared by every worker: the tensors (on the CPU Candle keeps a
+    /// repacked copy of each quantized one next to the original), the
+    /// tokenizer.
+    pub weights: u64,
+    /// Each worker's own: a full-context f32 KV cache and activation buffers
+    /// for one prefill chunk.
+    pub per_worker: u64,
+}
+
+/// On the CPU a quantized tensor lives twice: as read, and repacked for
+/// Candle's kernels (measured on Q4_K_M files).
+const CPU_QUANT_COPIES: u64 = 2;
+
+/// Estimate the memory of `path` served with `context` positions and
+/// `prefill_chunk`-token chunks on `device`.
+pub fn memory_estimate(
+    path: &Path,
+    context: Option<usize>,
+    prefill_chunk: usize,
+    device: &Device,
+) -> Result<MemoryEstimate, EngineError> {
+    let gguf = gguf::GgufFile::open(path)?;
+    let context = context.unwrap_or(DEFAULT_CONTEXT);
+    let spec = models::spec(&gguf, context)?;
+    let context = context.min(spec.max_context).max(1) as u64;
+    let copies = if device.is_cpu() { CPU_QUANT_COPIES } else { 1 };
+    let mut tensors = 0u64;
+    for name in gguf.tensor_names() {
+        if let Some(t) = gguf.tensor_info(name) {
+            let quantized = !matches!(
+                t.dtype,
+                candle_core::quantized::GgmlDType::F32 | candle_core::quantized::GgmlDType::F16
+            );
+            tensors += t.size as u64 * if quantized { copies } else { 1 };
+        }
+    }
+    // A tokenizer pipeline costs a few hundred bytes per vocabulary entry.
+    let tokenizer = spec.vocab as u64 * 256;
+    let (h, f, v) = (spec.hidden as u64, spec.ffn as u64, spec.vocab as u64);
+    let kv = spec.layers as u64 * 2 * spec.kv_heads as u64 * spec.head_dim as u64 * context * 4;
+    let chunk = prefill_chunk.max(1) as u64;
+    let q = (spec.heads * spec.head_dim) as u64;
+    // Per chunk row: residual, norms, q/k/v, attention out, gate/up/down.
+    let activations = chunk * (6 * h + 3 * q + 3 * f) * 4;
+    // Logits of one row, and the sampler's copy.
+    let logits = 2 * v * 4;
+    Ok(MemoryEstimate {
+        weights: tensors + tokenizer,
+        per_worker: kv + activations + logits,
+    })
+}
+
 /// One batched prefill and one decode step, so that every kernel and weight
 /// packing the first request needs already exists; leaves the cache empty.
 pub(crate) fn warm_up(model: &mut Model, bos: Option<u64>) -> Result<(), EngineError> {

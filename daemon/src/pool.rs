@@ -30,6 +30,7 @@ use crate::breaker::{self, Breaker};
 use crate::config::{self, DaemonConfig, FOREVER};
 use crate::engine::{Engine, GenEvent, LoadOptions};
 use crate::events::Events;
+use crate::governor::{self, Cost, Plan, Resident};
 use crate::pull::Hub;
 use crate::registry;
 use crate::server::convert::{self, GenRequest};
@@ -131,6 +132,9 @@ pub struct Pool {
     next_seq: AtomicU64,
     /// Load progress, for requests that arrive while loading.
     load_percent: AtomicU8,
+    /// The memory governor's estimate for this model.
+    cost: Cost,
+    created: Instant,
 }
 
 impl Pool {
@@ -228,13 +232,16 @@ impl Pool {
         match scaler::decide(&view, &self.settings.limits) {
             scaler::Decision::Hold => {}
             scaler::Decision::Spawn(n) => {
-                tracing::info!(
-                    model = self.reference,
-                    n,
-                    queued = view.queued,
-                    "scaling up"
-                );
                 for _ in 0..n {
+                    if !self.may_add_worker() {
+                        tracing::info!(
+                            model = self.reference,
+                            queued = view.queued,
+                            "scale-up refused: the memory budget has no room for another worker"
+                        );
+                        break;
+                    }
+                    tracing::info!(model = self.reference, queued = view.queued, "scaling up");
                     self.spawn_worker(false);
                 }
             }
@@ -247,6 +254,40 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Workers that hold (or will hold) memory.
+    fn live_workers(&self) -> usize {
+        lock(&self.workers)
+            .iter()
+            .filter(|w| !matches!(w.state(), WorkerState::Stopped | WorkerState::Failed))
+            .count()
+    }
+
+    /// This pool as the memory governor sees it.
+    fn resident(&self) -> Resident<PathBuf> {
+        Resident {
+            key: self.path.clone(),
+            cost: self.cost,
+            workers: self.live_workers(),
+            idle: !self.busy() && self.is_ready(),
+            last_used: lock(&self.last_used)
+                .saturating_duration_since(self.created)
+                .as_millis() as u64,
+        }
+    }
+
+    /// Room in the budget for one more worker of this model?
+    fn may_add_worker(&self) -> bool {
+        let budget = self.settings.memory_budget;
+        if budget == 0 {
+            return true;
+        }
+        let Some(map) = self.map.upgrade() else {
+            return false;
+        };
+        let resident: Vec<Resident<PathBuf>> = lock(&map).values().map(|p| p.resident()).collect();
+        governor::can_add_worker(budget, &resident, &self.path)
     }
 
     /// A job left the queue: tell those behind it their new positions.
@@ -363,13 +404,15 @@ impl Pool {
     }
 
     fn status(&self) -> ModelStatus {
+        let workers: Vec<WorkerSnapshot> = lock(&self.workers)
+            .iter()
+            .map(|w| lock(&w.snapshot).clone())
+            .collect();
         ModelStatus {
             reference: self.reference.clone(),
-            workers: lock(&self.workers)
-                .iter()
-                .map(|w| lock(&w.snapshot).clone())
-                .collect(),
+            workers,
             queued: self.rx.len() as u32,
+            memory_bytes: self.cost.with_workers(self.live_workers()),
         }
     }
 
@@ -394,6 +437,7 @@ impl Pool {
 #[derive(Debug, Clone)]
 struct Settings {
     hooks: crate::hooks::Hooks,
+    memory_budget: u64,
     prefill_chunk: usize,
     breaker_failures: u32,
     breaker_cooldown: Duration,
@@ -419,6 +463,7 @@ pub struct Pools {
     hub_config: crate::pull::HubConfig,
     default_model: String,
     memory_budget: u64,
+    created: Instant,
 }
 
 impl Pools {
@@ -437,6 +482,7 @@ impl Pools {
             retired: Mutex::default(),
             settings: Settings {
                 hooks: config.hooks.clone(),
+                memory_budget: config.memory_budget_bytes,
                 prefill_chunk: config.prefill_chunk.max(1),
                 breaker_failures: config.breaker_failures,
                 breaker_cooldown: config.breaker_cooldown,
@@ -460,6 +506,7 @@ impl Pools {
             hub_config: config.hub.clone(),
             default_model: config.default_model.clone(),
             memory_budget: config.memory_budget_bytes,
+            created: Instant::now(),
         }
     }
 
@@ -501,6 +548,7 @@ impl Pools {
         if let Some(p) = map.get(path) {
             return Ok(p.clone());
         }
+        let (cost, prewarm) = self.make_room(&mut map, reference, path)?;
         let (tx, rx) = flume::bounded(self.settings.max_queue);
         let pool = Arc::new(Pool {
             reference: reference.to_owned(),
@@ -525,11 +573,9 @@ impl Pools {
             waiting: Mutex::default(),
             next_seq: AtomicU64::new(1),
             load_percent: AtomicU8::new(0),
+            cost,
+            created: self.created,
         });
-        let prewarm = self
-            .settings
-            .prewarm
-            .clamp(1, self.settings.limits.max.max(1));
         tracing::info!(model = reference, path = %path.display(), prewarm, "loading");
         if !pool.spawn_worker(true) {
             return Err(failed(reference, "no worker could be started"));
@@ -560,6 +606,88 @@ impl Pools {
                     b.consecutive_failures(),
                     b.last_error().unwrap_or("unknown"),
                     retry_in.as_secs_f64().ceil() as u64
+                ),
+            }),
+        }
+    }
+
+    /// The memory governor before a load: the model's estimated cost and
+    /// how many workers to pre-warm, after unloading idle models (least
+    /// recently used first) if that makes room; an error if nothing does.
+    fn make_room(
+        &self,
+        map: &mut HashMap<PathBuf, Arc<Pool>>,
+        reference: &str,
+        path: &Path,
+    ) -> Result<(Cost, usize), WireError> {
+        let cost = crate::engine::memory_estimate(
+            path,
+            self.settings.load.context,
+            self.settings.prefill_chunk,
+            &self.settings.load.device,
+        )
+        .map(|e| Cost {
+            weights: e.weights,
+            per_worker: e.per_worker,
+        })
+        // An unreadable file fails its load with the reason; count its size.
+        .unwrap_or(Cost {
+            weights: std::fs::metadata(path).map_or(0, |m| m.len()),
+            per_worker: 0,
+        });
+        let mut prewarm = self
+            .settings
+            .prewarm
+            .clamp(1, self.settings.limits.max.max(1));
+        let budget = self.memory_budget;
+        if budget == 0 {
+            return Ok((cost, prewarm));
+        }
+        let resident: Vec<Resident<PathBuf>> = map.values().map(|p| p.resident()).collect();
+        let mut plan = governor::plan_load(budget, &resident, cost, prewarm);
+        if !matches!(plan, Plan::Fits) && prewarm > 1 {
+            // Pre-warm fewer rather than unload anyone (or fail).
+            let one = governor::plan_load(budget, &resident, cost, 1);
+            if !matches!(one, Plan::TooBig { .. } | Plan::NoRoom { .. }) {
+                prewarm = 1;
+                plan = one;
+            }
+        }
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        match plan {
+            Plan::Fits => Ok((cost, prewarm)),
+            Plan::Evict(keys) => {
+                for k in keys {
+                    if let Some(victim) = map.remove(&k) {
+                        let reason =
+                            format!("unloaded to make room for {reference} (memory budget)");
+                        tracing::info!(model = victim.reference, "{reason}");
+                        self.events.publish(Event::ModelUnloaded {
+                            model: victim.reference.clone(),
+                            reason,
+                        });
+                        let handles = victim.close();
+                        lock(&self.retired).extend(handles);
+                    }
+                }
+                Ok((cost, prewarm))
+            }
+            Plan::TooBig { need, budget } => Err(WireError {
+                kind: ErrorKind::OutOfMemory,
+                message: format!(
+                    "{reference} needs about {:.2} GiB and the memory budget is {:.2} GiB; raise \
+                     it (paraphymd --memory-budget) or use a smaller model or context",
+                    gib(need),
+                    gib(budget)
+                ),
+            }),
+            Plan::NoRoom { need, free } => Err(WireError {
+                kind: ErrorKind::OutOfMemory,
+                message: format!(
+                    "{reference} needs about {:.2} GiB; {:.2} GiB of the budget is free and the \
+                     other models are busy; try again when they are idle",
+                    gib(need),
+                    gib(free)
                 ),
             }),
         }
@@ -818,6 +946,7 @@ impl Pools {
             .collect();
         faults.sort_by(|a, b| a.model.cmp(&b.model));
         StatusReport {
+            memory_estimated_bytes: models.iter().map(|m| m.memory_bytes).sum(),
             models,
             memory_used_bytes: config::resident_bytes(),
             memory_budget_bytes: self.memory_budget,
@@ -898,6 +1027,10 @@ impl Pools {
                 model = pool.reference,
                 "idle past its keep-alive: unloading"
             );
+            self.events.publish(Event::ModelUnloaded {
+                model: pool.reference.clone(),
+                reason: "idle past its keep-alive".into(),
+            });
             let handles = pool.close();
             lock(&self.retired).extend(handles);
         }

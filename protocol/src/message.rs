@@ -190,6 +190,8 @@ pub enum ErrorKind {
     Offline,
     /// The Hub refused: a gated or private repository without (enough) token.
     AccessDenied,
+    /// The memory budget has no room for the model (now, or ever).
+    OutOfMemory,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +210,9 @@ pub struct StatusReport {
     pub memory_budget_bytes: u64,
     /// Models whose circuit breaker is not closed (loaded or not).
     pub faults: Vec<ModelFault>,
+    /// What the memory governor accounts for the loaded models (estimates;
+    /// `memory_used_bytes` is the real resident memory).
+    pub memory_estimated_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +240,8 @@ pub struct ModelStatus {
     pub reference: String,
     pub workers: Vec<WorkerSnapshot>,
     pub queued: u32,
+    /// The governor's estimate for this model with its current workers.
+    pub memory_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -289,6 +296,8 @@ pub enum Event {
         /// Why (the last failure), empty when closing.
         message: String,
     },
+    /// A model was unloaded, and why (keep-alive, memory, request).
+    ModelUnloaded { model: String, reason: String },
 }
 
 #[cfg(test)]
@@ -372,6 +381,7 @@ mod tests {
                     reference: "gemma3:270m".into(),
                     workers: vec![worker.clone()],
                     queued: 2,
+                    memory_bytes: 1 << 29,
                 }],
                 memory_used_bytes: 1 << 30,
                 memory_budget_bytes: 8 << 30,
@@ -382,6 +392,7 @@ mod tests {
                     last_error: "boom".into(),
                     retry_in_ms: 500,
                 }],
+                memory_estimated_bytes: 1 << 29,
             }),
             Response::Loaded { model: "x".into() },
             Response::Unloaded { model: "x".into() },

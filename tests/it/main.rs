@@ -4,6 +4,7 @@ mod cli;
 mod faults;
 mod health;
 mod lifecycle;
+mod memory;
 mod progress;
 mod scaling;
 mod streaming;

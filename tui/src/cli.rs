@@ -171,6 +171,7 @@ fn kind_name(k: ErrorKind) -> &'static str {
         ErrorKind::Internal => "internal",
         ErrorKind::Offline => "offline",
         ErrorKind::AccessDenied => "access_denied",
+        ErrorKind::OutOfMemory => "out_of_memory",
     }
 }
 

@@ -75,6 +75,9 @@ struct Args {
     /// Connections served at once.
     #[arg(long, default_value_t = DaemonConfig::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Memory the models may take (8GiB, 512MiB; 0: no limit) [default: 80% of the memory available at start].
+    #[arg(long)]
+    memory_budget: Option<String>,
     /// Load these models at start (repeatable).
     #[arg(long)]
     preload: Vec<String>,
@@ -169,6 +172,10 @@ fn run(args: Args) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)?
         .context("--write-timeout must be finite")?;
     config.max_connections = args.max_connections.max(1);
+    if let Some(b) = &args.memory_budget {
+        config.memory_budget_bytes =
+            paraphym_daemon::config::parse_bytes(b).map_err(anyhow::Error::msg)?;
+    }
 
     let bound = match server::bind(&socket, owns_dir) {
         Ok(b) => b,
