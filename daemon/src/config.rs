@@ -107,27 +107,6 @@ fn available_memory() -> Option<u64> {
     meminfo_kib(&text, "MemAvailable:").map(|k| k * 1024)
 }
 
-/// `8GiB`, `512MiB`, `1.5G`, `1000000` (bytes).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 8GiB, 512MiB)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tb" | "tib" => 1024.0f64.powi(4),
-        u => return Err(format!("unknown unit {u:?} in {s:?}")),
-    };
-    Ok((n * mult) as u64)
-}
-
 /// This process's resident memory (Linux; 0 elsewhere).
 pub fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -145,14 +124,6 @@ fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn sizes() {
-        assert_eq!(super::parse_bytes("8GiB"), Ok(8 << 30));
-        assert_eq!(super::parse_bytes("512 MiB"), Ok(512 << 20));
-        assert_eq!(super::parse_bytes("1000"), Ok(1000));
-        assert!(super::parse_bytes("lots").is_err());
-    }
-
     #[test]
     fn reads_kib_fields() {
         let t = "MemTotal:       24576000 kB\nVmRSS:\t  1234 kB\n";

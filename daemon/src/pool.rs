@@ -83,6 +83,9 @@ struct WorkerCell {
     progress: Mutex<Instant>,
     /// The job it runs, for the supervisor to answer if it gets stuck.
     current: Mutex<Option<(Arc<JobControl>, Reply)>>,
+    /// Tokens generated, ever, and at the last metrics sample.
+    tokens: AtomicU64,
+    sampled: AtomicU64,
 }
 
 impl WorkerCell {
@@ -179,6 +182,8 @@ impl Pool {
             retire: AtomicBool::new(false),
             progress: Mutex::new(Instant::now()),
             current: Mutex::new(None),
+            tokens: AtomicU64::new(0),
+            sampled: AtomicU64::new(0),
         });
         lock(&self.workers).push(cell.clone());
         let worker = Worker {
@@ -995,6 +1000,59 @@ impl Pools {
         })
     }
 
+    /// The periodic metrics sample: per worker and model tokens/s since the
+    /// last sample (`secs` ago), queues, breakers, memory.
+    fn metrics(&self, at_ms: u64, secs: f64) -> paraphym_protocol::message::Metrics {
+        use paraphym_protocol::message::{ModelMetrics, WorkerMetrics};
+        let now = Instant::now();
+        let pools: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
+        let breakers = lock(&self.breakers);
+        let mut models: Vec<ModelMetrics> = pools
+            .iter()
+            .map(|p| {
+                let workers: Vec<WorkerMetrics> = lock(&p.workers)
+                    .iter()
+                    .map(|w| {
+                        let total = w.tokens.load(Ordering::Relaxed);
+                        let before = w.sampled.swap(total, Ordering::Relaxed);
+                        // One lock, released before anything else is taken.
+                        let (id, state) = {
+                            let s = lock(&w.snapshot);
+                            (s.id, s.state)
+                        };
+                        WorkerMetrics {
+                            id,
+                            state,
+                            tokens_per_s: (total - before) as f32 / secs.max(1e-3) as f32,
+                        }
+                    })
+                    .collect();
+                ModelMetrics {
+                    reference: p.reference.clone(),
+                    queued: p.rx.len() as u32,
+                    tokens_per_s: workers.iter().map(|w| w.tokens_per_s).sum(),
+                    breaker: breakers
+                        .get(&p.path)
+                        .map_or(paraphym_protocol::message::BreakerState::Closed, |b| {
+                            wire_breaker(b.state(now))
+                        }),
+                    workers,
+                }
+            })
+            .collect();
+        drop(breakers);
+        models.sort_by(|a, b| a.reference.cmp(&b.reference));
+        paraphym_protocol::message::Metrics {
+            at_ms,
+            memory_used_bytes: config::resident_bytes(),
+            memory_estimated_bytes: pools
+                .iter()
+                .map(|p| p.cost.with_workers(p.live_workers()))
+                .sum(),
+            models,
+        }
+    }
+
     /// Supervise and scale every pool (housekeeping).
     fn rebalance_all(&self) {
         let pools: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
@@ -1379,6 +1437,7 @@ impl Worker {
                     match ev {
                         GenEvent::Token(_) => {
                             events.count_token();
+                            self.cell.tokens.fetch_add(1, Ordering::Relaxed);
                             if stall {
                                 // A hung kernel: no progress, no end.
                                 std::thread::sleep(Duration::from_secs(3600));
@@ -1551,13 +1610,17 @@ pub fn start_housekeeping(daemon: Arc<Daemon>) -> Housekeeping {
                 let now = Instant::now();
                 if now.duration_since(last.0) >= SAMPLE_EVERY {
                     let total = daemon.events.tokens_total();
-                    let rate = (total - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
+                    let secs = now.duration_since(last.0).as_secs_f64();
+                    let rate = (total - last.1) as f64 / secs;
                     last = (now, total);
                     if daemon.events.has_subscribers() {
+                        let at_ms = daemon.events.uptime_ms();
                         daemon.events.publish(Event::Throughput {
-                            at_ms: daemon.events.uptime_ms(),
+                            at_ms,
                             tokens_per_s: rate as f32,
                         });
+                        let m = daemon.pools.metrics(at_ms, secs);
+                        daemon.events.publish(Event::Metrics(m));
                     }
                 }
             }

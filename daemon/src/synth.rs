@@ -85,21 +85,40 @@ impl Size {
     }
 }
 
+/// Where the scripts put test inputs: `$PARAPHYM_CACHE`, else
+/// `$XDG_CACHE_HOME/paraphym`, else `~/.cache/paraphym`.
+pub fn cache_dir() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(c) = std::env::var_os("PARAPHYM_CACHE") {
+        return Ok(c.into());
+    }
+    Ok(std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .ok_or_else(|| anyhow::anyhow!("neither PARAPHYM_CACHE, XDG_CACHE_HOME nor HOME is set"))?
+        .join("paraphym"))
+}
+
+/// The Gemma 3 270M Q4_K_M test model (`$PARAPHYM_TEST_MODEL`, else where
+/// `scripts/fetch-test-model.sh` puts it).
+pub fn test_model() -> anyhow::Result<std::path::PathBuf> {
+    let p = match std::env::var_os("PARAPHYM_TEST_MODEL") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => cache_dir()?.join("models/gemma-3-270m-q4_k_m.gguf"),
+    };
+    anyhow::ensure!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-test-model.sh (scripts/test.sh does)",
+        p.display()
+    );
+    Ok(p)
+}
+
 /// Where `scripts/fetch-tokenizers.sh FAMILY` puts a reference tokenizer.json.
 pub fn reference_tokenizer(family: &str) -> anyhow::Result<std::path::PathBuf> {
-    let cache = match std::env::var_os("PARAPHYM_CACHE") {
-        Some(c) => std::path::PathBuf::from(c),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(std::path::PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache"))
-            })
-            .ok_or_else(|| {
-                anyhow::anyhow!("neither PARAPHYM_CACHE, XDG_CACHE_HOME nor HOME is set")
-            })?
-            .join("paraphym"),
-    };
-    let p = cache.join("tokenizers").join(family).join("tokenizer.json");
+    let p = cache_dir()?
+        .join("tokenizers")
+        .join(family)
+        .join("tokenizer.json");
     anyhow::ensure!(
         p.is_file(),
         "{} is missing: run scripts/fetch-tokenizers.sh {family}",

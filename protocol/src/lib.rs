@@ -7,11 +7,11 @@
 
 pub mod client;
 pub mod codec;
-pub mod duration;
 pub mod frame;
 pub mod handshake;
 pub mod message;
 pub mod paths;
+pub mod units;
 
 /// The protocol version, sent in the handshake outside bincode, so a peer of
 /// any version can read it and answer "incompatible" rather than fail to decode.

@@ -298,6 +298,35 @@ pub enum Event {
     },
     /// A model was unloaded, and why (keep-alive, memory, request).
     ModelUnloaded { model: String, reason: String },
+    /// The periodic sample (every second while someone subscribes).
+    Metrics(Metrics),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Milliseconds since the daemon started.
+    pub at_ms: u64,
+    pub memory_used_bytes: u64,
+    pub memory_estimated_bytes: u64,
+    pub models: Vec<ModelMetrics>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMetrics {
+    pub reference: String,
+    pub queued: u32,
+    /// Tokens per second over the last interval, all workers.
+    pub tokens_per_s: f32,
+    pub breaker: BreakerState,
+    pub workers: Vec<WorkerMetrics>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerMetrics {
+    pub id: u32,
+    pub state: WorkerState,
+    /// Tokens per second over the last interval.
+    pub tokens_per_s: f32,
 }
 
 #[cfg(test)]
@@ -414,6 +443,26 @@ mod tests {
                 state: BreakerState::HalfOpen,
                 message: String::new(),
             }),
+            Response::Event(Event::ModelUnloaded {
+                model: "m".into(),
+                reason: "idle".into(),
+            }),
+            Response::Event(Event::Metrics(Metrics {
+                at_ms: 9,
+                memory_used_bytes: 1,
+                memory_estimated_bytes: 2,
+                models: vec![ModelMetrics {
+                    reference: "m".into(),
+                    queued: 1,
+                    tokens_per_s: 30.0,
+                    breaker: BreakerState::Closed,
+                    workers: vec![WorkerMetrics {
+                        id: 0,
+                        state: WorkerState::Busy,
+                        tokens_per_s: 30.0,
+                    }],
+                }],
+            })),
             Response::Progress { done: 5, total: 10 },
             Response::Pulled {
                 model: "m".into(),

@@ -7,4 +7,5 @@ mod lifecycle;
 mod memory;
 mod progress;
 mod scaling;
+mod soak;
 mod streaming;

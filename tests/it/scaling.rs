@@ -188,6 +188,7 @@ fn a_burst_scales_up_to_max_workers_and_idle_scales_back_down() {
     ]);
     let client = daemon.client();
     let events = client.subscribe().unwrap();
+    let samples = client.subscribe().unwrap();
     let mut log = Vec::new();
     // Load first, then the burst: six long requests at once.
     client
@@ -217,6 +218,29 @@ fn a_burst_scales_up_to_max_workers_and_idle_scales_back_down() {
         .collect();
     assert_eq!(busy.len(), 3, "three workers served the burst: {log:?}");
     assert!(max_seen <= 3);
+    // The periodic samples showed the model's and each worker's speed.
+    let mut best: Option<paraphym_protocol::message::ModelMetrics> = None;
+    while let Ok(Some(e)) = samples.next_timeout(Duration::from_millis(5)) {
+        if let Event::Metrics(m) = e {
+            assert!(m.memory_used_bytes > 0 && m.memory_estimated_bytes > 0);
+            for mm in m.models {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| mm.tokens_per_s > b.tokens_per_s)
+                {
+                    best = Some(mm);
+                }
+            }
+        }
+    }
+    let best = best.expect("metrics samples during the burst");
+    assert!(best.tokens_per_s > 0.0, "{best:?}");
+    let summed: f32 = best.workers.iter().map(|w| w.tokens_per_s).sum();
+    assert!((summed - best.tokens_per_s).abs() < 1e-3, "{best:?}");
+    assert!(
+        best.workers.iter().filter(|w| w.tokens_per_s > 0.0).count() >= 2,
+        "{best:?}"
+    );
     // After the idle period, back to one.
     let down = wait_until(Duration::from_secs(10), || {
         status(&client).models[0].workers.len() == 1

@@ -124,27 +124,9 @@ impl Drop for TempDir {
     }
 }
 
-fn cache() -> PathBuf {
-    if let Some(c) = std::env::var_os("PARAPHYM_CACHE") {
-        return c.into();
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-    base.join("paraphym")
-}
-
 /// The Gemma 3 270M Q4_K_M file. Missing it is a failure, not a skip.
 pub fn gemma_path() -> PathBuf {
-    let p = std::env::var_os("PARAPHYM_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("models/gemma-3-270m-q4_k_m.gguf"));
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-test-model.sh (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    synth::test_model().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The tiny synthetic model of `arch` with its real vocabulary, written once
@@ -156,16 +138,8 @@ pub fn tiny(arch: Arch) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("tiny-{}.gguf", arch.name()));
     if !path.is_file() {
-        let family = arch.tokenizer_family(Size::Tiny);
-        let tok = cache()
-            .join("tokenizers")
-            .join(family)
-            .join("tokenizer.json");
-        assert!(
-            tok.is_file(),
-            "{} is missing: run scripts/fetch-tokenizers.sh {family} (scripts/test.sh does)",
-            tok.display()
-        );
+        let tok = synth::reference_tokenizer(arch.tokenizer_family(Size::Tiny))
+            .unwrap_or_else(|e| panic!("{e}"));
         let vocab = synth::Vocabulary::from_tokenizer_json(&tok, arch).unwrap();
         let tmp = path.with_extension("part");
         synth::write(arch, Size::Tiny, &vocab, 7, &tmp).unwrap();

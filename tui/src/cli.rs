@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use paraphym_protocol::client::{Client, ClientError, Piece};
-use paraphym_protocol::duration;
 use paraphym_protocol::message::{
     ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, Request, Response, Stage,
     StopReason,
 };
+use paraphym_protocol::units;
 use serde_json::json;
 
 use crate::conn;
@@ -228,8 +228,8 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
         }
     };
     let keep_alive_ms = match &a.keep_alive {
-        Some(k) => Some(duration::to_wire_ms(
-            duration::parse(k).map_err(CliError::Usage)?,
+        Some(k) => Some(units::to_wire_ms(
+            units::parse_duration(k).map_err(CliError::Usage)?,
         )),
         None => None,
     };
@@ -532,8 +532,8 @@ fn draw_bar(model: &str, done: u64, total: u64, elapsed: Duration) {
 
 pub fn load(ctx: &Ctx, model: &str, keep_alive: Option<&str>) -> Result<ExitCode, CliError> {
     let keep_alive_ms = match keep_alive {
-        Some(k) => Some(duration::to_wire_ms(
-            duration::parse(k).map_err(CliError::Usage)?,
+        Some(k) => Some(units::to_wire_ms(
+            units::parse_duration(k).map_err(CliError::Usage)?,
         )),
         None => None,
     };

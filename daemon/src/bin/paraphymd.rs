@@ -11,7 +11,7 @@ use paraphym_daemon::config::{DaemonConfig, FOREVER};
 use paraphym_daemon::engine::device::DeviceSpec;
 use paraphym_daemon::registry;
 use paraphym_daemon::server::{self, Daemon, ServeError};
-use paraphym_protocol::{duration, paths};
+use paraphym_protocol::{paths, units};
 use tracing_subscriber::prelude::*;
 
 #[derive(Parser, Debug)]
@@ -152,29 +152,28 @@ fn run(args: Args) -> Result<ExitCode> {
     }
     config.min_workers = config.min_workers.min(config.max_workers);
     config.breaker_failures = args.breaker_failures.max(1);
-    config.breaker_cooldown = duration::parse(&args.breaker_cooldown)
+    config.breaker_cooldown = units::parse_duration(&args.breaker_cooldown)
         .map_err(anyhow::Error::msg)?
         .context("--breaker-cooldown must be finite")?;
-    config.stuck_timeout = duration::parse(&args.stuck_timeout)
+    config.stuck_timeout = units::parse_duration(&args.stuck_timeout)
         .map_err(anyhow::Error::msg)?
         .unwrap_or(std::time::Duration::MAX);
-    config.idle_period = duration::parse(&args.idle_period)
+    config.idle_period = units::parse_duration(&args.idle_period)
         .map_err(anyhow::Error::msg)?
         .unwrap_or(std::time::Duration::MAX);
     config.max_queue = args.max_queue.max(1);
-    config.keep_alive = duration::parse(&args.keep_alive)
+    config.keep_alive = units::parse_duration(&args.keep_alive)
         .map_err(anyhow::Error::msg)?
         .unwrap_or(FOREVER);
     config.context = args.context;
     config.device = DeviceSpec::parse(&args.device)?.open()?;
     config.outbox_bytes = args.outbox_bytes.max(1024);
-    config.write_timeout = duration::parse(&args.write_timeout)
+    config.write_timeout = units::parse_duration(&args.write_timeout)
         .map_err(anyhow::Error::msg)?
         .context("--write-timeout must be finite")?;
     config.max_connections = args.max_connections.max(1);
     if let Some(b) = &args.memory_budget {
-        config.memory_budget_bytes =
-            paraphym_daemon::config::parse_bytes(b).map_err(anyhow::Error::msg)?;
+        config.memory_budget_bytes = units::parse_bytes(b).map_err(anyhow::Error::msg)?;
     }
 
     let bound = match server::bind(&socket, owns_dir) {

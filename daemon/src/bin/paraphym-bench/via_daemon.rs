@@ -19,6 +19,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(device: &str, context: usize) -> Result<Self> {
+        Self::start_with(device, context, &[])
+    }
+
+    /// [`Daemon::start`] with extra `paraphymd` flags.
+    pub fn start_with(device: &str, context: usize, extra: &[String]) -> Result<Self> {
         let exe = std::env::current_exe()?
             .parent()
             .context("bench binary folder")?
@@ -40,6 +45,7 @@ impl Daemon {
             .arg(dir.join("log"))
             .args(["--device", device, "--keep-alive", "forever"])
             .args(["--context", &context.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -55,6 +61,10 @@ impl Daemon {
             }
         };
         Ok(Self { child, dir, client })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("d.sock")
     }
 
     pub fn load(&self, model: &Path) -> Result<()> {
