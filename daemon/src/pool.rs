@@ -359,6 +359,7 @@ impl Pool {
                 model: self.reference.clone(),
                 worker: lock(&w.snapshot).clone(),
             });
+            self.record(Outcome::Failure("a worker got stuck".into()));
             if let Some((control, reply)) = lock(&w.current).take() {
                 control.cancel(CancelReason::Stuck);
                 if control.finish_once() {
@@ -372,7 +373,6 @@ impl Pool {
                     }));
                 }
             }
-            self.record(Outcome::Failure("a worker got stuck".into()));
             self.spawn_worker(false);
         }
     }
@@ -707,6 +707,18 @@ impl Pools {
     /// a refusal is answered on the job's reply.
     pub fn submit(&self, model: Option<&str>, keep_alive_ms: Option<u64>, job: Job) {
         if let Err((job, e)) = self.try_submit(model, keep_alive_ms, job) {
+            if job.trial {
+                // Granted the trial but never ran: let the next request try.
+                if let Ok((_, path)) = self.resolve(model) {
+                    record(
+                        &self.breakers,
+                        &self.events,
+                        &path,
+                        &self.settings,
+                        Outcome::Neutral,
+                    );
+                }
+            }
             if job.control.claim() {
                 job.reply.finish();
                 job.reply.post(Response::Error(e));
@@ -991,13 +1003,75 @@ impl Pools {
         out
     }
 
-    /// No worker is unhealthy.
-    pub fn healthy(&self) -> bool {
-        lock(&self.map).values().all(|p| {
-            lock(&p.workers)
+    /// Each loaded model's health, and failing models that are not loaded:
+    /// ok means no unhealthy worker and a closed breaker.
+    pub fn health(&self) -> Vec<paraphym_protocol::message::ModelHealth> {
+        use paraphym_protocol::message::{BreakerState, ModelHealth};
+        let now = Instant::now();
+        let pools: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
+        let breakers: Vec<(PathBuf, breaker::State, String)> = lock(&self.breakers)
+            .iter()
+            .map(|(p, b)| {
+                (
+                    p.clone(),
+                    b.state(now),
+                    b.last_error().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        let breaker_of = |path: &Path| {
+            breakers
                 .iter()
-                .all(|w| w.state() != WorkerState::Unhealthy)
-        })
+                .find(|(p, _, _)| p == path)
+                .map_or((BreakerState::Closed, String::new()), |(_, s, e)| {
+                    (wire_breaker(*s), e.clone())
+                })
+        };
+        let mut out: Vec<ModelHealth> = pools
+            .iter()
+            .map(|p| {
+                let states: Vec<WorkerState> = lock(&p.workers).iter().map(|w| w.state()).collect();
+                let mut workers: Vec<(WorkerState, u32)> = Vec::new();
+                for s in states {
+                    match workers.iter_mut().find(|(k, _)| *k == s) {
+                        Some((_, n)) => *n += 1,
+                        None => workers.push((s, 1)),
+                    }
+                }
+                let (breaker, last) = breaker_of(&p.path);
+                let stuck = workers
+                    .iter()
+                    .find(|(s, _)| *s == WorkerState::Unhealthy)
+                    .map(|(_, n)| *n);
+                let problem = match (breaker, stuck) {
+                    (BreakerState::Closed, None) => String::new(),
+                    (BreakerState::Closed, Some(n)) => {
+                        format!("{n} worker(s) stuck or failed, replaced")
+                    }
+                    (_, _) => format!("circuit breaker {breaker:?}: {last}"),
+                };
+                ModelHealth {
+                    model: p.reference.clone(),
+                    ok: problem.is_empty(),
+                    breaker,
+                    workers,
+                    problem,
+                }
+            })
+            .collect();
+        for (path, state, last) in &breakers {
+            if *state != breaker::State::Closed && !pools.iter().any(|p| &p.path == path) {
+                out.push(ModelHealth {
+                    model: path.display().to_string(),
+                    ok: false,
+                    breaker: wire_breaker(*state),
+                    workers: Vec::new(),
+                    problem: format!("circuit breaker {:?}: {last}", wire_breaker(*state)),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.model.cmp(&b.model));
+        out
     }
 
     /// The periodic metrics sample: per worker and model tokens/s since the
@@ -1466,8 +1540,14 @@ impl Worker {
         // Forget the job before its last frame, so the client may reuse its
         // id as soon as it sees that frame.
         reply.finish();
-        let mut replace = false;
-        let outcome = match result {
+        // The breaker hears the outcome before the client sees the end, so
+        // the client's next request is judged with it.
+        enum Last {
+            Done(paraphym_protocol::message::GenStats),
+            Error(WireError),
+            Crash(WireError),
+        }
+        let (outcome, last, replace) = match result {
             Ok(Ok(g)) => {
                 let ttft = started.duration_since(received) + g.time_to_first_token;
                 let stats = convert::stats(&g, ttft.as_micros() as u64);
@@ -1479,24 +1559,22 @@ impl Worker {
                         s.tokens_per_s = g.decode_tps() as f32;
                     }
                 }
-                if control.finish_once() {
-                    final_frame(&reply, &control, Some(stats));
-                }
-                if g.finish == crate::engine::FinishReason::Cancelled {
+                let outcome = if g.finish == crate::engine::FinishReason::Cancelled {
                     Outcome::Neutral
                 } else {
                     Outcome::Success
-                }
+                };
+                (outcome, Last::Done(stats), false)
             }
             Ok(Err(e)) => {
                 let wire = convert::engine_error(&e);
-                if control.finish_once() {
-                    reply.send(Response::Error(wire.clone()));
-                }
-                match wire.kind {
-                    ErrorKind::Internal | ErrorKind::ModelFailed => Outcome::Failure(wire.message),
+                let outcome = match wire.kind {
+                    ErrorKind::Internal | ErrorKind::ModelFailed => {
+                        Outcome::Failure(wire.message.clone())
+                    }
                     _ => Outcome::Neutral,
-                }
+                };
+                (outcome, Last::Error(wire), false)
             }
             Err(panic) => {
                 let what = panic_text(&*panic).to_owned();
@@ -1504,18 +1582,27 @@ impl Worker {
                     model = self.pool.reference,
                     "worker panicked: {what}; replacing it"
                 );
-                if control.finish_once() {
-                    reply.post(Response::Error(WireError {
-                        kind: ErrorKind::Internal,
-                        message: format!("the worker failed ({what}); it was replaced"),
-                    }));
-                }
-                replace = true;
-                Outcome::Failure(format!("a worker panicked: {what}"))
+                let wire = WireError {
+                    kind: ErrorKind::Internal,
+                    message: format!("the worker failed ({what}); it was replaced"),
+                };
+                let outcome = Outcome::Failure(format!("a worker panicked: {what}"));
+                (outcome, Last::Crash(wire), true)
             }
         };
         if trial || outcome != Outcome::Neutral {
             self.pool.record(outcome);
+        }
+        if control.finish_once() {
+            match last {
+                Last::Done(stats) => final_frame(&reply, &control, Some(stats)),
+                Last::Error(e) => {
+                    reply.send(Response::Error(e));
+                }
+                Last::Crash(e) => {
+                    reply.post(Response::Error(e));
+                }
+            }
         }
         if replace {
             // A fresh replica takes its place; this one leaves.

@@ -272,9 +272,23 @@ pub enum WorkerState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthReport {
+    /// Serving, no unhealthy worker, no open breaker.
     pub ok: bool,
     pub uptime_ms: u64,
     pub version: String,
+    /// Loaded models, and failing ones that are not.
+    pub models: Vec<ModelHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelHealth {
+    pub model: String,
+    pub ok: bool,
+    pub breaker: BreakerState,
+    /// Workers by state: (state, how many).
+    pub workers: Vec<(WorkerState, u32)>,
+    /// Why not ok (the breaker's last error, stuck workers), empty when ok.
+    pub problem: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -426,9 +440,16 @@ mod tests {
             Response::Loaded { model: "x".into() },
             Response::Unloaded { model: "x".into() },
             Response::Health(HealthReport {
-                ok: true,
+                ok: false,
                 uptime_ms: 5,
                 version: "0.1.0".into(),
+                models: vec![ModelHealth {
+                    model: "m".into(),
+                    ok: false,
+                    breaker: BreakerState::Open,
+                    workers: vec![(WorkerState::Idle, 1), (WorkerState::Unhealthy, 1)],
+                    problem: "boom".into(),
+                }],
             }),
             Response::Event(Event::Worker {
                 model: "x".into(),

@@ -78,6 +78,18 @@ fn repeated_load_failures_open_the_breaker_then_one_trial_after_the_cooldown() {
     assert!(run(&c, j, "hi").is_err());
     assert_eq!(loads(), 3, "exactly one trial load");
     assert_eq!(status(&c).faults[0].breaker, BreakerState::Open);
+    // Not loaded, but failing: `health` lists it.
+    let Response::Health(h) = c.call(Request::Health).unwrap() else {
+        panic!()
+    };
+    assert!(!h.ok);
+    assert_eq!(h.models.len(), 1);
+    assert_eq!(h.models[0].breaker, BreakerState::Open);
+    assert!(
+        h.models[0].problem.contains("broken.gguf"),
+        "{:?}",
+        h.models[0]
+    );
     assert_eq!(
         breaker_events(&events),
         vec![BreakerState::Open, BreakerState::Open]
@@ -184,4 +196,15 @@ fn a_stuck_worker_is_detected_its_request_failed_and_it_is_replaced() {
         s.contains(&WorkerState::Unhealthy) && s.contains(&WorkerState::Idle)
     });
     assert!(ok, "{:?}", states());
+    // `health` says so, model by model.
+    let Response::Health(h) = c.call(Request::Health).unwrap() else {
+        panic!()
+    };
+    assert!(!h.ok);
+    assert_eq!(h.models.len(), 1);
+    assert!(!h.models[0].ok);
+    assert!(h.models[0].problem.contains("stuck"), "{:?}", h.models[0]);
+    let out = daemon.cli(&["health"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FAILING"));
 }

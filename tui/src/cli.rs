@@ -582,6 +582,28 @@ pub fn health(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
             h.uptime_ms / 1000,
             client.path().display()
         );
+        for m in &h.models {
+            let workers: Vec<String> = m
+                .workers
+                .iter()
+                .map(|(s, n)| format!("{n} {}", format!("{s:?}").to_lowercase()))
+                .collect();
+            println!(
+                "  {} {} — workers: {}{}",
+                if m.ok { "ok    " } else { "FAILING" },
+                m.model,
+                if workers.is_empty() {
+                    "none".into()
+                } else {
+                    workers.join(", ")
+                },
+                if m.problem.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", m.problem)
+                }
+            );
+        }
     }
     Ok(if h.ok {
         ExitCode::SUCCESS

@@ -253,10 +253,12 @@ fn dispatch(msg: ClientMsg, received: Instant, conn: &Arc<Conn>, daemon: &Arc<Da
         } => daemon.pools.load(&model, keep_alive_ms, reply),
         Request::Unload { model } => daemon.pools.unload(&model, reply),
         Request::Health => {
+            let models = daemon.pools.health();
             reply.send(Response::Health(HealthReport {
-                ok: daemon.pools.healthy(),
+                ok: models.iter().all(|m| m.ok),
                 uptime_ms: daemon.started.elapsed().as_millis() as u64,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
+                models,
             }));
         }
         Request::Subscribe => daemon.events.subscribe(reply),
