@@ -12,4 +12,6 @@ python3 -c 'import numpy, gguf' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check numpy gguf
 # The end-to-end tests (tests/) run the real binaries: build them first.
 cargo build --workspace --bins
+# One test proves a release build ignores the test hooks.
+cargo build --release -p paraphym-daemon --bin paraphymd
 cargo test --workspace "$@"

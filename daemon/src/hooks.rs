@@ -16,6 +16,9 @@ pub struct Hooks {
     /// A generation whose prompt contains this stops making progress
     /// (the worker sleeps, as a hung kernel would).
     pub stall_prompt: Option<String>,
+    /// Sleep this long after every generated token, so a generation lasts
+    /// long enough for a test to watch it (the TUI's end-to-end test).
+    pub token_delay: Option<Duration>,
 }
 
 impl Hooks {
@@ -54,6 +57,7 @@ fn parse(spec: &str) -> Hooks {
             "fail_prompt" => h.fail_prompt = Some(v.to_owned()),
             "panic_prompt" => h.panic_prompt = Some(v.to_owned()),
             "stall_prompt" => h.stall_prompt = Some(v.to_owned()),
+            "token_delay_ms" => h.token_delay = v.parse().ok().map(Duration::from_millis),
             other => tracing::warn!("unknown test hook {other:?}"),
         }
     }
@@ -64,10 +68,13 @@ fn parse(spec: &str) -> Hooks {
 mod tests {
     #[test]
     fn parses_known_hooks() {
-        let h = super::parse("replica_delay_ms=1500, bogus=1");
+        let h = super::parse("replica_delay_ms=1500, bogus=1,token_delay_ms=20,fail_prompt=X");
         assert_eq!(
             h.replica_delay,
             Some(std::time::Duration::from_millis(1500))
         );
+        assert_eq!(h.token_delay, Some(std::time::Duration::from_millis(20)));
+        assert_eq!(h.fail_prompt.as_deref(), Some("X"));
+        assert_eq!(h.panic_prompt, None);
     }
 }

@@ -1516,6 +1516,9 @@ impl Worker {
                                 // A hung kernel: no progress, no end.
                                 std::thread::sleep(Duration::from_secs(3600));
                             }
+                            if let Some(d) = hooks.token_delay {
+                                std::thread::sleep(d);
+                            }
                         }
                         GenEvent::Text(t) => {
                             if !reply.send(Response::Token { text: t.to_owned() }) {

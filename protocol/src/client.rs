@@ -259,16 +259,7 @@ impl Client {
 
     /// Subscribe to the daemon's events (worker states, throughput).
     pub fn subscribe(&self) -> Result<Subscription, ClientError> {
-        let (id, rx) = self.handle.open()?;
-        if let Err(e) = self.handle.send(id, Request::Subscribe) {
-            self.handle.close(id);
-            return Err(e);
-        }
-        Ok(Subscription {
-            id,
-            rx,
-            handle: self.handle.clone(),
-        })
+        self.stream(Request::Subscribe).map(Subscription)
     }
 }
 
@@ -414,23 +405,21 @@ impl Drop for Replies {
     }
 }
 
-/// The event stream of a `Subscribe`.
-pub struct Subscription {
-    id: RequestId,
-    rx: Receiver<Response>,
-    handle: Handle,
-}
+/// The event stream of a `Subscribe`: its replies, read as events.
+pub struct Subscription(Replies);
 
 impl Subscription {
+    fn event(r: Response) -> Result<Event, ClientError> {
+        match r {
+            Response::Event(e) => Ok(e),
+            Response::Error(e) => Err(ClientError::Daemon(e)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Wait at most `timeout` for the next event (`Ok(None)`: nothing yet).
     pub fn next_timeout(&self, timeout: Duration) -> Result<Option<Event>, ClientError> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(Response::Event(e)) => Ok(Some(e)),
-            Ok(Response::Error(e)) => Err(ClientError::Daemon(e)),
-            Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
-            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(ClientError::Disconnected),
-        }
+        self.0.recv_timeout(timeout)?.map(Self::event).transpose()
     }
 }
 
@@ -438,18 +427,7 @@ impl Iterator for Subscription {
     type Item = Result<Event, ClientError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        match self.rx.recv() {
-            Ok(Response::Event(e)) => Some(Ok(e)),
-            Ok(Response::Error(e)) => Some(Err(ClientError::Daemon(e))),
-            Ok(other) => Some(Err(ClientError::Unexpected(format!("{other:?}")))),
-            Err(_) => None,
-        }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.handle.close(self.id);
+        self.0.recv().ok().map(Self::event)
     }
 }
 

@@ -6,37 +6,13 @@ use std::time::Duration;
 
 use paraphym_daemon::synth::Arch;
 use paraphym_protocol::client::{Client, ClientError};
-use paraphym_protocol::message::{
-    BreakerState, ErrorKind, Event, Generate, Options, Prompt, Request, Response, StatusReport,
-    WorkerState,
-};
-use paraphym_tests::{tiny, wait_until, TestDaemon};
-
-fn gen(model: &str, prompt: &str) -> Generate {
-    Generate {
-        model: Some(model.to_owned()),
-        prompt: Prompt::Raw(prompt.to_owned()),
-        options: Options {
-            max_tokens: Some(6),
-            seed: Some(1),
-            ignore_eos: true,
-            ..Options::default()
-        },
-        keep_alive_ms: None,
-    }
-}
+use paraphym_protocol::message::{BreakerState, ErrorKind, Event, Request, Response, WorkerState};
+use paraphym_tests::{raw_gen, status, tiny, wait_until, TestDaemon};
 
 fn run(c: &Client, model: &str, prompt: &str) -> Result<u32, ClientError> {
-    c.generate(gen(model, prompt))?
+    c.generate(raw_gen(model, prompt, 6))?
         .collect_text()
         .map(|(_, s)| s.generated_tokens)
-}
-
-fn status(c: &Client) -> StatusReport {
-    match c.call(Request::Status).unwrap() {
-        Response::Status(s) => s,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn breaker_events(events: &paraphym_protocol::client::Subscription) -> Vec<BreakerState> {
@@ -207,4 +183,53 @@ fn a_stuck_worker_is_detected_its_request_failed_and_it_is_replaced() {
     let out = daemon.cli(&["health"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FAILING"));
+}
+
+/// The hooks are compiled out of release builds (`cfg(debug_assertions)`):
+/// the release build of the daemon, started with every hook switched
+/// on, fails, panics, stalls and delays nothing — while the debug build given
+/// the same switches fails the same request, so the switches are live.
+#[test]
+fn a_release_build_ignores_the_test_hooks() {
+    let model = tiny(Arch::Qwen3);
+    let m = model.to_str().unwrap();
+    let hooks = [(
+        "PARAPHYM_TEST_HOOKS",
+        "fail_prompt=BOOM,panic_prompt=CRASH,stall_prompt=HANG,token_delay_ms=2000,replica_delay_ms=60000",
+    )];
+    let args = ["--prewarm", "2", "--max-workers", "2"];
+
+    let debug = TestDaemon::start_with_env(&args, &hooks);
+    let err = run(&debug.client(), m, "BOOM").expect_err("the debug build's hook fails it");
+    assert_eq!(err.kind(), Some(ErrorKind::Internal), "{err}");
+    assert!(debug.log_text().contains("test hooks are on"));
+    drop(debug);
+
+    let release = TestDaemon::start_binary(paraphym_tests::release_bin("paraphymd"), &args, &hooks);
+    let c = release.client();
+    let started = std::time::Instant::now();
+    for prompt in ["BOOM", "CRASH", "HANG"] {
+        assert_eq!(run(&c, m, prompt).expect(prompt), 6, "{prompt}");
+    }
+    // 18 tokens would take 36 s with the token delay on.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // Both workers ready: the replica delay (a minute) did not apply either.
+    assert!(wait_until(Duration::from_secs(10), || {
+        let s = status(&c);
+        s.models.len() == 1
+            && s.models[0].workers.len() == 2
+            && s.models[0]
+                .workers
+                .iter()
+                .all(|w| w.state == WorkerState::Idle)
+    }));
+    assert!(
+        !release.log_text().contains("test hooks"),
+        "{}",
+        release.log_text()
+    );
 }

@@ -6,11 +6,8 @@ use std::time::Duration;
 
 use paraphym_daemon::engine::{memory_estimate, MemoryEstimate};
 use paraphym_daemon::synth::Arch;
-use paraphym_protocol::client::Client;
-use paraphym_protocol::message::{
-    ErrorKind, Event, Generate, Options, Prompt, Request, Response, StatusReport,
-};
-use paraphym_tests::{tiny, TestDaemon};
+use paraphym_protocol::message::{ErrorKind, Event};
+use paraphym_tests::{raw_gen, status, tiny, TestDaemon};
 
 const CONTEXT: usize = 512;
 
@@ -20,26 +17,6 @@ fn estimate(model: &std::path::Path) -> MemoryEstimate {
 
 fn one_worker(e: MemoryEstimate) -> u64 {
     e.weights + e.per_worker
-}
-
-fn gen(model: &str, max: u32) -> Generate {
-    Generate {
-        model: Some(model.to_owned()),
-        prompt: Prompt::Raw("Tell me".into()),
-        options: Options {
-            max_tokens: Some(max),
-            ignore_eos: true,
-            ..Options::default()
-        },
-        keep_alive_ms: None,
-    }
-}
-
-fn status(c: &Client) -> StatusReport {
-    match c.call(Request::Status).unwrap() {
-        Response::Status(s) => s,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn start(budget: u64, extra: &[&str]) -> TestDaemon {
@@ -65,13 +42,13 @@ fn an_idle_model_is_unloaded_to_make_room_and_no_request_is_lost() {
     let c = daemon.client();
     let events = c.subscribe().unwrap();
     let (_, s) = c
-        .generate(gen(q.to_str().unwrap(), 8))
+        .generate(raw_gen(q.to_str().unwrap(), "Tell me", 8))
         .unwrap()
         .collect_text()
         .unwrap();
     assert_eq!(s.generated_tokens, 8);
     let (_, s) = c
-        .generate(gen(l.to_str().unwrap(), 8))
+        .generate(raw_gen(l.to_str().unwrap(), "Tell me", 8))
         .unwrap()
         .collect_text()
         .unwrap();
@@ -99,7 +76,7 @@ fn a_model_that_cannot_fit_or_has_no_room_gets_a_clear_error() {
     let daemon = start(el - 1, &[]);
     let c = daemon.client();
     let err = c
-        .generate(gen(l.to_str().unwrap(), 4))
+        .generate(raw_gen(l.to_str().unwrap(), "Tell me", 4))
         .unwrap()
         .collect_text()
         .unwrap_err();
@@ -111,13 +88,15 @@ fn a_model_that_cannot_fit_or_has_no_room_gets_a_clear_error() {
     // No room while the other model is busy: refused, the busy one untouched.
     let daemon = start(eq.max(el) + eq.min(el) / 2, &["--prefill-chunk", "64"]);
     let c = daemon.client();
-    let mut busy = c.generate(gen(q.to_str().unwrap(), 4000)).unwrap();
+    let mut busy = c
+        .generate(raw_gen(q.to_str().unwrap(), "Tell me", 4000))
+        .unwrap();
     assert!(matches!(
         paraphym_tests::next_piece(&mut busy),
         Some(Ok(paraphym_protocol::client::Piece::Token(_)))
     ));
     let err = c
-        .generate(gen(l.to_str().unwrap(), 4))
+        .generate(raw_gen(l.to_str().unwrap(), "Tell me", 4))
         .unwrap()
         .collect_text()
         .unwrap_err();
@@ -139,7 +118,10 @@ fn the_budget_refuses_a_scale_up_and_the_queue_is_served_anyway() {
     );
     let c = daemon.client();
     let streams: Vec<_> = (0..3)
-        .map(|_| c.generate(gen(q.to_str().unwrap(), 100)).unwrap())
+        .map(|_| {
+            c.generate(raw_gen(q.to_str().unwrap(), "Tell me", 100))
+                .unwrap()
+        })
         .collect();
     for s in streams {
         assert_eq!(s.collect_text().unwrap().1.generated_tokens, 100);

@@ -6,21 +6,8 @@ use std::time::Duration;
 
 use paraphym_daemon::synth::Arch;
 use paraphym_protocol::client::Piece;
-use paraphym_protocol::message::{Generate, Options, Prompt, Stage, StopReason};
-use paraphym_tests::{gemma_path, tiny, TestDaemon};
-
-fn gen(model: &str, prompt: &str, max: u32) -> Generate {
-    Generate {
-        model: Some(model.to_owned()),
-        prompt: Prompt::Raw(prompt.to_owned()),
-        options: Options {
-            max_tokens: Some(max),
-            ignore_eos: true,
-            ..Options::default()
-        },
-        keep_alive_ms: None,
-    }
-}
+use paraphym_protocol::message::{Stage, StopReason};
+use paraphym_tests::{gemma_path, raw_gen, tiny, TestDaemon};
 
 #[test]
 fn a_queued_request_sees_its_position_fall_then_loading_prefill_and_tokens() {
@@ -29,9 +16,9 @@ fn a_queued_request_sees_its_position_fall_then_loading_prefill_and_tokens() {
     let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1"]);
     let client = daemon.client();
     // Three requests for a cold model, one worker.
-    let a = client.generate(gen(m, "First and long", 4000)).unwrap();
-    let b = client.generate(gen(m, "Second", 4)).unwrap();
-    let mut c = client.generate(gen(m, "Third", 4)).unwrap();
+    let a = client.generate(raw_gen(m, "First and long", 4000)).unwrap();
+    let b = client.generate(raw_gen(m, "Second", 4)).unwrap();
+    let mut c = client.generate(raw_gen(m, "Third", 4)).unwrap();
     let mut stages = Vec::new();
     // Until the first request is running (the third is then second in line).
     while !stages.contains(&Stage::Queued { position: 2 }) {
@@ -91,7 +78,7 @@ fn a_cancel_during_a_long_prefill_stops_within_a_chunk() {
     let daemon = TestDaemon::start(&["--prewarm", "1", "--prefill-chunk", "256"]);
     let client = daemon.client();
     let mut s = client
-        .generate(gen(gemma.to_str().unwrap(), &text[..9000], 8))
+        .generate(raw_gen(gemma.to_str().unwrap(), &text[..9000], 8))
         .unwrap();
     // The first chunk is in: cancel.
     let total = loop {

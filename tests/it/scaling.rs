@@ -5,32 +5,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use paraphym_daemon::synth::Arch;
-use paraphym_protocol::client::{Client, Piece};
-use paraphym_protocol::message::{
-    Event, Generate, Options, Prompt, Request, Response, StatusReport, WorkerState,
-};
-use paraphym_tests::{gemma_path, tiny, wait_until, TestDaemon};
-
-fn gen(model: &str, prompt: &str, max: u32, keep_alive_ms: Option<u64>) -> Generate {
-    Generate {
-        model: Some(model.to_owned()),
-        prompt: Prompt::Raw(prompt.to_owned()),
-        options: Options {
-            max_tokens: Some(max),
-            ignore_eos: true,
-            seed: Some(1),
-            ..Options::default()
-        },
-        keep_alive_ms,
-    }
-}
-
-fn status(c: &Client) -> StatusReport {
-    match c.call(Request::Status).unwrap() {
-        Response::Status(s) => s,
-        other => panic!("{other:?}"),
-    }
-}
+use paraphym_protocol::client::Piece;
+use paraphym_protocol::message::{Event, Generate, Request, WorkerState};
+use paraphym_tests::{gemma_path, raw_gen, status, tiny, wait_until, TestDaemon};
 
 /// Worker events drained from a subscription, in arrival order.
 fn drain(events: &paraphym_protocol::client::Subscription, into: &mut Vec<(u32, WorkerState)>) {
@@ -88,7 +65,7 @@ fn the_first_token_does_not_wait_for_the_second_worker() {
     let events = client.subscribe().unwrap();
     let mut log = Vec::new();
     let stream = client
-        .generate(gen(model.to_str().unwrap(), "Hello", 8, None))
+        .generate(raw_gen(model.to_str().unwrap(), "Hello", 8))
         .unwrap();
     let (text, stats) = stream.collect_text().unwrap();
     assert_eq!(stats.generated_tokens, 8);
@@ -137,7 +114,7 @@ fn a_second_worker_costs_its_kv_cache_not_another_copy_of_the_weights() {
     ]);
     let client = daemon.client();
     client
-        .generate(gen(g, "Warm up the first worker.", 64, None))
+        .generate(raw_gen(g, "Warm up the first worker.", 64))
         .unwrap()
         .collect_text()
         .unwrap();
@@ -145,10 +122,10 @@ fn a_second_worker_costs_its_kv_cache_not_another_copy_of_the_weights() {
     assert_eq!(one.models[0].workers.len(), 1);
     // Two at once: the second queues, the scaler adds a replica for it.
     let a = client
-        .generate(gen(g, "The first of two stories:", 64, None))
+        .generate(raw_gen(g, "The first of two stories:", 64))
         .unwrap();
     let b = client
-        .generate(gen(g, "The second of two stories:", 64, None))
+        .generate(raw_gen(g, "The second of two stories:", 64))
         .unwrap();
     a.collect_text().unwrap();
     b.collect_text().unwrap();
@@ -200,7 +177,7 @@ fn a_burst_scales_up_to_max_workers_and_idle_scales_back_down() {
     let streams: Vec<_> = (0..6)
         .map(|i| {
             client
-                .generate(gen(&m, &format!("Burst {i}"), 300, None))
+                .generate(raw_gen(&m, &format!("Burst {i}"), 300))
                 .unwrap()
         })
         .collect();
@@ -269,7 +246,7 @@ fn keep_alive_unloads_after_its_time_zero_at_once_forever_never() {
 
     // The daemon's keep-alive (1 s here; 5 min by default).
     client
-        .generate(gen(m, "Soon idle", 4, None))
+        .generate(raw_gen(m, "Soon idle", 4))
         .unwrap()
         .collect_text()
         .unwrap();
@@ -285,7 +262,10 @@ fn keep_alive_unloads_after_its_time_zero_at_once_forever_never() {
 
     // Forever (-1): still loaded well past the daemon's keep-alive.
     client
-        .generate(gen(m, "Stay", 4, Some(u64::MAX)))
+        .generate(Generate {
+            keep_alive_ms: Some(u64::MAX),
+            ..raw_gen(m, "Stay", 4)
+        })
         .unwrap()
         .collect_text()
         .unwrap();
@@ -293,7 +273,12 @@ fn keep_alive_unloads_after_its_time_zero_at_once_forever_never() {
     assert_eq!(status(&client).models.len(), 1);
 
     // Zero: unloaded right after this request.
-    let mut s = client.generate(gen(m, "Go", 4, Some(0))).unwrap();
+    let mut s = client
+        .generate(Generate {
+            keep_alive_ms: Some(0),
+            ..raw_gen(m, "Go", 4)
+        })
+        .unwrap();
     assert!(matches!(
         paraphym_tests::next_piece(&mut s),
         Some(Ok(Piece::Token(_)))

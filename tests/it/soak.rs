@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 
 use paraphym_daemon::synth::Arch;
 use paraphym_protocol::client::{Client, ClientError, Piece};
-use paraphym_protocol::message::{
-    ErrorKind, Generate, Options, Prompt, Request, Response, StatusReport, StopReason, WorkerState,
-};
-use paraphym_tests::{tiny, wait_until, TestDaemon};
+use paraphym_protocol::message::{ErrorKind, Generate, Options, Prompt, StopReason, WorkerState};
+use paraphym_tests::{status, tiny, wait_until, TestDaemon};
 
 const WORDS: &[&str] = &[
     "river", "stone", "quiet", "engine", "morning", "paper", "signal", "garden", "copper", "window",
@@ -40,13 +38,6 @@ struct Tally {
     cancelled: AtomicU64,
     busy: AtomicU64,
     disconnects: AtomicU64,
-}
-
-fn status(c: &Client) -> StatusReport {
-    match c.call(Request::Status).unwrap() {
-        Response::Status(s) => s,
-        other => panic!("{other:?}"),
-    }
 }
 
 /// One client's loop until `deadline`; panics on any unanswered request.

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use paraphym_daemon::synth::{self, Arch, Size};
 use paraphym_protocol::client::Client;
-use paraphym_protocol::message::{ClientMsg, DaemonMsg, Request};
+use paraphym_protocol::message::{
+    ClientMsg, DaemonMsg, Generate, Options, Prompt, Request, Response, StatusReport,
+};
 use paraphym_protocol::{codec, frame, handshake, PROTOCOL_VERSION};
 
 /// The folder of the binaries under test (the one this test runs from).
@@ -78,18 +80,35 @@ fn newest_source(name: &str) -> SystemTime {
 /// A binary of this workspace, refusing one older than its sources: the
 /// test crate can't build other crates' binaries itself.
 pub fn bin(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
+    fresh(bin_dir().join(name), "cargo build --workspace --bins")
+}
+
+/// A release build of a daemon binary (what `scripts/demo.sh` runs).
+pub fn release_bin(name: &str) -> PathBuf {
+    let target = bin_dir().parent().expect("target").to_owned();
+    fresh(
+        target.join("release").join(name),
+        &format!("cargo build --release -p paraphym-daemon --bin {name}"),
+    )
+}
+
+fn fresh(p: PathBuf, build: &str) -> PathBuf {
+    let name = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_owned();
     let built = std::fs::metadata(&p)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| {
             panic!(
-                "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+                "{} is missing: run `{build}` first (scripts/test.sh does)",
                 p.display()
             )
         });
     assert!(
-        built >= newest_source(name),
-        "{} is older than its sources: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        built >= newest_source(&name),
+        "{} is older than its sources: run `{build}` first (scripts/test.sh does)",
         p.display()
     );
     p
@@ -165,6 +184,7 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// A running `paraphymd` on a private socket; killed on drop, its log
 /// printed if the test is failing.
 pub struct TestDaemon {
+    pub binary: PathBuf,
     pub child: Option<Child>,
     pub socket: PathBuf,
     pub log: PathBuf,
@@ -179,10 +199,16 @@ impl TestDaemon {
 
     /// [`TestDaemon::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_binary(bin("paraphymd"), args, env)
+    }
+
+    /// [`TestDaemon::start_with_env`] with another build of `paraphymd`.
+    pub fn start_binary(binary: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("d");
         let socket = dir.path().join("d.sock");
         let log = dir.path().join("paraphymd.log");
         let mut d = Self {
+            binary,
             child: None,
             socket,
             log,
@@ -193,7 +219,7 @@ impl TestDaemon {
     }
 
     fn spawn(&mut self, args: &[&str], env: &[(&str, &str)]) {
-        let child = Command::new(bin("paraphymd"))
+        let child = Command::new(&self.binary)
             .envs(env.iter().copied())
             .arg("--socket")
             .arg(&self.socket)
@@ -347,5 +373,29 @@ impl RawConn {
                 return m;
             }
         }
+    }
+}
+
+/// A raw-prompt generation with a fixed seed that runs its full length
+/// (`ignore_eos`), so tests know how many tokens come; callers adjust fields.
+pub fn raw_gen(model: &str, prompt: &str, max_tokens: u32) -> Generate {
+    Generate {
+        model: Some(model.to_owned()),
+        prompt: Prompt::Raw(prompt.to_owned()),
+        options: Options {
+            max_tokens: Some(max_tokens),
+            seed: Some(1),
+            ignore_eos: true,
+            ..Options::default()
+        },
+        keep_alive_ms: None,
+    }
+}
+
+/// The daemon's status report.
+pub fn status(c: &Client) -> StatusReport {
+    match c.call(Request::Status).expect("status") {
+        Response::Status(s) => s,
+        other => panic!("status answered {other:?}"),
     }
 }
