@@ -203,7 +203,7 @@ pub struct ModelInfo {
     pub loaded: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct StatusReport {
     pub models: Vec<ModelStatus>,
     pub memory_used_bytes: u64,

@@ -9,3 +9,4 @@ mod progress;
 mod scaling;
 mod soak;
 mod streaming;
+mod tui;

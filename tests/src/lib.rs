@@ -185,6 +185,8 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// printed if the test is failing.
 pub struct TestDaemon {
     pub binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     pub child: Option<Child>,
     pub socket: PathBuf,
     pub log: PathBuf,
@@ -209,23 +211,42 @@ impl TestDaemon {
         let log = dir.path().join("paraphymd.log");
         let mut d = Self {
             binary,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             socket,
             log,
             dir,
         };
-        d.spawn(args, env);
+        d.spawn();
         d
     }
 
-    fn spawn(&mut self, args: &[&str], env: &[(&str, &str)]) {
+    /// Kill the daemon outright (SIGKILL: no goodbye to its clients).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start it again on the same socket, with the same flags.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
         let child = Command::new(&self.binary)
-            .envs(env.iter().copied())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--socket")
             .arg(&self.socket)
             .arg("--log-file")
             .arg(&self.log)
-            .args(args)
+            .args(&self.args)
             .env("PARAPHYM_LOG", "debug")
             .env_remove("PARAPHYM_MODEL")
             .stdin(Stdio::null())

@@ -1,8 +1,14 @@
 //! paraphym: the client. Subcommands script the daemon over its socket;
 //! the terminal UI (no subcommand) is built on the same client library.
 
+mod app;
 mod cli;
 mod conn;
+mod state;
+mod store;
+mod term;
+mod ui;
+mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,14 +20,67 @@ use clap::{Parser, Subcommand};
     name = "paraphym",
     version,
     about = "Local LLMs, kept warm by paraphymd",
-    arg_required_else_help = true
+    long_about = "Local LLMs, kept warm by paraphymd.\n\nWithout a subcommand: the chat \
+                  TUI (F1 in it lists the keys). With one: scripting over the daemon's socket."
 )]
 struct Cli {
     /// The daemon's socket [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v1/paraphymd.sock, else ~/.paraphym/paraphym-v1/paraphymd.sock]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    #[command(flatten)]
+    chat: ChatArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+/// The TUI's starting settings (each chat can change them: /set, /system).
+#[derive(clap::Args, Debug)]
+struct ChatArgs {
+    /// The model to chat with [default: $PARAPHYM_MODEL, else the daemon's default]
+    #[arg(long)]
+    model: Option<String>,
+    /// A system prompt for new chats.
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Ask a thinking model (Qwen3) to think first.
+    #[arg(long, conflicts_with = "no_think")]
+    think: bool,
+    /// Ask a thinking model (Qwen3) not to think.
+    #[arg(long)]
+    no_think: bool,
+    /// Completion instead of chat: each message is text for the model to
+    /// continue (base models without a chat template).
+    #[arg(long)]
+    raw: bool,
+}
+
+impl ChatArgs {
+    fn settings(&self) -> state::chat::Settings {
+        state::chat::Settings {
+            system: self.system.clone(),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            think: match (self.think, self.no_think) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            raw: self.raw,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -58,12 +117,31 @@ enum Command {
     Stop,
     /// This client's version, the protocol's, and the daemon's if one runs.
     Version,
+    /// The engine view alone, full screen: workers, queues, throughput, memory.
+    Watch,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let ctx = cli::Ctx::new(cli.socket);
-    let result = match cli.command {
+    let tui = |mode| {
+        let socket = conn::socket_path(cli.socket.as_deref())?;
+        ui::run(ui::Options {
+            mode,
+            socket,
+            explicit_socket: cli.socket.is_some(),
+            model: cli.chat.model.clone().or_else(|| {
+                std::env::var("PARAPHYM_MODEL")
+                    .ok()
+                    .filter(|m| !m.is_empty())
+            }),
+            settings: cli.chat.settings(),
+        })
+    };
+    let ctx = cli::Ctx::new(cli.socket.clone());
+    let Some(command) = cli.command else {
+        return finish(tui(app::Mode::Chat));
+    };
+    let result = match command {
         Command::Run(args) => cli::run(&ctx, args),
         Command::Ps { json } => cli::ps(&ctx, json),
         Command::Models { json } => cli::models(&ctx, json),
@@ -73,7 +151,12 @@ fn main() -> ExitCode {
         Command::Health { json } => cli::health(&ctx, json),
         Command::Stop => cli::stop(&ctx),
         Command::Version => cli::version(&ctx),
+        Command::Watch => tui(app::Mode::Watch),
     };
+    finish(result)
+}
+
+fn finish(result: Result<ExitCode, cli::CliError>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
