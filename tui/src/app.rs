@@ -107,6 +107,8 @@ pub enum Msg {
     },
     /// Nothing changed but the screen (a resize): draw again.
     Redraw,
+    /// Leave (a signal), as Ctrl+Q.
+    Quit,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,8 +154,13 @@ pub struct App {
     pub show_engine: bool,
     /// Reasoning blocks shown in full (else one dimmed line each).
     pub show_reasoning: bool,
-    /// Lines scrolled up from the bottom of the transcript (0: follow).
-    pub scroll: usize,
+    /// The transcript's first shown line while scrolled back (`None`:
+    /// follow the bottom). Fixed to a line, so a streaming reply doesn't
+    /// move what is being read.
+    pub scroll: Option<usize>,
+    /// (lines, visible rows) of the transcript as last drawn: the layout
+    /// that scrolling by keys is measured against (set by the view).
+    pub transcript: std::cell::Cell<(usize, usize)>,
     pub overlay: Option<Overlay>,
     pub notice: Option<Notice>,
     next_req: u64,
@@ -175,7 +182,8 @@ impl App {
             engine: EngineState::default(),
             show_engine: true,
             show_reasoning: false,
-            scroll: 0,
+            scroll: None,
+            transcript: std::cell::Cell::new((0, 0)),
             overlay: None,
             notice: None,
             next_req: 1,
@@ -205,8 +213,8 @@ impl App {
                 }
             }
             Msg::Mouse(m) => match m.kind {
-                MouseEventKind::ScrollUp => self.scroll = self.scroll.saturating_add(3),
-                MouseEventKind::ScrollDown => self.scroll = self.scroll.saturating_sub(3),
+                MouseEventKind::ScrollUp => self.scroll_by(-3),
+                MouseEventKind::ScrollDown => self.scroll_by(3),
                 _ => {}
             },
             Msg::Connected { version, status } => {
@@ -256,12 +264,13 @@ impl App {
                 } else {
                     self.say(format!("opened “{}”", c.title()), false);
                     self.conv = c;
-                    self.scroll = 0;
+                    self.scroll = None;
                     self.editing = None;
                 }
             }
             Msg::Notice { text, error } => self.say(text, error),
             Msg::Redraw => {}
+            Msg::Quit => self.quit = true,
         }
         Vec::new()
     }
@@ -335,6 +344,11 @@ impl App {
         }
         match k.code {
             KeyCode::Esc => {
+                if self.reply.as_ref().is_some_and(|r| r.stopping) {
+                    // Asked twice and the daemon hasn't ended it: let go
+                    // here (late pieces of it are ignored).
+                    return self.abandon();
+                }
                 if let Some(r) = &mut self.reply {
                     r.stopping = true;
                     return vec![Effect::Cancel { req: r.req }];
@@ -384,8 +398,8 @@ impl App {
             KeyCode::Down => {
                 self.editor.down();
             }
-            KeyCode::PageUp => self.scroll = self.scroll.saturating_add(10),
-            KeyCode::PageDown => self.scroll = self.scroll.saturating_sub(10),
+            KeyCode::PageUp => self.scroll_by(-10),
+            KeyCode::PageDown => self.scroll_by(10),
             _ => {}
         }
         Vec::new()
@@ -419,6 +433,29 @@ impl App {
         );
     }
 
+    /// Move the transcript `lines` down (negative: back); reaching the
+    /// bottom follows it again.
+    fn scroll_by(&mut self, lines: isize) {
+        let (total, rows) = self.transcript.get();
+        let bottom = total.saturating_sub(rows);
+        let top = self.scroll.unwrap_or(bottom).min(bottom);
+        let next = top.saturating_add_signed(lines).min(bottom);
+        self.scroll = (next < bottom).then_some(next);
+    }
+
+    /// Whether a new reply may start now; if not, the notice says why.
+    fn can_send(&mut self) -> bool {
+        if self.reply.is_some() {
+            self.say("a reply is streaming: Esc stops it", true);
+            false
+        } else if !self.connected() {
+            self.say("the daemon is not reachable; waiting to reconnect", true);
+            false
+        } else {
+            true
+        }
+    }
+
     fn submit(&mut self) -> Vec<Effect> {
         if self.editor.is_empty() {
             return Vec::new();
@@ -428,12 +465,7 @@ impl App {
             self.editor.take();
             return self.command(cmd);
         }
-        if self.reply.is_some() {
-            self.say("a reply is streaming: Esc stops it", true);
-            return Vec::new();
-        }
-        if !self.connected() {
-            self.say("the daemon is not reachable; waiting to reconnect", true);
+        if !self.can_send() {
             return Vec::new();
         }
         self.editor.take();
@@ -465,18 +497,13 @@ impl App {
             phase: Phase::Sent,
             stopping: false,
         });
-        self.scroll = 0;
+        self.scroll = None;
         self.notice = None;
         vec![Effect::Generate { req, request }]
     }
 
     fn regenerate(&mut self) -> Vec<Effect> {
-        if self.reply.is_some() {
-            self.say("a reply is streaming: Esc stops it", true);
-            return Vec::new();
-        }
-        if !self.connected() {
-            self.say("the daemon is not reachable; waiting to reconnect", true);
+        if !self.can_send() {
             return Vec::new();
         }
         match self.conv.messages.last() {
@@ -503,24 +530,32 @@ impl App {
         self.conv = Conversation::new(id, model);
         self.conv.settings = settings;
         self.editing = None;
-        self.scroll = 0;
+        self.scroll = None;
         self.say("new chat", false);
         Vec::new()
     }
 
-    fn last_answer(&self) -> Option<&str> {
-        self.conv
-            .messages
-            .iter()
-            .rev()
-            .find(|m| m.role == Role::Assistant && !m.content.is_empty())
-            .map(|m| m.split_reasoning().1)
+    /// The answer to copy: while an earlier message is selected (↑), the
+    /// answer to it; else the last one.
+    fn chosen_answer(&self) -> Option<&str> {
+        let answer = |m: &&Message| m.role == Role::Assistant && !m.content.is_empty();
+        let msgs = &self.conv.messages;
+        match self.editing {
+            Some(i) => msgs[i..].iter().find(answer),
+            None => msgs.iter().rev().find(answer),
+        }
+        .map(|m| m.split_reasoning().1)
     }
 
     fn copy_answer(&mut self) -> Vec<Effect> {
-        match self.last_answer().map(str::to_owned) {
+        match self.chosen_answer().map(str::to_owned) {
             Some(a) => {
-                self.say("copied the last answer", false);
+                let which = if self.editing.is_some() {
+                    "that"
+                } else {
+                    "the last"
+                };
+                self.say(format!("copied {which} answer"), false);
                 vec![Effect::Copy(a)]
             }
             None => {
@@ -587,6 +622,21 @@ impl App {
             ),
         }
         Vec::new()
+    }
+
+    /// End the reply here without waiting for the daemon.
+    fn abandon(&mut self) -> Vec<Effect> {
+        let Some(r) = self.reply.take() else {
+            return Vec::new();
+        };
+        if let Some(m) = self.conv.messages.last_mut() {
+            m.error = Some("stopped (the daemon did not confirm)".into());
+        }
+        self.say("stopped", false);
+        vec![
+            Effect::Cancel { req: r.req },
+            Effect::Save(self.conv.clone()),
+        ]
     }
 
     fn current(&mut self, req: u64) -> Option<&mut Message> {
@@ -804,6 +854,22 @@ pub mod tests {
         assert_eq!(app.editor.text(), "again", "the text waits in the editor");
         assert_eq!(app.update(key(KeyCode::Esc)), [Effect::Cancel { req }]);
         assert!(app.reply.as_ref().unwrap().stopping);
+        {
+            // A second Esc with no answer from the daemon lets go locally.
+            let mut stuck = connected();
+            let (r2, _) = send(&mut stuck, "Hi");
+            stuck.update(key(KeyCode::Esc));
+            let fx = stuck.update(key(KeyCode::Esc));
+            assert!(
+                matches!(fx.as_slice(), [Effect::Cancel { req }, Effect::Save(_)] if *req == r2)
+            );
+            assert!(stuck.reply.is_none());
+            token(&mut stuck, r2, "late");
+            assert!(
+                stuck.conv.messages[1].content.is_empty(),
+                "late pieces are ignored"
+            );
+        }
         let mut done = stats(0);
         done.stop = StopReason::Cancelled;
         app.update(Msg::Piece {
@@ -981,6 +1047,26 @@ pub mod tests {
             KeyModifiers::ALT,
         )));
         assert_eq!(fx, [Effect::Copy("ls -la".into())]);
+    }
+
+    #[test]
+    fn scrolling_back_holds_a_line_and_the_bottom_follows_again() {
+        let mut app = connected();
+        app.transcript.set((100, 20));
+        app.update(key(KeyCode::PageUp));
+        assert_eq!(app.scroll, Some(70));
+        for _ in 0..20 {
+            app.update(key(KeyCode::PageUp));
+        }
+        assert_eq!(app.scroll, Some(0), "clamped at the top");
+        app.update(key(KeyCode::PageDown));
+        assert_eq!(app.scroll, Some(10));
+        // More text arrives: the shown line stays; reaching the end follows.
+        app.transcript.set((150, 20));
+        for _ in 0..13 {
+            app.update(key(KeyCode::PageDown));
+        }
+        assert_eq!(app.scroll, None);
     }
 
     #[test]

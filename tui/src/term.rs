@@ -29,8 +29,10 @@ impl Term {
             let _ = execute!(stdout(), DisableMouseCapture, DisableBracketedPaste);
             previous(info);
         }));
+        let term = Self { terminal };
+        // Past this point an error drops `term`, which restores the screen.
         execute!(stdout(), EnableMouseCapture, EnableBracketedPaste)?;
-        Ok(Self { terminal })
+        Ok(term)
     }
 }
 

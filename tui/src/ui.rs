@@ -33,7 +33,15 @@ pub struct Options {
 const FRAME: Duration = Duration::from_millis(16);
 
 type Slot = Arc<Mutex<Option<Arc<Client>>>>;
-type Streams = Arc<Mutex<HashMap<u64, (Handle, u64)>>>;
+/// The replies in flight (their connection and request id, for cancel), and
+/// cancels asked for before their request was sent.
+#[derive(Default)]
+struct Flight {
+    streams: HashMap<u64, (Handle, u64)>,
+    early_cancels: std::collections::HashSet<u64>,
+}
+
+type Streams = Arc<Mutex<Flight>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -65,6 +73,24 @@ pub fn run(o: Options) -> Result<ExitCode, CliError> {
             .spawn(move || link(&socket, &tx, &slot))
             .map_err(|e| CliError::Other(e.to_string()))?;
     }
+    {
+        // SIGTERM/SIGHUP (a closed terminal): leave as Ctrl+Q does, so the
+        // terminal is restored and the chat saved.
+        let tx = tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ])
+        .map_err(|e| CliError::Other(e.to_string()))?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    let _ = tx.send(Msg::Quit);
+                }
+            })
+            .map_err(|e| CliError::Other(e.to_string()))?;
+    }
     let mut term = Term::start().map_err(|e| CliError::Other(format!("terminal: {e}")))?;
     {
         let tx = tx.clone();
@@ -82,12 +108,7 @@ pub fn run(o: Options) -> Result<ExitCode, CliError> {
     };
     let mut last_draw = Instant::now() - FRAME;
     loop {
-        let wait = if last_draw.elapsed() < FRAME {
-            FRAME - last_draw.elapsed()
-        } else {
-            Duration::ZERO
-        };
-        std::thread::sleep(wait);
+        std::thread::sleep(FRAME.saturating_sub(last_draw.elapsed()));
         term.terminal
             .draw(|f| crate::view::render(&app, f))
             .map_err(|e| CliError::Other(format!("terminal: {e}")))?;
@@ -156,7 +177,14 @@ impl Ctx {
                             return;
                         }
                     };
-                    lock(&streams).insert(req, (client.handle(), stream.id()));
+                    let cancel_now = {
+                        let mut f = lock(&streams);
+                        f.streams.insert(req, (client.handle(), stream.id()));
+                        f.early_cancels.remove(&req)
+                    };
+                    if cancel_now {
+                        let _ = stream.cancel();
+                    }
                     for piece in stream {
                         let msg = match piece {
                             Ok(piece) => Msg::Piece { req, piece },
@@ -166,12 +194,21 @@ impl Ctx {
                             break;
                         }
                     }
-                    lock(&streams).remove(&req);
+                    lock(&streams).streams.remove(&req);
                 });
             }
             Effect::Cancel { req } => {
-                if let Some((handle, id)) = lock(&self.streams).get(&req) {
-                    let _ = handle.cancel(*id);
+                // Cancel outside the lock: it writes to the socket.
+                let target = {
+                    let mut f = lock(&self.streams);
+                    let t = f.streams.get(&req).cloned();
+                    if t.is_none() {
+                        f.early_cancels.insert(req);
+                    }
+                    t
+                };
+                if let Some((handle, id)) = target {
+                    let _ = handle.cancel(id);
                 }
             }
             Effect::ListModels => {
@@ -279,23 +316,26 @@ fn link(socket: &std::path::Path, tx: &flume::Sender<Msg>, slot: &Slot) {
                     Ok(Response::Status(s)) => s,
                     _ => StatusReport::default(),
                 };
-                let sub = c.subscribe();
-                let c = Arc::new(c);
-                *lock(slot) = Some(c.clone());
-                attempt = 0;
-                if tx.send(Msg::Connected { version, status }).is_err() {
-                    return;
-                }
-                if let Ok(sub) = sub {
-                    for e in sub {
-                        let Ok(e) = e else { break };
-                        if tx.send(Msg::Event(e)).is_err() {
+                match c.subscribe() {
+                    Ok(sub) => {
+                        let c = Arc::new(c);
+                        *lock(slot) = Some(c.clone());
+                        attempt = 0;
+                        if tx.send(Msg::Connected { version, status }).is_err() {
                             return;
                         }
+                        for e in sub {
+                            let Ok(e) = e else { break };
+                            if tx.send(Msg::Event(e)).is_err() {
+                                return;
+                            }
+                        }
+                        lock(slot).take();
+                        "connection lost".to_string()
                     }
+                    // Without events the view would be blind: not connected.
+                    Err(e) => format!("subscribe: {e}"),
                 }
-                lock(slot).take();
-                "connection lost".to_string()
             }
             Err(ClientError::NotRunning { .. }) => "not running".into(),
             Err(e) => e.to_string(),

@@ -60,6 +60,13 @@ impl Editor {
         if c == '\n' {
             return self.newline();
         }
+        if c == '\t' {
+            // Tabs as spaces: a tab has no width the screen agrees on.
+            for _ in 0..4 {
+                self.insert(' ');
+            }
+            return;
+        }
         if c == '\r' || (c.is_control() && c != '\t') {
             return;
         }
@@ -67,9 +74,10 @@ impl Editor {
         self.col += 1;
     }
 
-    /// Paste: newlines become line breaks, `\r\n` included.
+    /// Paste: `\n`, `\r\n` and a lone `\r` (what many terminals send for
+    /// a pasted newline) become line breaks.
     pub fn insert_str(&mut self, s: &str) {
-        for c in s.replace("\r\n", "\n").chars() {
+        for c in s.replace("\r\n", "\n").replace('\r', "\n").chars() {
             self.insert(c);
         }
     }
@@ -173,6 +181,9 @@ mod tests {
     #[test]
     fn typing_newlines_and_deleting() {
         let mut e = Editor::default();
+        e.insert_str("hel\rlo\r\nworld");
+        assert_eq!(e.text(), "hel\nlo\nworld");
+        e = Editor::default();
         e.insert_str("hello\r\nworld");
         assert_eq!(e.text(), "hello\nworld");
         assert_eq!(e.cursor(), (1, 5));

@@ -167,7 +167,14 @@ impl EngineState {
     }
 
     fn apply_metrics(&mut self, m: &Metrics) {
-        self.now_s = m.at_ms as f64 / 1e3;
+        let at = m.at_ms as f64 / 1e3;
+        if at < self.now_s {
+            // Time went back: a new daemon. Its clock starts again.
+            for v in &mut self.models {
+                v.history.clear();
+            }
+        }
+        self.now_s = at;
         self.memory_used = m.memory_used_bytes;
         self.memory_estimated = m.memory_estimated_bytes;
         let now = self.now_s;
@@ -306,6 +313,9 @@ mod tests {
         let ids: Vec<_> = e.models[0].workers.iter().map(|w| w.id).collect();
         assert_eq!(ids, [3]);
         assert_eq!(e.memory_used, 100);
+        // A restarted daemon's clock starts again: the old window goes.
+        e.apply(&metrics(1_000, 5.0, &[(0, WorkerState::Idle)]));
+        assert_eq!(e.models[0].history, [(1.0, 5.0)]);
     }
 
     #[test]

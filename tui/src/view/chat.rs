@@ -155,8 +155,8 @@ pub fn render(app: &App, f: &mut Frame, area: Rect) {
     let all = lines(app, width.max(1));
     let height = area.height as usize;
     let max_scroll = all.len().saturating_sub(height);
-    let scroll = app.scroll.min(max_scroll);
-    let top = max_scroll - scroll;
+    let top = app.scroll.map_or(max_scroll, |t| t.min(max_scroll));
+    app.transcript.set((all.len(), height));
     let shown: Vec<Line> = all.iter().skip(top).take(height).cloned().collect();
     f.render_widget(Paragraph::new(shown), area);
     if max_scroll > 0 {

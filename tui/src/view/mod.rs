@@ -184,29 +184,37 @@ fn link_banner(app: &App, f: &mut Frame, area: Rect) {
     f.render_widget(Paragraph::new(text).style(style), area);
 }
 
-/// The editor's lines broken to the box's inner width: (row, text) pairs and
-/// the cursor's visual position.
+/// The editor's lines broken by display width to the box's inner width:
+/// the rows, and the cursor's (row, column in cells).
 fn input_rows(app: &App, width: u16) -> (Vec<String>, (usize, usize)) {
-    let w = width.saturating_sub(2).max(1) as usize;
+    let w = width.saturating_sub(2).max(2) as usize;
     let (crow, ccol) = app.editor.cursor();
     let mut rows = Vec::new();
     let mut cursor = (0, 0);
     for (i, line) in app.editor.lines().enumerate() {
-        let chars: Vec<char> = line.chars().collect();
-        let start = rows.len();
-        if chars.is_empty() {
-            rows.push(String::new());
-        }
-        for chunk in chars.chunks(w) {
-            rows.push(chunk.iter().collect());
-        }
-        if i == crow {
-            let r = ccol / w;
-            cursor = (start + r, ccol - r * w);
-            if cursor.0 >= rows.len() {
-                rows.push(String::new());
+        let mut row = String::new();
+        let mut used = 0;
+        for (n, ch) in line.chars().enumerate() {
+            let cw = ch.to_string().width();
+            if used + cw > w {
+                rows.push(std::mem::take(&mut row));
+                used = 0;
             }
+            if i == crow && n == ccol {
+                cursor = (rows.len(), used);
+            }
+            row.push(ch);
+            used += cw;
         }
+        if i == crow && ccol >= line.chars().count() {
+            // At the end of the line; past the edge it starts the next row.
+            if used >= w {
+                rows.push(std::mem::take(&mut row));
+                used = 0;
+            }
+            cursor = (rows.len(), used);
+        }
+        rows.push(row);
     }
     (rows, cursor)
 }
@@ -253,9 +261,7 @@ fn input_box(app: &App, f: &mut Frame, area: Rect) {
         .collect();
     f.render_widget(Paragraph::new(shown), inner);
     if app.overlay.is_none() {
-        let row = &rows[cr];
-        let col: usize = row.chars().take(cc).map(|c| c.to_string().width()).sum();
-        f.set_cursor_position((inner.x + col as u16, inner.y + (cr - first) as u16));
+        f.set_cursor_position((inner.x + cc as u16, inner.y + (cr - first) as u16));
     }
 }
 
@@ -306,7 +312,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Ctrl+P", "pick a model"),
     ("Ctrl+T", "show/hide the engine view"),
     ("Ctrl+X", "show/hide reasoning"),
-    ("Ctrl+Y / Alt+Y", "copy the answer / its last code block"),
+    (
+        "Ctrl+Y / Alt+Y",
+        "copy the answer (↑: an earlier one) / code block",
+    ),
     ("Ctrl+E", "export the chat to Markdown"),
     ("PgUp/PgDn, wheel", "scroll"),
     ("Ctrl+Q, Ctrl+C", "quit"),
@@ -347,7 +356,7 @@ fn overlay(app: &App, o: &Overlay, f: &mut Frame, area: Rect) {
                     ]));
                 }
             }
-            let r = centered(area, 70, lines.len() as u16 + 2);
+            let r = centered(area, 76, lines.len() as u16 + 2);
             f.render_widget(Clear, r);
             f.render_widget(
                 Paragraph::new(lines).block(Block::bordered().title(" Help (any key closes) ")),

@@ -281,3 +281,30 @@ fn help_lists_the_keys() {
     insta::assert_snapshot!(t.backend());
     assert!(find(t.backend().buffer(), "regenerate the last answer").is_some());
 }
+
+#[test]
+fn the_input_wraps_by_display_width_and_the_cursor_follows() {
+    let mut app = connected();
+    app.update(Msg::Paste("日本語".repeat(12)));
+    let t = draw(&app, 60, 20);
+    let buf = t.backend().buffer();
+    // 36 double-width characters in a 58-cell box: 29 per row, 7 left.
+    let (rows, cursor) = super::input_rows(&app, 60);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].chars().count(), 29);
+    assert_eq!(cursor, (1, 14));
+    for y in 0..20 {
+        assert!(text_row(buf, y).chars().count() <= 60);
+    }
+    let mut t = t;
+    let pos = t.get_cursor_position().unwrap();
+    // The box is rows 15-18 (two text rows, borders), above the footer;
+    // its text starts at column 1.
+    assert_eq!((pos.x, pos.y), (1 + 14, 17));
+}
+
+fn text_row(buf: &Buffer, y: u16) -> String {
+    (0..buf.area.width)
+        .map(|x| buf[(x, y)].symbol().to_owned())
+        .collect()
+}
