@@ -60,6 +60,17 @@ pub fn client(stream: &mut (impl Read + Write)) -> Result<(), HandshakeError> {
 /// Daemon side: read the greeting, answer, and accept only our own version.
 pub fn daemon(stream: &mut (impl Read + Write)) -> Result<(), HandshakeError> {
     let theirs = read_hello(stream)?;
+    answer(stream, theirs)
+}
+
+/// The daemon's side in two steps: the client's greeting (its version)...
+pub fn read_client_hello(stream: &mut impl Read) -> Result<u32, HandshakeError> {
+    read_hello(stream)
+}
+
+/// ...and the answer to it: a daemon can do what must precede the client's
+/// first request (take its connection slot) in between.
+pub fn answer(stream: &mut impl Write, theirs: u32) -> Result<(), HandshakeError> {
     let ok = theirs == PROTOCOL_VERSION;
     stream.write_all(&hello(PROTOCOL_VERSION))?;
     stream.write_all(&[if ok { ACCEPTED } else { INCOMPATIBLE }])?;

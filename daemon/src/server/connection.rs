@@ -20,13 +20,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn serve(mut stream: Stream, daemon: Arc<Daemon>) {
     let _ = stream.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
-    if let Err(e) = handshake::daemon(&mut stream) {
-        tracing::debug!("handshake refused: {e}");
-        return;
-    }
-    let _ = stream.set_recv_timeout(None);
-    // The write timeout: a client that stops reading for this long is cut off.
-    let _ = stream.set_send_timeout(Some(daemon.config.write_timeout));
+    let theirs = match handshake::read_client_hello(&mut stream) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!("handshake refused: {e}");
+            return;
+        }
+    };
     let (writer_stream, control) = match (stream.try_clone(), stream.try_clone()) {
         (Ok(w), Ok(c)) => (w, c),
         (Err(e), _) | (_, Err(e)) => {
@@ -40,6 +40,9 @@ pub fn serve(mut stream: Stream, daemon: Arc<Daemon>) {
         jobs: Mutex::default(),
         socket: control,
     });
+    // The slot is taken before the client hears the answer: a client that
+    // has its answer is counted, so one that connects later can't overtake
+    // it and push it over the limit.
     let over_limit = {
         let mut conns = daemon.lock_conns();
         let over = conns.len() >= daemon.config.max_connections;
@@ -48,6 +51,14 @@ pub fn serve(mut stream: Stream, daemon: Arc<Daemon>) {
         }
         over
     };
+    if let Err(e) = handshake::answer(&mut stream, theirs) {
+        tracing::debug!("handshake refused: {e}");
+        daemon.lock_conns().remove(&conn.id);
+        return;
+    }
+    let _ = stream.set_recv_timeout(None);
+    // The write timeout: a client that stops reading for this long is cut off.
+    let _ = stream.set_send_timeout(Some(daemon.config.write_timeout));
     let writer = {
         let conn = conn.clone();
         let daemon = daemon.clone();
