@@ -118,13 +118,19 @@ impl EngineState {
         }
     }
 
+    /// Forget the models a report no longer lists (unloaded meanwhile).
+    fn keep_only<'a>(&mut self, listed: impl Iterator<Item = &'a str>) {
+        let listed: Vec<&str> = listed.collect();
+        self.models
+            .retain(|v| listed.contains(&v.reference.as_str()));
+    }
+
     /// A full picture (on connect, and whenever asked).
     pub fn apply_status(&mut self, s: &StatusReport) {
         self.memory_used = s.memory_used_bytes;
         self.memory_budget = s.memory_budget_bytes;
         self.memory_estimated = s.memory_estimated_bytes;
-        self.models
-            .retain(|m| s.models.iter().any(|n| n.reference == m.reference));
+        self.keep_only(s.models.iter().map(|n| n.reference.as_str()));
         for ms in &s.models {
             let m = self.model(&ms.reference);
             m.queued = ms.queued;
@@ -178,8 +184,7 @@ impl EngineState {
         self.memory_used = m.memory_used_bytes;
         self.memory_estimated = m.memory_estimated_bytes;
         let now = self.now_s;
-        self.models
-            .retain(|v| m.models.iter().any(|n| n.reference == v.reference));
+        self.keep_only(m.models.iter().map(|n| n.reference.as_str()));
         for mm in &m.models {
             let v = self.model(&mm.reference);
             v.queued = mm.queued;
