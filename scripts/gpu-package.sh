@@ -36,6 +36,6 @@ for family in qwen3 gpt35turbo; do
   cp "$cache/tokenizers/$family/"tokenizer*.json "$out/tokenizers/$family/"
   gzip -f -9 "$out/tokenizers/$family/"*.json
 done
-cp scripts/gpu-bench.sh "$out/"
+cp scripts/gpu-bench.sh scripts/gpu-count.c scripts/paraphym_client.py "$out/"
 install -m 0644 "$libpath_script" "$out/device-libpath.sh"
 du -ch "$out"/* | tail -1

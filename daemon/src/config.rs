@@ -41,6 +41,9 @@ pub struct DaemonConfig {
     /// Context length for loaded models (`None`: the engine's default).
     pub context: Option<usize>,
     pub device: Device,
+    /// How workers on one GPU take turns (`None`: freely; the CPU never
+    /// takes turns).
+    pub gpu_turns: Option<crate::engine::Turns>,
     /// A connection's outbox; a generation waits while its client's is full.
     pub outbox_bytes: usize,
     /// A write blocked this long means the client stopped reading: its
@@ -79,6 +82,7 @@ impl DaemonConfig {
             keep_alive: Self::DEFAULT_KEEP_ALIVE,
             context: None,
             device: Device::Cpu,
+            gpu_turns: None,
             outbox_bytes: Self::DEFAULT_OUTBOX_BYTES,
             write_timeout: Self::DEFAULT_WRITE_TIMEOUT,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,

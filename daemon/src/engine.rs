@@ -11,6 +11,7 @@ pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod models;
+pub mod pick;
 pub mod sampling;
 pub mod score;
 pub mod template;
@@ -18,7 +19,7 @@ pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -55,6 +56,32 @@ pub struct LoadOptions {
     pub warmup: bool,
     /// Quantized (normal) or dequantized-to-F32 weights.
     pub weights: Weights,
+    /// Take turns with the other engines holding the same lock (workers on
+    /// one GPU); `None`: run freely.
+    pub turns: Option<Turns>,
+}
+
+/// How engines sharing one device take turns.
+#[derive(Debug, Clone)]
+pub struct Turns {
+    pub lock: Arc<Mutex<()>>,
+    /// Hold the turn through the step's host copy too (the step runs alone),
+    /// rather than only while its kernels are launched.
+    pub whole_step: bool,
+}
+
+impl Turns {
+    pub fn new(whole_step: bool) -> Self {
+        Self {
+            lock: Arc::new(Mutex::new(())),
+            whole_step,
+        }
+    }
+
+    fn take(&self) -> MutexGuard<'_, ()> {
+        // The lock guards no data: a panic while it was held leaves nothing broken.
+        self.lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Default for LoadOptions {
@@ -64,6 +91,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             warmup: true,
             weights: Weights::Quantized,
+            turns: None,
         }
     }
 }
@@ -171,6 +199,9 @@ pub struct Engine {
     path: PathBuf,
     device: Device,
     load_time: Duration,
+    /// The device-side top-k's constants (see [`pick`]).
+    top: pick::TopK,
+    turns: Option<Turns>,
 }
 
 impl Engine {
@@ -240,6 +271,8 @@ impl Engine {
             path: path.to_owned(),
             device: opts.device.clone(),
             load_time,
+            top: pick::TopK::default(),
+            turns: opts.turns.clone(),
         })
     }
 
@@ -258,6 +291,8 @@ impl Engine {
             path: self.path.clone(),
             device: self.device.clone(),
             load_time: Duration::ZERO,
+            top: pick::TopK::default(),
+            turns: self.turns.clone(),
         }
     }
 
@@ -353,6 +388,11 @@ impl Engine {
 
         // Prefill.
         self.model.clear_kv();
+        let turns = self.turns.clone();
+        let turn = || turns.as_ref().map(Turns::take);
+        let whole_step = turns.as_ref().is_some_and(|t| t.whole_step);
+        // A whole-step turn is kept until the step's token is on the host.
+        let mut held = None;
         let mut logits = None;
         let total = prompt_tokens.len();
         for chunk in prompt_tokens.chunks(params.prefill_chunk) {
@@ -360,30 +400,33 @@ impl Engine {
                 out.prefill_time = start.elapsed();
                 return Ok(out);
             }
+            drop(held.take());
+            let t = turn();
             logits = Some(self.model.forward(chunk, LogitsFor::Last)?);
+            held = t.filter(|_| whole_step);
             on_event(GenEvent::Prefilled {
                 done: self.model.kv_len(),
                 total,
             });
         }
-        let mut logits: Vec<f32> = logits
-            .expect("a non-empty prompt has a last chunk")
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        out.prefill_time = start.elapsed();
+        let mut logits = logits.expect("a non-empty prompt has a last chunk");
 
-        // Decode.
+        // Decode. The first token ends the prefill: on a GPU, choosing it is
+        // what waits for the queued prefill kernels.
         let mut sampler = Sampler::new(params.sampling.clone());
+        let route = pick::Route::new(&self.device, &sampler);
         let mut history = prompt_tokens;
         let mut detok = Detokenizer::default();
         let mut stops = StopMatcher::new(&params.stop);
-        let decode_start = Instant::now();
+        let mut decode_start = Instant::now();
         let decode = |ids: &[u32]| self.tokenizer.decode(ids);
         let finish = loop {
-            let token = sampler.sample(&mut logits, &history);
+            let token = pick::next_token(route, &logits, &mut sampler, &history, &mut self.top)?;
+            drop(held.take());
             if out.tokens.is_empty() {
                 out.time_to_first_token = start.elapsed();
+                out.prefill_time = out.time_to_first_token;
+                decode_start = Instant::now();
             }
             if !params.ignore_eos && self.tokenizer.is_eog(token) {
                 break FinishReason::EndOfGeneration;
@@ -415,9 +458,11 @@ impl Engine {
             if cancel.load(Ordering::Relaxed) {
                 break FinishReason::Cancelled;
             }
-            let l = self.model.forward(&[token], LogitsFor::Last)?;
-            logits = l.flatten_all()?.to_vec1()?;
+            let t = turn();
+            logits = self.model.forward(&[token], LogitsFor::Last)?;
+            held = t.filter(|_| whole_step);
         };
+        drop(held);
         if !matches!(finish, FinishReason::StopString(_)) {
             let mut tail = detok.finish(decode)?.unwrap_or_default();
             match stops.push(&tail) {
@@ -500,7 +545,14 @@ pub(crate) fn warm_up(model: &mut Model, bos: Option<u64>) -> Result<(), EngineE
         .map(|t| t.min(last))
         .collect();
     model.clear_kv();
-    model.forward(&tokens, LogitsFor::Last)?;
+    let logits = model.forward(&tokens, LogitsFor::Last)?;
+    if !logits.device().is_cpu() {
+        // The device routes' kernels (reduce, sort, gather) are compiled on
+        // first use too: here, not in the first request.
+        let row = logits.flatten_all()?.to_dtype(DType::F32)?;
+        row.argmax(0)?.to_scalar::<u32>()?;
+        pick::TopK::default().select(&row, pick::TOP_MAX)?;
+    }
     if model.kv_len() < model.context() {
         model.forward(&tokens[..1], LogitsFor::Last)?;
     }

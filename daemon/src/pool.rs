@@ -503,6 +503,7 @@ impl Pools {
                 load: LoadOptions {
                     context: config.context,
                     device: config.device.clone(),
+                    turns: config.gpu_turns.clone(),
                     ..LoadOptions::default()
                 },
             },

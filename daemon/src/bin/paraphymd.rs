@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use anyhow::{Context, Result};
 use clap::Parser;
 use paraphym_daemon::config::{DaemonConfig, FOREVER};
-use paraphym_daemon::engine::device::DeviceSpec;
+use paraphym_daemon::engine::device::{self, DeviceSpec};
+use paraphym_daemon::engine::Turns;
 use paraphym_daemon::registry;
 use paraphym_daemon::server::{self, Daemon, ServeError};
 use paraphym_protocol::{paths, units};
@@ -75,9 +76,13 @@ struct Args {
     /// Connections served at once.
     #[arg(long, default_value_t = DaemonConfig::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    /// Memory the models may take (8GiB, 512MiB; 0: no limit) [default: 80% of the memory available at start].
+    /// Memory the models may take (8GiB, 512MiB; 0: no limit) [default: on CUDA 90% of the GPU's free memory, else 80% of the memory available at start].
     #[arg(long)]
     memory_budget: Option<String>,
+    /// How workers on one GPU take turns: `launch` (one launches its step's
+    /// kernels at a time), `step` (one step runs at a time) or `off`.
+    #[arg(long, default_value = "launch", value_parser = ["off", "launch", "step"])]
+    gpu_turns: String,
     /// Load these models at start (repeatable).
     #[arg(long)]
     preload: Vec<String>,
@@ -167,6 +172,13 @@ fn run(args: Args) -> Result<ExitCode> {
         .unwrap_or(FOREVER);
     config.context = args.context;
     config.device = DeviceSpec::parse(&args.device)?.open()?;
+    if !config.device.is_cpu() {
+        config.gpu_turns = match args.gpu_turns.as_str() {
+            "launch" => Some(Turns::new(false)),
+            "step" => Some(Turns::new(true)),
+            _ => None,
+        };
+    }
     config.outbox_bytes = args.outbox_bytes.max(1024);
     config.write_timeout = units::parse_duration(&args.write_timeout)
         .map_err(anyhow::Error::msg)?
@@ -174,6 +186,16 @@ fn run(args: Args) -> Result<ExitCode> {
     config.max_connections = args.max_connections.max(1);
     if let Some(b) = &args.memory_budget {
         config.memory_budget_bytes = units::parse_bytes(b).map_err(anyhow::Error::msg)?;
+    } else if let Some((free, total)) = device::gpu_memory(&config.device) {
+        // Weights and KV caches live on the card: budget from its memory,
+        // leaving a tenth of what is free for Candle's scratch and cuBLAS.
+        config.memory_budget_bytes = free / 10 * 9;
+        tracing::info!(
+            free_mib = free >> 20,
+            total_mib = total >> 20,
+            budget_mib = config.memory_budget_bytes >> 20,
+            "memory budget from the GPU's free memory"
+        );
     }
 
     let bound = match server::bind(&socket, owns_dir) {

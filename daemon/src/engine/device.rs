@@ -53,6 +53,21 @@ impl DeviceSpec {
     }
 }
 
+/// A CUDA device's free and total memory in bytes (`None` on other devices).
+pub fn gpu_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        return cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| (free as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
 /// The backends compiled into this build, for `--version`-style reports.
 pub fn compiled_backends() -> Vec<&'static str> {
     [

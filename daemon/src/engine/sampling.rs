@@ -90,6 +90,10 @@ impl Sampler {
         }
     }
 
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
     /// Choose a token. `logits` is modified (penalties); `history` is every token
     /// so far, prompt included.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
@@ -115,22 +119,55 @@ impl Sampler {
         }
 
         // Candidates: top-k first (cheap partial selection), else everything.
-        let cand = &mut self.cand;
-        cand.clear();
-        cand.extend(
+        self.cand.clear();
+        self.cand.extend(
             logits
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| l.is_finite())
                 .map(|(i, &l)| (i as u32, l)),
         );
+        self.draw().unwrap_or_else(|| argmax(logits))
+    }
+
+    /// Whether [`Sampler::sample_top`] with the `k` largest logits chooses
+    /// exactly as [`Sampler::sample`] with all of them would: sampling (not
+    /// greedy), no repeat penalty, and a top-k of at most `k`.
+    pub fn top_suffices(&self, k: usize) -> bool {
+        let p = &self.params;
+        p.temperature > 0.0
+            && (p.repeat_penalty == 1.0 || p.repeat_last_n == 0)
+            && p.top_k > 0
+            && p.top_k <= k
+    }
+
+    /// Choose a token from the largest logits alone, `(token, logit)` in any
+    /// order (the device path: only these leave the GPU). Chooses as
+    /// [`Sampler::sample`] would when [`Sampler::top_suffices`] holds.
+    pub fn sample_top(&mut self, top: &[(u32, f32)]) -> Option<u32> {
+        self.cand.clear();
+        self.cand
+            .extend(top.iter().copied().filter(|(_, l)| l.is_finite()));
+        self.draw()
+    }
+
+    /// Top-k, min-p, top-p and temperature over `self.cand`, then the draw;
+    /// `None` when there is no candidate.
+    fn draw(&mut self) -> Option<u32> {
+        let p = &self.params;
+        let cand = &mut self.cand;
         if cand.is_empty() {
-            return argmax(logits);
+            return None;
         }
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.select_nth_unstable_by(p.top_k - 1, desc);
             cand.truncate(p.top_k);
+        }
+        if p.top_k > 0 {
+            // One order whichever way the candidates came (host selection or
+            // the device's sort), so a seed draws the same token from both.
+            cand.sort_unstable_by(desc);
         }
 
         // Probabilities before temperature (llama.cpp applies the filters first).
@@ -183,10 +220,10 @@ impl Sampler {
         for (c, w) in cand.iter().zip(&weights) {
             r -= w;
             if r <= 0.0 {
-                return c.0;
+                return Some(c.0);
             }
         }
-        cand.last().map_or_else(|| argmax(logits), |c| c.0)
+        cand.last().map(|c| c.0)
     }
 }
 

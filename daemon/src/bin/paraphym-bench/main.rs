@@ -111,6 +111,10 @@ enum Cmd {
         gen_tokens: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Extra paraphymd flags for this run (repeatable), e.g.
+        /// `--daemon-arg=--gpu-turns=off`.
+        #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+        daemon_args: Vec<String>,
     },
     /// (internal) one loop once; prints key=value measurements.
     #[command(hide = true)]
@@ -136,6 +140,8 @@ enum Cmd {
         ctx: usize,
         #[arg(long, default_value_t = 12)]
         chunks: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
 }
 
@@ -171,11 +177,12 @@ fn main() -> Result<()> {
             let r = bench::run(which, &model, &prompt, gen_tokens, &device)?;
             let ids: Vec<String> = r.tokens.iter().map(u32::to_string).collect();
             println!(
-                "load_s={} warmup_s={} prefill_tps={} decode_tps={} ttft_s={} vmhwm_kib={} tokens={}",
+                "load_s={} warmup_s={} prefill_tps={} decode_tps={} ttft_s={} ttft_inside_s={} vmhwm_kib={} tokens={}",
                 r.load.as_secs_f64(),
                 r.warmup.as_secs_f64(),
                 r.prefill_tps(),
                 r.decode_tps(),
+                r.first_token.as_secs_f64(),
                 r.first_token.as_secs_f64(),
                 vm_hwm_kib()?,
                 ids.join(",")
@@ -203,7 +210,16 @@ fn main() -> Result<()> {
             prompt_tokens,
             gen_tokens,
             reps,
-        } => concurrent(&model, &device, &streams, prompt_tokens, gen_tokens, reps),
+            daemon_args,
+        } => concurrent(
+            &model,
+            &device,
+            &streams,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            &daemon_args,
+        ),
         Cmd::Synth {
             arch,
             shape,
@@ -237,8 +253,13 @@ fn main() -> Result<()> {
             text,
             ctx,
             chunks,
+            device,
         } => {
-            let mut engine = Engine::load(&model, &LoadOptions::default())?;
+            let opts = LoadOptions {
+                device: parse_device(&device)?,
+                ..LoadOptions::default()
+            };
+            let mut engine = Engine::load(&model, &opts)?;
             let text = std::fs::read_to_string(&text)
                 .with_context(|| format!("reading {}", text.display()))?;
             let tokens = engine.tokenizer().encode(&text, true)?;
@@ -420,12 +441,16 @@ fn decode(
         print!("{n:>24}");
     }
     println!();
-    let rows: [(&str, &str, f64); 6] = [
+    let rows: [(&str, &str, f64); 7] = [
         ("load s", "load_s", 1.0),
         ("warm-up s", "warmup_s", 1.0),
         ("prefill tok/s", "prefill_tps", 1.0),
         ("decode tok/s", "decode_tps", 1.0),
-        ("TTFT s", "ttft_s", 1.0),
+        // The first token sampled (the daemon's own figure, queue included),
+        // and the first text a client received: a token that ends inside a
+        // UTF-8 character is held until the character is whole.
+        ("TTFT s", "ttft_inside_s", 1.0),
+        ("first text s", "ttft_s", 1.0),
         ("peak RSS MiB", "vmhwm_kib", 1.0 / 1024.0),
     ];
     let stats = |i: usize, key: &str, scale: f64| {
@@ -471,7 +496,12 @@ fn decode(
     ratio("bare", "stock", "decode_tps", "decode");
     ratio("bare", "bare'", "decode_tps", "decode");
     ratio("engine", "bare", "prefill_tps", "prefill");
-    ratio("daemon", "engine", "ttft_s", "TTFT");
+    ratio(
+        "daemon",
+        "engine",
+        "ttft_inside_s",
+        "TTFT (to the first token sampled)",
+    );
     ratio("bare", "stock", "prefill_tps", "prefill");
     let ids = |n: &str| col(n).map(|i| runs[i][0].tokens.clone());
     if let (Some(b), Some(e)) = (ids("bare"), ids("engine")) {
@@ -507,6 +537,9 @@ fn daemon_child(model: &std::path::Path, device: &str, prompt: &[u32], gen: usiz
     let d = via_daemon::Daemon::start(device, context)?;
     d.load(model)?;
     let load = t.elapsed();
+    // Load answers when the first worker is ready; the second pre-warmed
+    // one may still be warming up on the same device.
+    d.wait_idle(2)?;
     let o = via_daemon::observe(&d.client, via_daemon::greedy(model, prompt, gen))?;
     let n = o.stats.generated_tokens as usize;
     if n != gen {
@@ -514,11 +547,12 @@ fn daemon_child(model: &std::path::Path, device: &str, prompt: &[u32], gen: usiz
     }
     let prefill = Duration::from_micros(o.stats.time_to_first_token_us);
     println!(
-        "load_s={} warmup_s=0 prefill_tps={} decode_tps={} ttft_s={} vmhwm_kib={} pieces={} generated={} tokens=",
+        "load_s={} warmup_s=0 prefill_tps={} decode_tps={} ttft_s={} ttft_inside_s={} vmhwm_kib={} pieces={} generated={} tokens=",
         load.as_secs_f64(),
         prompt.len() as f64 / prefill.as_secs_f64(),
         (n - 1) as f64 / o.rest.as_secs_f64(),
         o.first.as_secs_f64(),
+        prefill.as_secs_f64(),
         d.vm_hwm_kib()?,
         o.pieces,
         n,
@@ -533,6 +567,7 @@ fn concurrent(
     prompt_tokens: usize,
     gen: usize,
     reps: usize,
+    daemon_args: &[String],
 ) -> Result<()> {
     let reps = reps.max(1);
     // The single-stream reference: the bare loop, in its own process. Its
@@ -565,13 +600,18 @@ fn concurrent(
         "--max-queue".to_string(),
         (4 * most).to_string(),
     ]
-    .into();
+    .into_iter()
+    .chain(daemon_args.iter().cloned())
+    .collect();
     let d = via_daemon::Daemon::start_with(device, prompt_tokens + gen + 64, &extra)?;
     d.load(model)?;
     // Warm every worker once.
     run_streams(&d.socket(), model, &prompt, 8, most)?;
     println!("model     {}", model.display());
     println!("device    {device}; {}", cpu_features());
+    if !daemon_args.is_empty() {
+        println!("daemon    {}", daemon_args.join(" "));
+    }
     println!(
         "workload  {prompt_tokens} prompt tokens, {gen} generated per stream (greedy, EOS ignored); \
          each stream its own connection; median of {reps}"
@@ -622,6 +662,12 @@ fn run_streams(
     let mut tokens = 0u64;
     for s in streams {
         let (_, stats) = s.collect_text()?;
+        if stats.generated_tokens as usize != gen {
+            bail!(
+                "a stream of {n} ended after {} of {gen} tokens",
+                stats.generated_tokens
+            );
+        }
         tokens += u64::from(stats.generated_tokens);
     }
     Ok(tokens as f64 / start.elapsed().as_secs_f64())

@@ -77,6 +77,31 @@ impl Daemon {
         }
     }
 
+    /// Wait until the model has `n` idle workers (the pre-warmed ones done
+    /// warming up), so that a timed request has the device to itself as the
+    /// other loops do.
+    pub fn wait_idle(&self, n: usize) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let idle = match self.client.call(Request::Status)? {
+                Response::Status(s) => s
+                    .models
+                    .iter()
+                    .flat_map(|m| &m.workers)
+                    .filter(|w| w.state == paraphym_protocol::message::WorkerState::Idle)
+                    .count(),
+                other => bail!("unexpected answer to Status: {other:?}"),
+            };
+            if idle >= n {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("{idle} of {n} workers idle after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The daemon's peak RSS (VmHWM), KiB.
     pub fn vm_hwm_kib(&self) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;

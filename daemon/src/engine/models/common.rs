@@ -50,10 +50,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // Candle runs a one-row Q6K product through a gemv whose rounding differs
-        // from its multi-row kernel; two rows keep decode consistent with prefill.
+        // Candle's CPU runs a one-row Q6K product through a gemv whose rounding
+        // differs from its multi-row kernel; two rows keep decode consistent with
+        // prefill. (A GPU can't be made consistent this way: no padding there.)
         if let QMatMul::QTensor(t) = &self.0 {
-            if t.dtype() == GgmlDType::Q6K && x.elem_count() == x.dim(D::Minus1)? {
+            if t.dtype() == GgmlDType::Q6K
+                && x.device().is_cpu()
+                && x.elem_count() == x.dim(D::Minus1)?
+            {
                 let y = self.0.forward(&Tensor::cat(&[x, x], x.rank() - 2)?)?;
                 return y.narrow(y.rank() - 2, 0, 1);
             }
@@ -250,7 +254,7 @@ impl KvCache {
 
     /// Append `k`, `v` (1, kv_heads, seq, head_dim) and return views of the
     /// positions `start..end` of the cache, where `end` may run past the cached
-    /// positions (see [`key_range`]; the caller masks the padding).
+    /// positions (the caller masks what is not cached yet).
     pub fn append(
         &mut self,
         k: &Tensor,
@@ -286,23 +290,6 @@ impl KvCache {
             vc.narrow(2, start, end - start)?,
         ))
     }
-}
-
-/// Key views given to attention start and end on multiples of this many
-/// positions. Candle's CPU softmax sums a row 32 lanes at a time and adds the
-/// remainder serially, so a row's rounding depends on where its keys sit in the
-/// view; with views aligned to absolute positions (padding masked to exactly 0)
-/// a query's attention is bitwise the same however the prompt was chunked.
-/// Without this, an ulp of difference is amplified by the 8-bit activation
-/// quantization of the next matmuls into logit differences of about 1.
-pub const KEY_ALIGN: usize = 32;
-
-/// The aligned key range `[start, end)` covering keys `start..end`.
-pub fn key_range(start: usize, end: usize) -> (usize, usize) {
-    (
-        start / KEY_ALIGN * KEY_ALIGN,
-        end.next_multiple_of(KEY_ALIGN),
-    )
 }
 
 /// An additive attention mask for queries at `q_pos..q_pos+q_len` over keys at
@@ -348,39 +335,25 @@ pub fn first_visible_key(q_pos: usize, window: Option<usize>) -> usize {
     }
 }
 
-/// Key block of the attention's `probs @ v` products; gemm reduces up to 512
-/// values in one pass, so a block's rounding does not depend on its neighbours.
-const PV_BLOCK: usize = 512;
-
-/// Grouped-query attention without materialising repeated K/V heads.
-///
-/// `q`: (1, heads, seq, d), already scaled; `k`, `v`: (1, kv_heads, keys, d) for
-/// the key positions `k_start..`; `mask`: (seq, keys). Returns (1, seq, heads * d).
+/// Grouped-query attention on a device (the CPU has `cpu_attention`),
+/// without materialising repeated K/V heads: the query heads sharing a kv head
+/// are grouped along the sequence axis, so one batched product per kv head does
+/// the work. `q`: (1, heads, seq, d), already scaled; `k`, `v`: (1, kv_heads,
+/// keys, d), typically strided views of the KV cache, read in place (cuBLAS
+/// takes their strides): a `contiguous` copy would be a kernel plus an upload
+/// of the view's layout on CUDA, per layer and token.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
-    k_start: usize,
 ) -> candle_core::Result<Tensor> {
     let (b, heads, seq, d) = q.dims4()?;
     let kv_heads = k.dim(1)?;
     let keys = k.dim(2)?;
     let rep = heads / kv_heads;
-    // Query heads h*rep..(h+1)*rep share kv head h, so grouping them along the
-    // sequence axis lets one batched matmul per kv head do the work.
     let q = q.contiguous()?.reshape((b, kv_heads, rep * seq, d))?;
-    // gemm takes dot-product paths for tiny products (m * keys <= 256, or m == 1)
-    // when K^T is a transposed view; their rounding differs from the tiled
-    // kernel's, so hand those cases a row-major K^T.
-    let k = k.contiguous()?;
-    let kt = if rep * seq <= 1 || rep * seq * keys <= 256 {
-        k.t()?.contiguous()?
-    } else {
-        k.t()?
-    };
-    let v = v.contiguous()?;
-    let mut scores = q.matmul(&kt)?;
+    let mut scores = q.matmul(&k.t()?)?;
     if let Some(mask) = mask {
         scores = scores
             .reshape((b, kv_heads, rep, seq, keys))?
@@ -388,23 +361,9 @@ pub fn attention(
             .reshape((b, kv_heads, rep * seq, keys))?;
     }
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    // probs @ v in key blocks at fixed absolute positions, summed in order: gemm
-    // splits a long reduction into ceil(k / ceil(k / 512..1024)) equal parts, so
-    // its rounding would otherwise depend on how many keys the view holds.
-    let mut out: Option<Tensor> = None; // (b, kv_heads, rep*seq, d)
-    let mut s = 0;
-    while s < keys {
-        let len = (PV_BLOCK - (k_start + s) % PV_BLOCK).min(keys - s);
-        let p = probs.narrow(3, s, len)?.contiguous()?;
-        let part = p.matmul(&v.narrow(2, s, len)?.contiguous()?)?;
-        out = Some(match out {
-            None => part,
-            Some(o) => (o + part)?,
-        });
-        s += len;
-    }
-    let out = out.expect("at least one key");
-    out.reshape((b, heads, seq, d))?
+    probs
+        .matmul(v)?
+        .reshape((b, heads, seq, d))?
         .transpose(1, 2)?
         .reshape((b, seq, heads * d))
 }
@@ -491,6 +450,58 @@ pub fn check_tokens(tokens: &[u32], vocab: usize) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// Attention over strided cache views equals a per-head reference
+    /// (GQA, one query, and a masked chunk).
+    #[test]
+    fn attention_on_views_matches_a_per_head_reference() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut t = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let (heads, kv_heads, d, cap) = (8, 2, 16, 64);
+        for (pos, seq) in [(0usize, 5usize), (20, 1), (40, 7)] {
+            let kc = t(&[1, kv_heads, cap, d]);
+            let vc = t(&[1, kv_heads, cap, d]);
+            let q = t(&[1, heads, seq, d]);
+            let end = pos + seq;
+            // Views of the first `end` positions, strided over the capacity.
+            let (k, v) = (kc.narrow(2, 0, end).unwrap(), vc.narrow(2, 0, end).unwrap());
+            let mask = attention_mask(pos, seq, 0, end, None, &Device::Cpu).unwrap();
+            let got = attention(&q, &k, &v, mask.as_ref())
+                .unwrap()
+                .to_vec3::<f32>()
+                .unwrap();
+            let (qv, kv, vv) = (
+                q.squeeze(0).unwrap().to_vec3::<f32>().unwrap(),
+                k.squeeze(0).unwrap().to_vec3::<f32>().unwrap(),
+                v.squeeze(0).unwrap().to_vec3::<f32>().unwrap(),
+            );
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                for i in 0..seq {
+                    let visible = pos + i + 1;
+                    let scores: Vec<f32> = (0..visible)
+                        .map(|j| (0..d).map(|x| qv[h][i][x] * kv[g][j][x]).sum())
+                        .collect();
+                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let w: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f32 = w.iter().sum();
+                    for x in 0..d {
+                        let want: f32 = (0..visible).map(|j| w[j] / sum * vv[g][j][x]).sum();
+                        let have = got[0][i][h * d + x];
+                        assert!(
+                            (want - have).abs() < 1e-5,
+                            "pos {pos} seq {seq} h {h} i {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Our F32 tables hold the angles of an f64 computation to 1e-4 rad up to
     /// position 32,768 (Candle's F16 Qwen3 tables are 1.17 rad off at 2,049).
     #[test]
@@ -531,6 +542,5 @@ mod tests {
         assert_eq!(first_visible_key(10, Some(4)), 7);
         // Nothing to mask: no tensor.
         assert!(attention_mask(5, 1, 0, 6, None, &dev).unwrap().is_none());
-        assert_eq!(key_range(7, 40), (0, 64));
     }
 }

@@ -11,8 +11,8 @@ use candle_core::{Device, Tensor};
 
 pub use super::common::RopeSpec;
 use super::common::{
-    attention, attention_mask, check_tokens, first_visible_key, key_range, Embedding, KvCache,
-    Linear, LogitsFor, Result, RmsNorm, Rope, RopeStyle, Weights,
+    attention, attention_mask, check_tokens, first_visible_key, Embedding, KvCache, Linear,
+    LogitsFor, Result, RmsNorm, Rope, RopeStyle, Weights,
 };
 use super::cpu_attention::{self, CpuKv};
 use crate::engine::error::EngineError;
@@ -388,7 +388,8 @@ impl Model {
                 }
                 Cache::Tensor(cache) => {
                     if !masks.iter().any(|m| m.0 == w) {
-                        let (k_start, k_end) = key_range(first_visible_key(pos, w), pos + seq);
+                        // Exact key views: a decode step needs no mask.
+                        let (k_start, k_end) = (first_visible_key(pos, w), pos + seq);
                         let mask = attention_mask(pos, seq, k_start, k_end, w, dev)?;
                         masks.push((w, k_start, k_end, mask));
                     }
@@ -396,7 +397,7 @@ impl Model {
                     let q = (q.transpose(1, 2)? * s.attn_scale)?;
                     let (k, v) =
                         cache.append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, *k_start, *k_end)?;
-                    attention(&q, &k, &v, mask.as_ref(), *k_start)?
+                    attention(&q, &k, &v, mask.as_ref())?
                 }
             };
             let mut a = layer.o.forward(&attended)?;
