@@ -101,7 +101,8 @@ pub fn default_max_workers() -> usize {
 }
 
 /// 80% of the memory available at start, plus what this process already
-/// holds (0, no budget, where it can't be read). CUDA devices: issue 8.
+/// holds (0, no budget, where it can't be read). On CUDA `paraphymd` budgets
+/// from the card's free memory instead (`engine::device::gpu_memory`).
 pub fn default_memory_budget() -> u64 {
     available_memory().map_or(0, |m| (m + resident_bytes()) / 5 * 4)
 }
