@@ -216,3 +216,55 @@ fn synthesis_is_deterministic_from_the_seed() {
     let g = GgufFile::open(&dir.0.join("a.gguf")).unwrap();
     assert_eq!(models::spec(&g, 512).unwrap().vocab, 128_256);
 }
+
+/// Engines sharing a turn lock (workers on one GPU, `paraphymd --gpu-turns`)
+/// answer as an engine alone does, three at once, in both modes, and no turn
+/// is left held afterwards. (On the CPU the daemon never takes turns; the
+/// lock's logic is the same on any device.)
+#[test]
+fn engines_taking_turns_answer_as_alone_and_let_go_of_the_turn() {
+    use paraphym_daemon::engine::{Engine, GenParams, LoadOptions, Prompt, SamplingParams, Turns};
+    use std::sync::atomic::AtomicBool;
+
+    let path = tiny(Arch::Qwen3);
+    let params = GenParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: 24,
+        ignore_eos: true,
+        prefill_chunk: 3,
+        ..GenParams::default()
+    };
+    let run = |e: &mut Engine, prompt: &str| {
+        e.generate(
+            Prompt::Text(prompt),
+            &params,
+            &AtomicBool::new(false),
+            |_| {},
+        )
+        .unwrap()
+        .tokens
+    };
+    let opts = |turns: Option<Turns>| LoadOptions {
+        context: Some(256),
+        turns,
+        ..LoadOptions::default()
+    };
+    let prompts = ["one two three four", "the quick brown fox", "hello"];
+    let mut alone = Engine::load(&path, &opts(None)).unwrap();
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| run(&mut alone, p)).collect();
+    for whole_step in [false, true] {
+        let turns = Turns::new(whole_step);
+        let first = Engine::load(&path, &opts(Some(turns.clone()))).unwrap();
+        let mut workers = [first.replica(), first.replica(), first];
+        let got: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = workers
+                .iter_mut()
+                .zip(prompts)
+                .map(|(e, p)| s.spawn(move || run(e, p)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, want, "whole_step {whole_step}");
+        assert!(turns.lock.try_lock().is_ok(), "a turn is still held");
+    }
+}
