@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 
-MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 1, 16 << 20
+MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 2, 16 << 20
 GEN_ID = 1  # our Generate's request id
 STOPS = ["end_of_generation", "max_tokens", "stop_string", "context_full", "cancelled"]
 KINDS = ["bad_request", "unknown_model", "context_overflow", "busy", "model_failed",
@@ -150,6 +150,7 @@ def decode(payload):
         if stop >= len(STOPS):
             raise Fail(f"unknown stop reason {stop} from the daemon")
         event["stop"] = f"stop_string:{r.u32()}" if stop == 2 else STOPS[stop]
+        event["cached_tokens"] = r.u32()
         for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             if not math.isfinite(event[k]):
                 event[k] = None                        # as serde_json writes them

@@ -109,6 +109,10 @@ pub struct GenParams {
     /// Keep generating past end-of-generation tokens (benchmarks: exactly
     /// `max_tokens`).
     pub ignore_eos: bool,
+    /// Start from the longest prefix the KV cache already holds (the last
+    /// conversation's turns, a shared system prompt) and prefill only the
+    /// rest. Off: every prompt is prefilled whole (tests and benchmarks compare).
+    pub reuse_cache: bool,
 }
 
 impl Default for GenParams {
@@ -119,6 +123,7 @@ impl Default for GenParams {
             stop: Vec::new(),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             ignore_eos: false,
+            reuse_cache: true,
         }
     }
 }
@@ -142,6 +147,8 @@ pub enum FinishReason {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the cache (not prefilled).
+    pub reused_tokens: usize,
     /// Generated token ids, the end-of-generation token excluded.
     pub tokens: Vec<u32>,
     pub finish: FinishReason,
@@ -165,7 +172,8 @@ impl Generation {
         if self.prefill_time.is_zero() {
             return 0.0;
         }
-        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64()
+        // Only what was prefilled: reused tokens cost nothing.
+        (self.prompt_tokens - self.reused_tokens) as f64 / self.prefill_time.as_secs_f64()
     }
 }
 
@@ -202,6 +210,9 @@ pub struct Engine {
     /// The device-side top-k's constants (see [`pick`]).
     top: pick::TopK,
     turns: Option<Turns>,
+    /// The tokens whose keys and values the model's cache holds, in order
+    /// (a prefix of what it holds, after an error or a cancel).
+    cached: Vec<u32>,
 }
 
 impl Engine {
@@ -273,6 +284,7 @@ impl Engine {
             load_time,
             top: pick::TopK::default(),
             turns: opts.turns.clone(),
+            cached: Vec::new(),
         })
     }
 
@@ -293,6 +305,7 @@ impl Engine {
             load_time: Duration::ZERO,
             top: pick::TopK::default(),
             turns: self.turns.clone(),
+            cached: Vec::new(),
         }
     }
 
@@ -321,13 +334,29 @@ impl Engine {
         }
     }
 
+    /// The token ids `generate` runs for `prompt`.
+    pub fn prompt_tokens(&self, prompt: Prompt<'_>) -> Result<Vec<u32>, EngineError> {
+        match prompt {
+            Prompt::Text(t) => self.tokenizer.encode(t, true),
+            Prompt::Chat(messages, opts) => self.encode_chat(messages, opts),
+            Prompt::Tokens(t) => Ok(t.to_vec()),
+        }
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }
 
     /// Direct access for scoring and tests: forward passes outside `generate`.
+    /// The cache is no longer known to hold any prompt's prefix afterwards.
     pub fn model_mut(&mut self) -> &mut Model {
+        self.cached.clear();
         &mut self.model
+    }
+
+    /// How many tokens of the conversation the cache holds.
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.cached
     }
 
     pub fn path(&self) -> &Path {
@@ -351,6 +380,24 @@ impl Engine {
         prompt: Prompt<'_>,
         params: &GenParams,
         cancel: &AtomicBool,
+        on_event: impl FnMut(GenEvent<'_>),
+    ) -> Result<Generation, EngineError> {
+        let out = self.run(prompt, params, cancel, on_event);
+        if !self.device.is_cpu() {
+            // The daemon hands idle engines to whichever worker thread is
+            // free, and each thread has its own GPU stream: nothing of this
+            // generation may still be in flight when another thread takes
+            // over its cache (a cancel or an error can leave kernels queued).
+            self.device.synchronize()?;
+        }
+        out
+    }
+
+    fn run(
+        &mut self,
+        prompt: Prompt<'_>,
+        params: &GenParams,
+        cancel: &AtomicBool,
         mut on_event: impl FnMut(GenEvent<'_>),
     ) -> Result<Generation, EngineError> {
         let start = Instant::now();
@@ -360,11 +407,7 @@ impl Engine {
                 "prefill_chunk must be at least 1".into(),
             ));
         }
-        let prompt_tokens = match prompt {
-            Prompt::Text(t) => self.tokenizer.encode(t, true)?,
-            Prompt::Chat(messages, opts) => self.encode_chat(messages, opts)?,
-            Prompt::Tokens(t) => t.to_vec(),
-        };
+        let prompt_tokens = self.prompt_tokens(prompt)?;
         if prompt_tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -377,8 +420,25 @@ impl Engine {
         }
         models::common::check_tokens(&prompt_tokens, self.model.vocab())?;
 
+        // Reuse the longest cached prefix, but prefill at least the last
+        // prompt token: its logits choose the first new token. Everything the
+        // cache holds past the prefix (another conversation's tail, an edited
+        // turn, the reply being regenerated) is dropped.
+        let reuse = if params.reuse_cache {
+            let same = self
+                .cached
+                .iter()
+                .zip(&prompt_tokens)
+                .take_while(|(a, b)| a == b)
+                .count();
+            same.min(prompt_tokens.len() - 1)
+        } else {
+            0
+        };
+        self.cached.truncate(reuse);
         let mut out = Generation {
             prompt_tokens: prompt_tokens.len(),
+            reused_tokens: reuse,
             tokens: Vec::new(),
             finish: FinishReason::Cancelled,
             prefill_time: Duration::ZERO,
@@ -387,7 +447,11 @@ impl Engine {
         };
 
         // Prefill.
-        self.model.clear_kv();
+        if reuse == 0 {
+            self.model.clear_kv();
+        } else {
+            self.model.truncate_kv(reuse);
+        }
         let turns = self.turns.clone();
         let turn = || turns.as_ref().map(Turns::take);
         let whole_step = turns.as_ref().is_some_and(|t| t.whole_step);
@@ -395,9 +459,10 @@ impl Engine {
         let mut held = None;
         let mut logits = None;
         let total = prompt_tokens.len();
-        for chunk in prompt_tokens.chunks(params.prefill_chunk) {
+        for chunk in prompt_tokens[reuse..].chunks(params.prefill_chunk) {
             if cancel.load(Ordering::Relaxed) {
                 out.prefill_time = start.elapsed();
+                self.cached = prompt_tokens[..self.model.kv_len()].to_vec();
                 return Ok(out);
             }
             drop(held.take());
@@ -475,6 +540,9 @@ impl Engine {
         }
         out.finish = finish;
         out.decode_time = decode_start.elapsed();
+        // The last token chosen was never fed back: the cache holds the rest.
+        history.truncate(self.model.kv_len());
+        self.cached = history;
         Ok(out)
     }
 }

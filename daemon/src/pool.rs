@@ -138,6 +138,11 @@ pub struct Pool {
     /// The memory governor's estimate for this model.
     cost: Cost,
     created: Instant,
+    /// Engines not running a job, least recently used first. A worker takes
+    /// the one whose cache holds the longest prefix of its job's prompt (the
+    /// conversation's earlier turns), so a conversation finds its cache on
+    /// whichever worker is free; there is one engine per live worker.
+    parked: Mutex<Vec<Engine>>,
 }
 
 impl Pool {
@@ -432,6 +437,39 @@ impl Pool {
     }
 
     /// Stop taking jobs; workers finish the queue, then exit.
+    /// The parked engine to run `request` with: the longest cached prefix of
+    /// its prompt, else the smallest cache (the least to lose).
+    fn take_engine(&self, request: &crate::server::convert::GenRequest) -> Option<Engine> {
+        let mut parked = lock(&self.parked);
+        // A prompt that fails to tokenize fails in `generate`, with its reason.
+        let tokens = parked
+            .first()
+            .and_then(|e| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    e.prompt_tokens(request.prompt.as_prompt())
+                }))
+                .ok()
+            })
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let shared = |e: &Engine| {
+            e.cached_tokens()
+                .iter()
+                .zip(&tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        let best = (0..parked.len()).max_by_key(|&i| {
+            let e = &parked[i];
+            (shared(e), std::cmp::Reverse(e.cached_tokens().len()))
+        })?;
+        Some(parked.remove(best))
+    }
+
+    fn park(&self, engine: Engine) {
+        lock(&self.parked).push(engine);
+    }
+
     fn close(&self) -> Vec<JoinHandle<()>> {
         lock(&self.tx).take();
         std::mem::take(&mut *lock(&self.handles))
@@ -579,6 +617,7 @@ impl Pools {
             waiting: Mutex::default(),
             next_seq: AtomicU64::new(1),
             load_percent: AtomicU8::new(0),
+            parked: Mutex::new(Vec::new()),
             cost,
             created: self.created,
         });
@@ -1372,14 +1411,25 @@ impl Worker {
         } else {
             self.replicate()
         };
-        if let Some(mut engine) = engine {
+        if let Some(engine) = engine {
+            self.pool.park(engine);
             if !self.loader {
                 self.set_state(WorkerState::Idle);
             }
+            // This worker's share of the parked engines, unless it dropped
+            // one that a panic may have left broken.
+            let mut owns_one = true;
             loop {
                 match self.pool.rx.recv_timeout(IDLE_POLL) {
                     Ok(job) => {
-                        self.run(&mut engine, job);
+                        // One engine per worker, and this one holds none: one is parked.
+                        let engine = self
+                            .pool
+                            .take_engine(&job.request)
+                            .expect("a parked engine for every idle worker");
+                        if self.run(engine, job) {
+                            owns_one = false;
+                        }
                         self.pool.touch(None);
                     }
                     Err(flume::RecvTimeoutError::Timeout) => {}
@@ -1390,7 +1440,13 @@ impl Worker {
                 }
             }
             self.set_state(WorkerState::Stopping);
-            drop(engine);
+            if owns_one {
+                // The least recently used engine leaves with this worker.
+                let mut parked = lock(&self.pool.parked);
+                if !parked.is_empty() {
+                    drop(parked.remove(0));
+                }
+            }
         }
         self.set_state(WorkerState::Stopped);
         lock(&self.pool.workers).retain(|w| !Arc::ptr_eq(w, &self.cell));
@@ -1457,7 +1513,10 @@ impl Worker {
         }
     }
 
-    fn run(&self, engine: &mut Engine, job: Job) {
+    /// Run one job and park the engine again before the client hears the
+    /// end (its next turn must find this cache); `true` when the engine was
+    /// dropped instead (a panic inside it) and a fresh worker replaces this one.
+    fn run(&self, mut engine: Engine, job: Job) -> bool {
         let Job {
             mut request,
             control,
@@ -1473,7 +1532,8 @@ impl Worker {
             if trial {
                 self.pool.record(Outcome::Neutral);
             }
-            return;
+            self.pool.park(engine);
+            return false;
         }
         if control.is_cancelled() {
             // Cancelled while queued (a disconnect, or shutdown).
@@ -1484,7 +1544,8 @@ impl Worker {
             if trial {
                 self.pool.record(Outcome::Neutral);
             }
-            return;
+            self.pool.park(engine);
+            return false;
         }
         *lock(&self.cell.progress) = Instant::now();
         *lock(&self.cell.current) = Some((control.clone(), reply.clone()));
@@ -1597,6 +1658,11 @@ impl Worker {
         if trial || outcome != Outcome::Neutral {
             self.pool.record(outcome);
         }
+        if replace {
+            drop(engine);
+        } else {
+            self.pool.park(engine);
+        }
         if control.finish_once() {
             match last {
                 Last::Done(stats) => final_frame(&reply, &control, Some(stats)),
@@ -1616,6 +1682,7 @@ impl Worker {
         } else if !self.cell.retire.load(Ordering::Relaxed) {
             self.set_state(WorkerState::Idle);
         }
+        replace
     }
 }
 
@@ -1656,6 +1723,7 @@ pub fn cancelled_stats() -> paraphym_protocol::message::GenStats {
         prefill_tokens_per_s: 0.0,
         decode_tokens_per_s: 0.0,
         stop: paraphym_protocol::message::StopReason::Cancelled,
+        cached_tokens: 0,
     }
 }
 

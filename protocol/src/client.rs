@@ -214,6 +214,7 @@ impl Client {
                     prefill_tokens_per_s: 0.0,
                     decode_tokens_per_s: 0.0,
                     stop: crate::message::StopReason::Cancelled,
+                    cached_tokens: 0,
                 }));
             }
             _ => {}

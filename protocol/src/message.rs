@@ -154,6 +154,10 @@ pub struct GenStats {
     pub prefill_tokens_per_s: f32,
     pub decode_tokens_per_s: f32,
     pub stop: StopReason,
+    /// Prompt tokens whose keys and values came from the worker's cache (an
+    /// earlier turn of the conversation, a shared system prompt) rather than
+    /// a prefill. Since protocol version 2.
+    pub cached_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -413,6 +417,7 @@ mod tests {
                 prefill_tokens_per_s: 150.0,
                 decode_tokens_per_s: 32.0,
                 stop: StopReason::StopString(0),
+                cached_tokens: 3,
             }),
             Response::Error(WireError {
                 kind: ErrorKind::UnknownModel,

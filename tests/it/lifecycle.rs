@@ -38,7 +38,9 @@ fn default_socket_is_private_and_carries_the_protocol_version() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let dir = runtime.path().join("paraphym-v1");
+    let dir = runtime
+        .path()
+        .join(format!("paraphym-v{}", paraphym_protocol::PROTOCOL_VERSION));
     let socket = dir.join("paraphymd.sock");
     let up = wait_until(Duration::from_secs(20), || Client::connect(&socket).is_ok());
     let modes = (mode(&dir), if up { mode(&socket) } else { 0 });

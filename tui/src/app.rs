@@ -767,6 +767,7 @@ pub mod tests {
             prefill_tokens_per_s: 900.0,
             decode_tokens_per_s: 31.5,
             stop: StopReason::EndOfGeneration,
+            cached_tokens: 0,
         }
     }
 

@@ -139,5 +139,6 @@ pub fn stats(g: &Generation, time_to_first_token_us: u64) -> GenStats {
             FinishReason::ContextFull => StopReason::ContextFull,
             FinishReason::Cancelled => StopReason::Cancelled,
         },
+        cached_tokens: g.reused_tokens as u32,
     }
 }

@@ -6,6 +6,7 @@ mod util;
 
 mod bad_files;
 mod gemma3;
+mod reuse;
 mod synthetic;
 mod template;
 mod tokenizer;

@@ -130,6 +130,21 @@ enum Cmd {
         #[arg(long)]
         gen_tokens: usize,
     },
+    /// A chat that grows by a user message of `--user-tokens` and a reply of
+    /// `--gen-tokens` each turn: time to first token with the KV cache reused
+    /// across turns and with every prompt prefilled whole, side by side.
+    Multiturn {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 10)]
+        turns: usize,
+        #[arg(long, default_value_t = 200)]
+        user_tokens: usize,
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+    },
     /// Perplexity of a text file by llama-perplexity's method.
     Perplexity {
         #[arg(long)]
@@ -248,6 +263,13 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Cmd::Multiturn {
+            model,
+            device,
+            turns,
+            user_tokens,
+            gen_tokens,
+        } => multiturn(&model, &device, turns, user_tokens, gen_tokens),
         Cmd::Perplexity {
             model,
             text,
@@ -671,6 +693,87 @@ fn run_streams(
         tokens += u64::from(stats.generated_tokens);
     }
     Ok(tokens as f64 / start.elapsed().as_secs_f64())
+}
+
+fn multiturn(
+    model: &std::path::Path,
+    device: &str,
+    turns: usize,
+    user_tokens: usize,
+    gen: usize,
+) -> Result<()> {
+    use paraphym_daemon::engine::{GenParams, Prompt, SamplingParams};
+    let turns = turns.max(1);
+    let context = 1 + turns * (user_tokens + gen) + 16;
+    let opts = LoadOptions {
+        device: parse_device(device)?,
+        context: Some(context),
+        ..LoadOptions::default()
+    };
+    let mut with = Engine::load(model, &opts)?;
+    let mut without = with.replica();
+    if with.model().context() < context {
+        bail!(
+            "{turns} turns need {context} positions; the model has {}",
+            with.model().context()
+        );
+    }
+    // Each turn's user message: the next `user_tokens` of a long text.
+    let text = bench::prompt_tokens(model, 1 + turns * user_tokens)?;
+    let mut chat = vec![text[0]];
+    let params = |reuse_cache| GenParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens: gen,
+        ignore_eos: true,
+        reuse_cache,
+        ..GenParams::default()
+    };
+    println!("model     {}", model.display());
+    println!("device    {device}; {}", cpu_features());
+    println!(
+        "workload  {turns} turns, each a {user_tokens}-token user message and a {gen}-token greedy reply; \
+         both engines share the weights, one reuses its KV cache, one prefills every prompt whole"
+    );
+    println!(
+        "{:>5} {:>14} {:>16} {:>16} {:>14} {:>10}",
+        "turn", "prompt tokens", "TTFT whole s", "TTFT reuse s", "reused tokens", "ratio"
+    );
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let mut last = f64::NAN;
+    for t in 0..turns {
+        chat.extend_from_slice(&text[1 + t * user_tokens..1 + (t + 1) * user_tokens]);
+        // Alternate which runs first, so neither always finds the caches warm.
+        let run = |e: &mut Engine, reuse| {
+            e.generate(Prompt::Tokens(&chat), &params(reuse), &never, |_| {})
+        };
+        let (a, b) = if t % 2 == 0 {
+            let a = run(&mut without, false)?;
+            (a, run(&mut with, true)?)
+        } else {
+            let b = run(&mut with, true)?;
+            (run(&mut without, false)?, b)
+        };
+        if a.tokens != b.tokens {
+            bail!("turn {}: the replies differ with and without reuse", t + 1);
+        }
+        let (whole, reuse) = (
+            a.time_to_first_token.as_secs_f64(),
+            b.time_to_first_token.as_secs_f64(),
+        );
+        last = reuse / whole;
+        println!(
+            "{:>5} {:>14} {:>16.3} {:>16.3} {:>14} {:>10.3}",
+            t + 1,
+            chat.len(),
+            whole,
+            reuse,
+            b.reused_tokens,
+            last
+        );
+        chat.extend_from_slice(&a.tokens);
+    }
+    println!("turn {turns}: TTFT with reuse / without = {last:.3}; replies identical every turn");
+    Ok(())
 }
 
 fn ipc(
