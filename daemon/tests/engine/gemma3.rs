@@ -17,21 +17,7 @@ fn greedy(max_tokens: usize) -> GenParams {
 }
 
 fn complete(prompt: &str, params: &GenParams) -> (String, paraphym_daemon::engine::Generation) {
-    let mut engine = util::gemma();
-    let mut text = String::new();
-    let g = engine
-        .generate(
-            Prompt::Text(prompt),
-            params,
-            &AtomicBool::new(false),
-            |ev| {
-                if let GenEvent::Text(t) = ev {
-                    text.push_str(t)
-                }
-            },
-        )
-        .unwrap();
-    (text, g)
+    util::complete(&mut util::gemma(), prompt, params)
 }
 
 #[test]

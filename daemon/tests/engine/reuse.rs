@@ -1,12 +1,9 @@
 //! KV-cache reuse across turns (issue 9): a generation that starts from the
 //! longest prefix the cache holds gives what a full prefill gives.
 
-use std::sync::atomic::AtomicBool;
-
 use paraphym_daemon::engine::gguf::GgufFile;
 use paraphym_daemon::engine::{
-    models, Engine, GenEvent, GenParams, Generation, LogitsFor, Prompt, SamplingParams, Tokenizer,
-    Weights,
+    models, Engine, GenParams, LogitsFor, SamplingParams, Tokenizer, Weights,
 };
 use paraphym_daemon::synth::Arch;
 
@@ -21,23 +18,6 @@ fn greedy(max_tokens: usize, reuse_cache: bool) -> GenParams {
         reuse_cache,
         ..GenParams::default()
     }
-}
-
-fn say(engine: &mut Engine, prompt: &str, params: &GenParams) -> (String, Generation) {
-    let mut text = String::new();
-    let g = engine
-        .generate(
-            Prompt::Text(prompt),
-            params,
-            &AtomicBool::new(false),
-            |ev| {
-                if let GenEvent::Text(t) = ev {
-                    text.push_str(t)
-                }
-            },
-        )
-        .unwrap();
-    (text, g)
 }
 
 /// Five conversations of two turns each on one engine that reuses its cache
@@ -56,8 +36,8 @@ fn conversations_edits_and_regenerations_give_the_same_tokens_with_and_without_r
     let system_tokens = tokens(system);
     let topics = ["rivers", "volcanoes", "the moon", "bread", "bicycles"];
     let turn = |with: &mut Engine, without: &mut Engine, prompt: &str| {
-        let (a, ga) = say(with, prompt, &greedy(64, true));
-        let (b, gb) = say(without, prompt, &greedy(64, false));
+        let (a, ga) = util::complete(with, prompt, &greedy(64, true));
+        let (b, gb) = util::complete(without, prompt, &greedy(64, false));
         assert_eq!(ga.tokens, gb.tokens, "prompt {prompt:?}");
         assert_eq!(ga.tokens.len(), 64);
         assert_eq!(gb.reused_tokens, 0);
@@ -133,8 +113,8 @@ fn tiny_models_reuse_a_prefix_within_1e_3() {
         let mut without = with.replica();
         let mut prompt = String::from("Once upon a time");
         for _ in 0..3 {
-            let (a, ga) = say(&mut with, &prompt, &greedy(16, true));
-            let (_, gb) = say(&mut without, &prompt, &greedy(16, false));
+            let (a, ga) = util::complete(&mut with, &prompt, &greedy(16, true));
+            let (_, gb) = util::complete(&mut without, &prompt, &greedy(16, false));
             assert_eq!(ga.tokens, gb.tokens, "{}", arch.name());
             prompt.push_str(&a);
             prompt.push_str(" and then");

@@ -3,7 +3,21 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use paraphym_daemon::engine::{Engine, LoadOptions};
+use paraphym_daemon::engine::{Engine, GenEvent, GenParams, Generation, LoadOptions, Prompt};
+
+/// Generate from a text prompt; the streamed text and the generation.
+pub fn complete(engine: &mut Engine, prompt: &str, params: &GenParams) -> (String, Generation) {
+    let mut text = String::new();
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let g = engine
+        .generate(Prompt::Text(prompt), params, &never, |ev| {
+            if let GenEvent::Text(t) = ev {
+                text.push_str(t)
+            }
+        })
+        .unwrap();
+    (text, g)
+}
 
 /// The Gemma 3 270M Q4_K_M file. Missing it is a failure, not a skip.
 pub fn gemma_path() -> PathBuf {
