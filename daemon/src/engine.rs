@@ -354,9 +354,18 @@ impl Engine {
         &mut self.model
     }
 
-    /// How many tokens of the conversation the cache holds.
+    /// The tokens whose keys and values the cache holds, in order.
     pub fn cached_tokens(&self) -> &[u32] {
         &self.cached
+    }
+
+    /// How many leading `tokens` the cache already holds.
+    pub fn shared_prefix(&self, tokens: &[u32]) -> usize {
+        self.cached
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
     }
 
     pub fn path(&self) -> &Path {
@@ -425,13 +434,8 @@ impl Engine {
         // cache holds past the prefix (another conversation's tail, an edited
         // turn, the reply being regenerated) is dropped.
         let reuse = if params.reuse_cache {
-            let same = self
-                .cached
-                .iter()
-                .zip(&prompt_tokens)
-                .take_while(|(a, b)| a == b)
-                .count();
-            same.min(prompt_tokens.len() - 1)
+            self.shared_prefix(&prompt_tokens)
+                .min(prompt_tokens.len() - 1)
         } else {
             0
         };

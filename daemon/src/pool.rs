@@ -452,16 +452,12 @@ impl Pool {
             })
             .and_then(Result::ok)
             .unwrap_or_default();
-        let shared = |e: &Engine| {
-            e.cached_tokens()
-                .iter()
-                .zip(&tokens)
-                .take_while(|(a, b)| a == b)
-                .count()
-        };
         let best = (0..parked.len()).max_by_key(|&i| {
             let e = &parked[i];
-            (shared(e), std::cmp::Reverse(e.cached_tokens().len()))
+            (
+                e.shared_prefix(&tokens),
+                std::cmp::Reverse(e.cached_tokens().len()),
+            )
         })?;
         Some(parked.remove(best))
     }
