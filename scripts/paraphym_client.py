@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 
-MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 2, 16 << 20
+MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 3, 16 << 20
 GEN_ID = 1  # our Generate's request id
 STOPS = ["end_of_generation", "max_tokens", "stop_string", "context_full", "cancelled"]
 KINDS = ["bad_request", "unknown_model", "context_overflow", "busy", "model_failed",
@@ -77,8 +77,10 @@ def generate_msg(a):
     options = (option(a.temperature, f32) + option(a.top_k, u32) + option(a.top_p, f32)
                + option(a.min_p, f32) + option(a.repeat_penalty, f32) + option(a.seed, u64)
                + option(a.max_tokens, u32) + vec(a.stop, string)
-               + b"\x00")                                      # ignore_eos: false
-    generate = option(a.model, string) + prompt + options + option(a.keep_alive_ms, u64)
+               + b"\x00"                                       # ignore_eos: false
+               + u32(1 if a.drop_oldest else 0))                # overflow: Error / DropOldest
+    generate = (option(a.model, string) + prompt + options + option(a.keep_alive_ms, u64)
+                + option(a.session, string))
     return u64(GEN_ID) + u32(0) + generate                      # Request::Generate
 
 
@@ -151,6 +153,7 @@ def decode(payload):
             raise Fail(f"unknown stop reason {stop} from the daemon")
         event["stop"] = f"stop_string:{r.u32()}" if stop == 2 else STOPS[stop]
         event["cached_tokens"] = r.u32()
+        event["dropped_messages"] = r.u32()
         for k in ("prefill_tokens_per_s", "decode_tokens_per_s"):
             if not math.isfinite(event[k]):
                 event[k] = None                        # as serde_json writes them
@@ -200,6 +203,9 @@ def parse_args():
         p.add_argument(name, type=uint(bits))
     p.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
     p.add_argument("--keep-alive-ms", type=uint(64), help="how long the model stays loaded")
+    p.add_argument("--session", help="the conversation's name (the daemon prefers its cache)")
+    p.add_argument("--drop-oldest", action="store_true",
+                   help="past the context, leave out the oldest turns instead of failing")
     p.add_argument("--json", action="store_true", help="one JSON object per line per event")
     p.add_argument("prompt", nargs="?", help="the prompt [default: standard input]")
     a = p.parse_args()

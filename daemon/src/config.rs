@@ -40,6 +40,9 @@ pub struct DaemonConfig {
     pub keep_alive: Duration,
     /// Context length for loaded models (`None`: the engine's default).
     pub context: Option<usize>,
+    /// Idle conversation caches a model keeps beyond one per worker (each is
+    /// an engine's KV cache, kept for the conversation's next turn).
+    pub conversation_caches: usize,
     pub device: Device,
     /// How workers on one GPU take turns (`None`: freely; the CPU never
     /// takes turns).
@@ -64,6 +67,7 @@ impl DaemonConfig {
     pub const DEFAULT_MAX_QUEUE: usize = 64;
     pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
     pub const DEFAULT_IDLE_PERIOD: Duration = Duration::from_secs(60);
+    pub const DEFAULT_CONVERSATION_CACHES: usize = 4;
 
     pub fn new(socket: PathBuf, default_model: String) -> Self {
         Self {
@@ -81,6 +85,7 @@ impl DaemonConfig {
             max_queue: Self::DEFAULT_MAX_QUEUE,
             keep_alive: Self::DEFAULT_KEEP_ALIVE,
             context: None,
+            conversation_caches: Self::DEFAULT_CONVERSATION_CACHES,
             device: Device::Cpu,
             gpu_turns: None,
             outbox_bytes: Self::DEFAULT_OUTBOX_BYTES,

@@ -213,6 +213,8 @@ pub struct Engine {
     /// The tokens whose keys and values the model's cache holds, in order
     /// (a prefix of what it holds, after an error or a cancel).
     cached: Vec<u32>,
+    /// How many of them were the last generation's prompt (the rest its reply).
+    prompt_len: usize,
 }
 
 impl Engine {
@@ -285,6 +287,7 @@ impl Engine {
             top: pick::TopK::default(),
             turns: opts.turns.clone(),
             cached: Vec::new(),
+            prompt_len: 0,
         })
     }
 
@@ -306,6 +309,7 @@ impl Engine {
             top: pick::TopK::default(),
             turns: self.turns.clone(),
             cached: Vec::new(),
+            prompt_len: 0,
         }
     }
 
@@ -343,6 +347,53 @@ impl Engine {
         }
     }
 
+    /// The tokens of `prompt` and how many of its chat messages were left
+    /// out. With `drop_oldest`, a chat that would leave fewer than `room`
+    /// positions (at most half the context) for the reply loses its oldest
+    /// turns: a user message and the replies up to the next user message,
+    /// again and again, until it fits. System messages and the last message
+    /// always stay; if they alone overflow the context, that is an error.
+    /// Without it, or for prompts that are not chats, nothing is left out
+    /// (`generate` refuses a prompt past the context).
+    pub fn fit_prompt(
+        &self,
+        prompt: Prompt<'_>,
+        room: usize,
+        drop_oldest: bool,
+    ) -> Result<(Vec<u32>, usize), EngineError> {
+        let tokens = self.prompt_tokens(prompt)?;
+        let context = self.model.context();
+        let room = room.min(context / 2);
+        let Prompt::Chat(messages, opts) = prompt else {
+            return Ok((tokens, 0));
+        };
+        if !drop_oldest || tokens.len() + room <= context {
+            return Ok((tokens, 0));
+        }
+        let mut kept: Vec<Message> = messages.to_vec();
+        let mut dropped = 0;
+        let mut tokens = tokens;
+        while tokens.len() + room > context {
+            let turn: Vec<usize> = droppable_turn(&kept);
+            if turn.is_empty() {
+                if tokens.len() < context {
+                    // Only the reply's room is short: it may end at the context.
+                    break;
+                }
+                return Err(EngineError::LastTurnTooLong {
+                    tokens: tokens.len(),
+                    context,
+                });
+            }
+            dropped += turn.len();
+            for i in turn.into_iter().rev() {
+                kept.remove(i);
+            }
+            tokens = self.encode_chat(&kept, opts)?;
+        }
+        Ok((tokens, dropped))
+    }
+
     pub fn model(&self) -> &Model {
         &self.model
     }
@@ -359,6 +410,12 @@ impl Engine {
         &self.cached
     }
 
+    /// How many of the cached tokens were the last generation's prompt: a
+    /// prompt that extends them is the same conversation's next turn.
+    pub fn cached_prompt_len(&self) -> usize {
+        self.prompt_len.min(self.cached.len())
+    }
+
     /// How many leading `tokens` the cache already holds.
     pub fn shared_prefix(&self, tokens: &[u32]) -> usize {
         self.cached
@@ -366,6 +423,17 @@ impl Engine {
             .zip(tokens)
             .take_while(|(a, b)| a == b)
             .count()
+    }
+
+    /// Bytes of KV buffers this engine holds.
+    pub fn kv_bytes(&self) -> u64 {
+        self.model.kv_bytes()
+    }
+
+    /// Drop the KV cache and its buffers (memory pressure).
+    pub fn clear_cache(&mut self) {
+        self.model.clear_kv();
+        self.cached.clear();
     }
 
     pub fn path(&self) -> &Path {
@@ -467,6 +535,7 @@ impl Engine {
             if cancel.load(Ordering::Relaxed) {
                 out.prefill_time = start.elapsed();
                 self.cached = prompt_tokens[..self.model.kv_len()].to_vec();
+                self.prompt_len = prompt_tokens.len();
                 return Ok(out);
             }
             drop(held.take());
@@ -547,8 +616,28 @@ impl Engine {
         // The last token chosen was never fed back: the cache holds the rest.
         history.truncate(self.model.kv_len());
         self.cached = history;
+        self.prompt_len = out.prompt_tokens;
         Ok(out)
     }
+}
+
+/// The indices of a chat's oldest turn: its first message that is neither a
+/// system message nor the last message, and the messages after it up to the
+/// next user message (so what stays still starts with a user turn, as
+/// templates like Gemma's require). Empty when nothing may go.
+fn droppable_turn(messages: &[Message]) -> Vec<usize> {
+    let last = messages.len().saturating_sub(1);
+    let mut turn = Vec::new();
+    for (i, m) in messages.iter().enumerate().take(last) {
+        if m.role == "system" {
+            continue;
+        }
+        if !turn.is_empty() && m.role == "user" {
+            break;
+        }
+        turn.push(i);
+    }
+    turn
 }
 
 /// What loading a model will cost in memory, estimated from its GGUF file
@@ -630,4 +719,36 @@ pub(crate) fn warm_up(model: &mut Model, bos: Option<u64>) -> Result<(), EngineE
     }
     model.clear_kv();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(roles: &[&str]) -> Vec<Message> {
+        roles
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Message::new(*r, format!("m{i}")))
+            .collect()
+    }
+
+    #[test]
+    fn the_oldest_turn_is_a_user_message_and_its_replies_never_system_or_last() {
+        let turn = |roles: &[&str]| droppable_turn(&chat(roles));
+        assert_eq!(turn(&["system", "user", "assistant", "user"]), [1, 2]);
+        assert_eq!(
+            turn(&["user", "assistant", "user", "assistant", "user"]),
+            [0, 1]
+        );
+        // A system message inside the turn stays.
+        assert_eq!(turn(&["user", "system", "assistant", "user"]), [0, 2]);
+        // A reply without its question goes alone.
+        assert_eq!(turn(&["system", "assistant", "user"]), [1]);
+        // The last message always stays, with the system messages.
+        assert!(turn(&["system", "user"]).is_empty());
+        assert!(turn(&["user"]).is_empty());
+        assert!(turn(&[]).is_empty());
+        assert_eq!(turn(&["user", "assistant"]), [0]);
+    }
 }

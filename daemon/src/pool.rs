@@ -138,11 +138,46 @@ pub struct Pool {
     /// The memory governor's estimate for this model.
     cost: Cost,
     created: Instant,
-    /// Engines not running a job, least recently used first. A worker takes
-    /// the one whose cache holds the longest prefix of its job's prompt (the
-    /// conversation's earlier turns), so a conversation finds its cache on
-    /// whichever worker is free; there is one engine per live worker.
-    parked: Mutex<Vec<Engine>>,
+    /// Engines not running a job, and their conversation caches.
+    parked: Mutex<Parked>,
+}
+
+/// A model's engines that are not running a job. A worker takes the one
+/// whose cache is its job's conversation (the longest cached prefix of the
+/// prompt, or the same session), so a conversation finds its cache on
+/// whichever worker is free. There are at most as many engines as live
+/// workers plus `conversation_caches`; the memory governor counts every
+/// parked cache and drops the least recently used first under pressure.
+#[derive(Debug, Default)]
+struct Parked {
+    /// Least recently used first.
+    idle: Vec<IdleEngine>,
+    /// Engines running a job now.
+    out: usize,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct IdleEngine {
+    engine: Engine,
+    /// The governor's name for its cache.
+    id: u64,
+    /// The session of the conversation its cache holds.
+    session: Option<String>,
+    /// Its KV buffers (they do not change while parked).
+    bytes: u64,
+    /// When it was parked (the governor's clock).
+    used: u64,
+}
+
+/// Tokens at the end of a cached prompt that its next turn may tokenize
+/// differently and still be the same conversation.
+const SEAM: usize = 4;
+
+/// The engine a job runs on.
+enum Choice {
+    Parked(usize),
+    Fresh,
 }
 
 impl Pool {
@@ -274,20 +309,35 @@ impl Pool {
             .count()
     }
 
+    /// The governor's clock: milliseconds since the daemon started.
+    fn clock(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.created).as_millis() as u64
+    }
+
     /// This pool as the memory governor sees it.
     fn resident(&self) -> Resident<PathBuf> {
+        let caches = lock(&self.parked)
+            .idle
+            .iter()
+            .filter(|e| e.bytes > 0)
+            .map(|e| governor::Cache {
+                id: e.id,
+                bytes: e.bytes,
+                last_used: e.used,
+            })
+            .collect();
         Resident {
             key: self.path.clone(),
             cost: self.cost,
             workers: self.live_workers(),
             idle: !self.busy() && self.is_ready(),
-            last_used: lock(&self.last_used)
-                .saturating_duration_since(self.created)
-                .as_millis() as u64,
+            last_used: self.clock(*lock(&self.last_used)),
+            caches,
         }
     }
 
-    /// Room in the budget for one more worker of this model?
+    /// Room in the budget for one more worker of this model? Conversation
+    /// caches (of any model) are dropped to make it; loaded models are not.
     fn may_add_worker(&self) -> bool {
         let budget = self.settings.memory_budget;
         if budget == 0 {
@@ -296,8 +346,72 @@ impl Pool {
         let Some(map) = self.map.upgrade() else {
             return false;
         };
-        let resident: Vec<Resident<PathBuf>> = lock(&map).values().map(|p| p.resident()).collect();
-        governor::can_add_worker(budget, &resident, &self.path)
+        let (plan, pools) = {
+            let map = lock(&map);
+            let resident: Vec<Resident<PathBuf>> = map.values().map(|p| p.resident()).collect();
+            let plan = governor::plan_worker(budget, &resident, &self.path);
+            (plan, map.clone())
+        };
+        match plan {
+            Some(caches) => {
+                drop_caches(&pools, &caches, "to add a worker");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Back within the memory budget after a cache grew: drop the least
+    /// recently used caches (of any model).
+    fn shed_caches(&self) {
+        let budget = self.settings.memory_budget;
+        let Some(map) = self.map.upgrade().filter(|_| budget > 0) else {
+            return;
+        };
+        let (caches, pools) = {
+            let map = lock(&map);
+            let resident: Vec<Resident<PathBuf>> = map.values().map(|p| p.resident()).collect();
+            (governor::over_budget(budget, &resident), map.clone())
+        };
+        drop_caches(&pools, &caches, "over the memory budget");
+    }
+
+    /// Drop the KV cache `id` if it is still parked (a worker may have taken
+    /// it since; then its worker's reservation covers it).
+    fn drop_cache(&self, id: u64, why: &str) {
+        let mut parked = lock(&self.parked);
+        if let Some(e) = parked.idle.iter_mut().find(|e| e.id == id) {
+            tracing::info!(
+                model = self.reference,
+                mib = e.bytes >> 20,
+                tokens = e.engine.cached_tokens().len(),
+                "dropped a conversation cache ({why})"
+            );
+            e.engine.clear_cache();
+            e.bytes = 0;
+            e.session = None;
+        }
+    }
+
+    /// The tokens a job runs and the chat messages left out to fit them
+    /// (tokenized once: the choice of engine and the generation share them).
+    fn prepare(
+        &self,
+        request: &GenRequest,
+    ) -> Result<(Vec<u32>, usize), crate::engine::EngineError> {
+        let proto = match &*lock(&self.load) {
+            LoadState::Ready(p) => p.clone(),
+            _ => {
+                return Err(crate::engine::EngineError::InvalidParams(
+                    "the model is not loaded".into(),
+                ))
+            }
+        };
+        proto.fit_prompt(
+            request.prompt.as_prompt(),
+            request.params.max_tokens,
+            request.drop_oldest,
+        )
     }
 
     /// A job left the queue: tell those behind it their new positions.
@@ -414,6 +528,11 @@ impl Pool {
     }
 
     fn status(&self) -> ModelStatus {
+        let (caches, cache_bytes) = {
+            let parked = lock(&self.parked);
+            let held = parked.idle.iter().filter(|e| e.bytes > 0);
+            (held.clone().count() as u32, held.map(|e| e.bytes).sum())
+        };
         let workers: Vec<WorkerSnapshot> = lock(&self.workers)
             .iter()
             .map(|w| lock(&w.snapshot).clone())
@@ -422,7 +541,9 @@ impl Pool {
             reference: self.reference.clone(),
             workers,
             queued: self.rx.len() as u32,
-            memory_bytes: self.cost.with_workers(self.live_workers()),
+            memory_bytes: self.cost.with_workers(self.live_workers()) + cache_bytes,
+            caches,
+            cache_bytes,
         }
     }
 
@@ -437,33 +558,93 @@ impl Pool {
     }
 
     /// Stop taking jobs; workers finish the queue, then exit.
-    /// The parked engine to run `request` with: the longest cached prefix of
-    /// its prompt, else the smallest cache (the least to lose).
-    fn take_engine(&self, request: &crate::server::convert::GenRequest) -> Option<Engine> {
-        let mut parked = lock(&self.parked);
-        // A prompt that fails to tokenize fails in `generate`, with its reason.
-        let tokens = parked
-            .first()
-            .and_then(|e| {
-                std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    e.prompt_tokens(request.prompt.as_prompt())
-                }))
-                .ok()
-            })
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let best = (0..parked.len()).max_by_key(|&i| {
-            let e = &parked[i];
-            (
-                e.shared_prefix(&tokens),
-                std::cmp::Reverse(e.cached_tokens().len()),
-            )
-        })?;
-        Some(parked.remove(best))
+    /// The engine to run `tokens` on: the parked one whose cache is this
+    /// conversation's (same session, or a prompt that extends the cached
+    /// prompt; the longest shared prefix wins), else an empty one,
+    /// else a fresh one while the model has room for another cache, else the
+    /// least recently used.
+    fn take_engine(&self, tokens: &[u32], session: Option<&str>) -> Engine {
+        let cap = self.live_workers() + self.settings.conversation_caches;
+        let choice = {
+            let mut parked = lock(&self.parked);
+            let theirs = parked
+                .idle
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    let shared = e.engine.shared_prefix(tokens);
+                    let same = session.is_some() && e.session.as_deref() == session;
+                    // The last prompt, give or take the tokens where the reply
+                    // joins it (text re-tokenizes differently at the seam).
+                    let extends = shared + SEAM >= e.engine.cached_prompt_len();
+                    (shared > 0 && (same || extends)).then_some((i, (shared, same)))
+                })
+                .max_by_key(|(_, key)| *key)
+                .map(|(i, _)| i);
+            let empty = || parked.idle.iter().position(|e| e.bytes == 0);
+            let choice = match theirs.or_else(empty) {
+                Some(i) => Choice::Parked(i),
+                None if parked.idle.len() + parked.out < cap || parked.idle.is_empty() => {
+                    Choice::Fresh
+                }
+                None => Choice::Parked(0),
+            };
+            parked.out += 1;
+            match choice {
+                Choice::Parked(i) => return parked.idle.remove(i).engine,
+                Choice::Fresh => Choice::Fresh,
+            }
+        };
+        debug_assert!(matches!(choice, Choice::Fresh));
+        match &*lock(&self.load) {
+            LoadState::Ready(proto) => proto.replica(),
+            // Workers take jobs only once the model is loaded.
+            _ => unreachable!("a job before the model loaded"),
+        }
     }
 
-    fn park(&self, engine: Engine) {
-        lock(&self.parked).push(engine);
+    /// An engine back from a job (or a new worker's), with the session its
+    /// cache now holds; then back within the cache count and the budget.
+    fn park(&self, engine: Engine, session: Option<String>, from_job: bool) {
+        let bytes = engine.kv_bytes();
+        let used = self.clock(Instant::now());
+        {
+            let mut parked = lock(&self.parked);
+            if from_job {
+                parked.out = parked.out.saturating_sub(1);
+            }
+            let id = parked.next_id;
+            parked.next_id += 1;
+            parked.idle.push(IdleEngine {
+                engine,
+                id,
+                session: if bytes > 0 { session } else { None },
+                bytes,
+                used,
+            });
+        }
+        self.trim();
+        if bytes > 0 {
+            self.shed_caches();
+        }
+    }
+
+    /// An engine a panic may have left broken: dropped, not parked.
+    fn discard(&self, engine: Engine) {
+        drop(engine);
+        let mut parked = lock(&self.parked);
+        parked.out = parked.out.saturating_sub(1);
+    }
+
+    /// At most one engine per live worker plus `conversation_caches`: empty
+    /// engines go first, then the least recently used caches.
+    fn trim(&self) {
+        let cap = self.live_workers() + self.settings.conversation_caches;
+        let mut parked = lock(&self.parked);
+        while parked.idle.len() + parked.out > cap && !parked.idle.is_empty() {
+            let i = parked.idle.iter().position(|e| e.bytes == 0).unwrap_or(0);
+            parked.idle.remove(i);
+        }
     }
 
     fn close(&self) -> Vec<JoinHandle<()>> {
@@ -486,6 +667,7 @@ struct Settings {
     max_queue: usize,
     keep_alive: Duration,
     load: LoadOptions,
+    conversation_caches: usize,
 }
 
 #[derive(Debug)]
@@ -534,6 +716,7 @@ impl Pools {
                 },
                 max_queue: config.max_queue.max(1),
                 keep_alive: config.keep_alive,
+                conversation_caches: config.conversation_caches,
                 load: LoadOptions {
                     context: config.context,
                     device: config.device.clone(),
@@ -613,7 +796,7 @@ impl Pools {
             waiting: Mutex::default(),
             next_seq: AtomicU64::new(1),
             load_percent: AtomicU8::new(0),
-            parked: Mutex::new(Vec::new()),
+            parked: Mutex::default(),
             cost,
             created: self.created,
         });
@@ -697,8 +880,9 @@ impl Pools {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         match plan {
             Plan::Fits => Ok((cost, prewarm)),
-            Plan::Evict(keys) => {
-                for k in keys {
+            Plan::Free(free) => {
+                drop_caches(map, &free.caches, &format!("to load {reference}"));
+                for k in free.models {
                     if let Some(victim) = map.remove(&k) {
                         let reason =
                             format!("unloaded to make room for {reference} (memory budget)");
@@ -1155,10 +1339,7 @@ impl Pools {
         paraphym_protocol::message::Metrics {
             at_ms,
             memory_used_bytes: config::resident_bytes(),
-            memory_estimated_bytes: pools
-                .iter()
-                .map(|p| p.cost.with_workers(p.live_workers()))
-                .sum(),
+            memory_estimated_bytes: pools.iter().map(|p| p.resident().total()).sum(),
             models,
         }
     }
@@ -1408,24 +1589,14 @@ impl Worker {
             self.replicate()
         };
         if let Some(engine) = engine {
-            self.pool.park(engine);
+            self.pool.park(engine, None, false);
             if !self.loader {
                 self.set_state(WorkerState::Idle);
             }
-            // This worker's share of the parked engines, unless it dropped
-            // one that a panic may have left broken.
-            let mut owns_one = true;
             loop {
                 match self.pool.rx.recv_timeout(IDLE_POLL) {
                     Ok(job) => {
-                        // One engine per worker, and this one holds none: one is parked.
-                        let engine = self
-                            .pool
-                            .take_engine(&job.request)
-                            .expect("a parked engine for every idle worker");
-                        if self.run(engine, job) {
-                            owns_one = false;
-                        }
+                        self.run(job);
                         self.pool.touch(None);
                     }
                     Err(flume::RecvTimeoutError::Timeout) => {}
@@ -1436,16 +1607,11 @@ impl Worker {
                 }
             }
             self.set_state(WorkerState::Stopping);
-            if owns_one {
-                // The least recently used engine leaves with this worker.
-                let mut parked = lock(&self.pool.parked);
-                if !parked.is_empty() {
-                    drop(parked.remove(0));
-                }
-            }
         }
         self.set_state(WorkerState::Stopped);
         lock(&self.pool.workers).retain(|w| !Arc::ptr_eq(w, &self.cell));
+        // One worker fewer: one engine fewer may stay parked.
+        self.pool.trim();
     }
 
     /// The loader: read the weights, publish the prototype, answer `Load`s.
@@ -1509,10 +1675,10 @@ impl Worker {
         }
     }
 
-    /// Run one job and park the engine again before the client hears the
-    /// end (its next turn must find this cache); `true` when the engine was
-    /// dropped instead (a panic inside it) and a fresh worker replaces this one.
-    fn run(&self, mut engine: Engine, job: Job) -> bool {
+    /// Run one job and park its engine again before the client hears the
+    /// end (its next turn must find this cache). An engine a panic went
+    /// through is dropped instead, and a fresh worker replaces this one.
+    fn run(&self, job: Job) {
         let Job {
             mut request,
             control,
@@ -1528,8 +1694,7 @@ impl Worker {
             if trial {
                 self.pool.record(Outcome::Neutral);
             }
-            self.pool.park(engine);
-            return false;
+            return;
         }
         if control.is_cancelled() {
             // Cancelled while queued (a disconnect, or shutdown).
@@ -1540,8 +1705,7 @@ impl Worker {
             if trial {
                 self.pool.record(Outcome::Neutral);
             }
-            self.pool.park(engine);
-            return false;
+            return;
         }
         *lock(&self.cell.progress) = Instant::now();
         *lock(&self.cell.current) = Some((control.clone(), reply.clone()));
@@ -1550,7 +1714,12 @@ impl Worker {
         let events = &self.pool.events;
         let hooks = &self.pool.settings.hooks;
         let text = request.prompt.text_for_hooks();
+        let mut engine = None;
+        let mut dropped = 0;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let (tokens, left_out) = self.pool.prepare(&request)?;
+            dropped = left_out;
+            let engine = engine.insert(self.pool.take_engine(&tokens, request.session.as_deref()));
             if crate::hooks::Hooks::matches(&hooks.fail_prompt, &text) {
                 return Err(crate::engine::EngineError::Candle(candle_core::Error::Msg(
                     "injected failure (test hook)".into(),
@@ -1561,7 +1730,7 @@ impl Worker {
             }
             let stall = crate::hooks::Hooks::matches(&hooks.stall_prompt, &text);
             engine.generate(
-                request.prompt.as_prompt(),
+                crate::engine::Prompt::Tokens(&tokens),
                 &request.params,
                 &control.flag,
                 |ev| {
@@ -1611,7 +1780,7 @@ impl Worker {
         let (outcome, last, replace) = match result {
             Ok(Ok(g)) => {
                 let ttft = started.duration_since(received) + g.time_to_first_token;
-                let stats = convert::stats(&g, ttft.as_micros() as u64);
+                let stats = convert::stats(&g, ttft.as_micros() as u64, dropped);
                 // Counted before the client can see the end and ask `Status`.
                 {
                     let mut s = lock(&self.cell.snapshot);
@@ -1654,10 +1823,12 @@ impl Worker {
         if trial || outcome != Outcome::Neutral {
             self.pool.record(outcome);
         }
-        if replace {
-            drop(engine);
-        } else {
-            self.pool.park(engine);
+        if let Some(engine) = engine {
+            if replace {
+                self.pool.discard(engine);
+            } else {
+                self.pool.park(engine, request.session.clone(), true);
+            }
         }
         if control.finish_once() {
             match last {
@@ -1678,7 +1849,6 @@ impl Worker {
         } else if !self.cell.retire.load(Ordering::Relaxed) {
             self.set_state(WorkerState::Idle);
         }
-        replace
     }
 }
 
@@ -1712,14 +1882,15 @@ fn final_frame(
 
 /// The statistics of a generation cancelled before it started.
 pub fn cancelled_stats() -> paraphym_protocol::message::GenStats {
-    paraphym_protocol::message::GenStats {
-        prompt_tokens: 0,
-        generated_tokens: 0,
-        time_to_first_token_us: 0,
-        prefill_tokens_per_s: 0.0,
-        decode_tokens_per_s: 0.0,
-        stop: paraphym_protocol::message::StopReason::Cancelled,
-        cached_tokens: 0,
+    paraphym_protocol::message::GenStats::cancelled()
+}
+
+/// Drop these conversation caches (model, cache id) of `pools`.
+fn drop_caches(pools: &HashMap<PathBuf, Arc<Pool>>, caches: &[(PathBuf, u64)], why: &str) {
+    for (key, id) in caches {
+        if let Some(p) = pools.get(key) {
+            p.drop_cache(*id, why);
+        }
     }
 }
 

@@ -207,15 +207,7 @@ impl Client {
             Request::Cancel { target } => {
                 // No answer comes for a cancel.
                 self.handle.cancel(target)?;
-                return Ok(Response::Done(crate::message::GenStats {
-                    prompt_tokens: 0,
-                    generated_tokens: 0,
-                    time_to_first_token_us: 0,
-                    prefill_tokens_per_s: 0.0,
-                    decode_tokens_per_s: 0.0,
-                    stop: crate::message::StopReason::Cancelled,
-                    cached_tokens: 0,
-                }));
+                return Ok(Response::Done(crate::message::GenStats::cancelled()));
             }
             _ => {}
         }

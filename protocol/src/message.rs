@@ -53,6 +53,12 @@ pub struct Generate {
     pub options: Options,
     /// How long the model stays warm after this request (`None`: the default).
     pub keep_alive_ms: Option<u64>,
+    /// The conversation this turn belongs to (any client-chosen name, at most
+    /// 256 bytes): the daemon prefers the cache that served its last turn.
+    /// A hint only: without it, or when that cache is busy or gone, the
+    /// longest cached prefix still wins and the output is the same. Since
+    /// protocol version 3.
+    pub session: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +95,23 @@ pub struct Options {
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// What to do with a chat that no longer fits the context. Since
+    /// protocol version 3.
+    pub overflow: Overflow,
+}
+
+/// The policy for a prompt past the model's context: never a silent cut.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Overflow {
+    /// Refuse it with `ContextOverflow`.
+    #[default]
+    Error,
+    /// For chat prompts: drop the oldest turns (a user message and the
+    /// replies after it; system messages and the last message stay) until
+    /// the prompt leaves room for `max_tokens` (at most half the context).
+    /// `GenStats::dropped_messages` says how many went; `ContextOverflow` if
+    /// even the system messages and the last message do not fit.
+    DropOldest,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +181,25 @@ pub struct GenStats {
     /// earlier turn of the conversation, a shared system prompt) rather than
     /// a prefill. Since protocol version 2.
     pub cached_tokens: u32,
+    /// Chat messages left out to fit the context (`Overflow::DropOldest`).
+    /// Since protocol version 3.
+    pub dropped_messages: u32,
+}
+
+impl GenStats {
+    /// A generation cancelled before it started.
+    pub fn cancelled() -> Self {
+        Self {
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            time_to_first_token_us: 0,
+            prefill_tokens_per_s: 0.0,
+            decode_tokens_per_s: 0.0,
+            stop: StopReason::Cancelled,
+            cached_tokens: 0,
+            dropped_messages: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,8 +286,14 @@ pub struct ModelStatus {
     pub reference: String,
     pub workers: Vec<WorkerSnapshot>,
     pub queued: u32,
-    /// The governor's estimate for this model with its current workers.
+    /// The governor's estimate for this model with its current workers
+    /// and conversation caches.
     pub memory_bytes: u64,
+    /// Idle engines holding a conversation's KV cache between turns. Since
+    /// protocol version 3.
+    pub caches: u32,
+    /// What those caches hold (bytes of KV buffers).
+    pub cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -375,9 +423,11 @@ mod tests {
                 temperature: Some(0.7),
                 seed: Some(42),
                 stop: vec!["\n\n".into()],
+                overflow: Overflow::DropOldest,
                 ..Options::default()
             },
             keep_alive_ms: Some(300_000),
+            session: Some("chat-1".into()),
         };
         for request in [
             Request::Generate(gen),
@@ -418,6 +468,7 @@ mod tests {
                 decode_tokens_per_s: 32.0,
                 stop: StopReason::StopString(0),
                 cached_tokens: 3,
+                dropped_messages: 2,
             }),
             Response::Error(WireError {
                 kind: ErrorKind::UnknownModel,
@@ -430,6 +481,8 @@ mod tests {
                     workers: vec![worker.clone()],
                     queued: 2,
                     memory_bytes: 1 << 29,
+                    caches: 3,
+                    cache_bytes: 1 << 20,
                 }],
                 memory_used_bytes: 1 << 30,
                 memory_budget_bytes: 8 << 30,

@@ -101,6 +101,7 @@ fn exit_codes_tell_scripts_what_happened() {
             ..Default::default()
         },
         keep_alive_ms: None,
+        session: None,
     };
     let mut running = client.generate(gen(4000)).unwrap();
     assert!(matches!(

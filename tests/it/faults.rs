@@ -24,6 +24,7 @@ fn generate(model: &str, prompt: &str, max_tokens: u32) -> Request {
             ..Options::default()
         },
         keep_alive_ms: None,
+        session: None,
     })
 }
 

@@ -18,6 +18,7 @@ fn long_generation(model: &str) -> Generate {
             ..Options::default()
         },
         keep_alive_ms: None,
+        session: None,
     }
 }
 

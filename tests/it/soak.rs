@@ -66,6 +66,7 @@ fn client_loop(
                 ..Options::default()
             },
             keep_alive_ms: None,
+            session: None,
         };
         let action = rng.below(10);
         let mut stream = match client.generate(g) {

@@ -24,6 +24,7 @@ fn request(model: &str, prompt: Prompt, seed: u64, max_tokens: u32) -> Generate 
             ..Options::default()
         },
         keep_alive_ms: None,
+        session: None,
     }
 }
 

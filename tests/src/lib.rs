@@ -410,6 +410,7 @@ pub fn raw_gen(model: &str, prompt: &str, max_tokens: u32) -> Generate {
             ..Options::default()
         },
         keep_alive_ms: None,
+        session: None,
     }
 }
 

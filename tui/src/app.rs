@@ -484,6 +484,8 @@ impl App {
             prompt: self.conv.request_prompt(),
             options: self.conv.settings.options(),
             keep_alive_ms: None,
+            // The chat's id: the daemon prefers the cache of its last turn.
+            session: Some(self.conv.id.clone()),
         };
         self.conv.messages.push(Message {
             role: Role::Assistant,
@@ -768,6 +770,7 @@ pub mod tests {
             decode_tokens_per_s: 31.5,
             stop: StopReason::EndOfGeneration,
             cached_tokens: 0,
+            dropped_messages: 0,
         }
     }
 

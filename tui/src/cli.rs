@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use paraphym_protocol::client::{Client, ClientError, Piece};
 use paraphym_protocol::message::{
-    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, Request, Response, Stage,
-    StopReason,
+    ChatMessage, ErrorKind, GenStats, Generate, Options, Overflow, Prompt, Request, Response,
+    Stage, StopReason,
 };
 use paraphym_protocol::units;
 use serde_json::json;
 
 use crate::conn;
+use crate::state::chat::{self, Conversation};
 use crate::view::human_bytes;
 
 pub const EXIT_ERROR: u8 = 1;
@@ -141,6 +142,19 @@ pub struct RunArgs {
     /// Print the statistics to stderr at the end.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Continue the conversation NAME (saved in the data folder's
+    /// `sessions/`): its earlier turns go with the prompt and the reply is
+    /// added. The daemon keeps the session's cache, so only the new turn is
+    /// prefilled. The session remembers its model and system message.
+    #[arg(long, value_name = "NAME", conflicts_with = "raw")]
+    pub session: Option<String>,
+    /// Start the session over.
+    #[arg(long, requires = "session")]
+    pub reset: bool,
+    /// When the chat outgrows the context, leave out its oldest turns (the
+    /// statistics say how many) instead of failing.
+    #[arg(long)]
+    pub drop_oldest: bool,
     /// The prompt [default: standard input].
     pub prompt: Option<String>,
 }
@@ -209,6 +223,8 @@ fn done_json(s: &GenStats) -> serde_json::Value {
         "prefill_tokens_per_s": s.prefill_tokens_per_s,
         "decode_tokens_per_s": s.decode_tokens_per_s,
         "stop": stop_name(s.stop),
+        "cached_tokens": s.cached_tokens,
+        "dropped_messages": s.dropped_messages,
     })
 }
 
@@ -239,7 +255,37 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
         (_, true) => Some(false),
         _ => None,
     };
-    let prompt = if a.raw {
+    let sessions = match &a.session {
+        Some(_) => Some(crate::store::sessions_dir().ok_or_else(|| {
+            CliError::Other("no data folder for sessions: set HOME or XDG_DATA_HOME".into())
+        })?),
+        None => None,
+    };
+    let mut session = match (&a.session, &sessions) {
+        (Some(name), Some(dir)) => {
+            let old = if a.reset {
+                None
+            } else {
+                crate::store::load_session(dir, name).map_err(|e| CliError::Usage(e.to_string()))?
+            };
+            let mut conv = old.unwrap_or_else(|| Conversation::new(name.clone(), None));
+            if a.system.is_some() {
+                conv.settings.system = a.system.clone();
+            }
+            if think.is_some() {
+                conv.settings.think = think;
+            }
+            if a.model.is_some() {
+                conv.model = a.model.clone();
+            }
+            conv.messages.push(chat::Message::user(&prompt));
+            Some(conv)
+        }
+        _ => None,
+    };
+    let prompt = if let Some(conv) = &session {
+        conv.request_prompt()
+    } else if a.raw {
         if a.system.is_some() {
             return Err(CliError::Usage(
                 "--system needs a chat prompt (drop --raw)".into(),
@@ -260,13 +306,17 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
         });
         Prompt::Chat { messages, think }
     };
-    let model = a.model.or_else(|| {
+    let model = a
+        .model
+        .clone()
+        .or_else(|| session.as_ref().and_then(|c| c.model.clone()));
+    let model = model.or_else(|| {
         std::env::var("PARAPHYM_MODEL")
             .ok()
             .filter(|m| !m.is_empty())
     });
     let request = Generate {
-        model,
+        model: model.clone(),
         prompt,
         options: Options {
             temperature: a.temperature,
@@ -276,10 +326,16 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
             repeat_penalty: a.repeat_penalty,
             seed: a.seed,
             max_tokens: a.max_tokens,
-            stop: a.stop,
+            stop: a.stop.clone(),
             ignore_eos: false,
+            overflow: if a.drop_oldest {
+                Overflow::DropOldest
+            } else {
+                Overflow::Error
+            },
         },
         keep_alive_ms,
+        session: a.session.clone(),
     };
 
     let client = ctx.started()?;
@@ -310,6 +366,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
     let mut stage_shown = false;
     let mut out = std::io::stdout().lock();
     let mut last_char = '\n';
+    let mut reply = String::new();
     for piece in stream {
         if stage_shown && !matches!(piece, Ok(Piece::Stage(_))) {
             eprint!("\r\x1b[2K");
@@ -325,6 +382,9 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
                 }
             }
             Ok(Piece::Token(text)) => {
+                if session.is_some() {
+                    reply.push_str(&text);
+                }
                 if a.json {
                     json_line(json!({"event": "token", "text": text}));
                 } else {
@@ -350,6 +410,24 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
                         stats.decode_tokens_per_s,
                         stop_name(stats.stop)
                     );
+                    if stats.cached_tokens > 0 || stats.dropped_messages > 0 {
+                        eprintln!(
+                            "{} prompt tokens from the cache, {} earlier messages left out",
+                            stats.cached_tokens, stats.dropped_messages
+                        );
+                    }
+                }
+                if let (Some(conv), Some(dir), Some(name)) = (&mut session, &sessions, &a.session) {
+                    // The turn is kept once it has an answer, even a partial one.
+                    conv.messages.push(chat::Message {
+                        role: chat::Role::Assistant,
+                        content: std::mem::take(&mut reply),
+                        model: model.clone(),
+                        stats: Some(chat::Stats::from_gen(&stats)),
+                        error: None,
+                    });
+                    crate::store::save_session(dir, name, conv)
+                        .map_err(|e| CliError::Other(format!("saving session {name}: {e}")))?;
                 }
                 let code = if stats.stop == StopReason::Cancelled {
                     EXIT_CANCELLED
@@ -358,7 +436,12 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
                 };
                 return Ok(ExitCode::from(code));
             }
-            Err(e) => {
+            Err(mut e) => {
+                if let ClientError::Daemon(w) = &mut e {
+                    if w.kind == ErrorKind::ContextOverflow && !a.drop_oldest && !a.raw {
+                        w.message += " (with --drop-oldest the oldest turns make room)";
+                    }
+                }
                 if a.json {
                     if let ClientError::Daemon(w) = &e {
                         json_line(json!({
@@ -410,6 +493,14 @@ pub fn ps(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
                     w.requests_served,
                     w.tokens_per_s,
                     queued
+                );
+            }
+            if m.caches > 0 {
+                println!(
+                    "{:<32} conversation caches: {} ({})",
+                    m.reference,
+                    m.caches,
+                    human_bytes(m.cache_bytes)
                 );
             }
         }

@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
                   TUI (F1 in it lists the keys). With one: scripting over the daemon's socket."
 )]
 struct Cli {
-    /// The daemon's socket [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v2/paraphymd.sock, else ~/.paraphym/paraphym-v2/paraphymd.sock]
+    /// The daemon's socket [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v3/paraphymd.sock, else ~/.paraphym/paraphym-v3/paraphymd.sock]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     #[command(flatten)]

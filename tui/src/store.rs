@@ -1,18 +1,66 @@
 //! Conversations on disk: one JSON file each under
 //! `$XDG_DATA_HOME/paraphym/chats` (else `~/.local/share/paraphym/chats`),
 //! named by creation time so a listing sorts newest first; Markdown exports.
+//! Named sessions (`paraphym run --session NAME`) live beside them in
+//! `sessions/NAME.json`, in the same format.
 
 use std::path::{Path, PathBuf};
 
 use crate::state::chat::Conversation;
 
-/// The chats folder (not created until the first save).
-pub fn chats_dir() -> Option<PathBuf> {
+fn data_dir() -> Option<PathBuf> {
     let data = std::env::var_os("XDG_DATA_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))?;
-    Some(data.join("paraphym").join("chats"))
+    Some(data.join("paraphym"))
+}
+
+/// The chats folder (not created until the first save).
+pub fn chats_dir() -> Option<PathBuf> {
+    Some(data_dir()?.join("chats"))
+}
+
+/// The named sessions' folder (not created until the first save).
+pub fn sessions_dir() -> Option<PathBuf> {
+    Some(data_dir()?.join("sessions"))
+}
+
+/// A session's file: names are 1 to 64 of `A-Z a-z 0-9 . _ -`, not
+/// starting with a dot (never a path).
+fn session_file(dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    let ok = (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a session name: {name:?} (1 to 64 letters, digits, '.', '_' or '-')"),
+        ));
+    }
+    Ok(dir.join(format!("{name}.json")))
+}
+
+/// The session `name`, or `None` if it does not exist yet.
+pub fn load_session(dir: &Path, name: &str) -> std::io::Result<Option<Conversation>> {
+    let path = session_file(dir, name)?;
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("session {name}: {e}"),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn save_session(dir: &Path, name: &str, c: &Conversation) -> std::io::Result<()> {
+    let path = session_file(dir, name)?;
+    write_atomic(dir, &path, c)
 }
 
 /// A new chat id: the time in milliseconds, which sorts.
@@ -40,12 +88,15 @@ pub fn save(dir: &Path, c: &Conversation) -> std::io::Result<()> {
     if c.messages.is_empty() {
         return Ok(());
     }
+    write_atomic(dir, &file(dir, &c.id)?, c)
+}
+
+fn write_atomic(dir: &Path, path: &Path, c: &Conversation) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let path = file(dir, &c.id)?;
     let tmp = path.with_extension("json.tmp");
     let json = serde_json::to_vec_pretty(c).map_err(std::io::Error::other)?;
     std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, path)
 }
 
 pub fn load(dir: &Path, id: &str) -> std::io::Result<Conversation> {
@@ -112,6 +163,22 @@ mod tests {
         assert!(load(&dir, "../x").is_err());
         let md = export(&dir, &a).unwrap();
         assert!(std::fs::read_to_string(md).unwrap().contains("first chat"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sessions_are_named_files_that_start_empty() {
+        let dir = std::env::temp_dir().join(format!("paraphym-sessions-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(load_session(&dir, "work").unwrap(), None);
+        let mut c = Conversation::new("work".into(), Some("m".into()));
+        c.messages.push(Message::user("hello"));
+        save_session(&dir, "work", &c).unwrap();
+        assert_eq!(load_session(&dir, "work").unwrap(), Some(c.clone()));
+        for bad in ["", ".hidden", "../x", "a/b", &"x".repeat(65)] {
+            assert!(load_session(&dir, bad).is_err(), "{bad:?}");
+            assert!(save_session(&dir, bad, &c).is_err(), "{bad:?}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

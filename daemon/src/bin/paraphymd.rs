@@ -22,7 +22,7 @@ use tracing_subscriber::prelude::*;
     about = "paraphym's daemon: warm models on a Unix socket"
 )]
 struct Args {
-    /// Socket path [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v2/paraphymd.sock, else ~/.paraphym/paraphym-v2/paraphymd.sock]
+    /// Socket path [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v3/paraphymd.sock, else ~/.paraphym/paraphym-v3/paraphymd.sock]
     #[arg(long)]
     socket: Option<PathBuf>,
     /// The model for requests that name none [default: $PARAPHYM_MODEL, the config file's default_model, qwen3:1.7b]
@@ -61,6 +61,10 @@ struct Args {
     /// Context length of loaded models [default: the engine's, capped by the model].
     #[arg(long)]
     context: Option<usize>,
+    /// Idle conversation caches (KV caches kept for a chat's next turn) per
+    /// model beyond one per worker; the memory budget drops them first.
+    #[arg(long, default_value_t = DaemonConfig::DEFAULT_CONVERSATION_CACHES)]
+    conversation_caches: usize,
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -171,6 +175,7 @@ fn run(args: Args) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)?
         .unwrap_or(FOREVER);
     config.context = args.context;
+    config.conversation_caches = args.conversation_caches;
     config.device = DeviceSpec::parse(&args.device)?.open()?;
     if !config.device.is_cpu() {
         config.gpu_turns = match args.gpu_turns.as_str() {

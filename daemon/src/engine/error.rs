@@ -55,6 +55,8 @@ pub enum EngineError {
     },
     #[error("the prompt is {tokens} tokens but the context holds {context}; shorten it or load the model with a larger context")]
     PromptTooLong { tokens: usize, context: usize },
+    #[error("even with only the system messages and the last message, the prompt is {tokens} tokens but the context holds {context}; shorten the last message or load the model with a larger context")]
+    LastTurnTooLong { tokens: usize, context: usize },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("invalid generation parameter: {0}")]

@@ -2,7 +2,7 @@
 //! place the two vocabularies meet.
 
 use paraphym_protocol::message::{
-    ErrorKind, GenStats, Generate, Prompt as WirePrompt, StopReason, WireError,
+    ErrorKind, GenStats, Generate, Overflow, Prompt as WirePrompt, StopReason, WireError,
 };
 
 use crate::engine::{
@@ -11,6 +11,9 @@ use crate::engine::{
 
 /// Stop strings per request, at most.
 const MAX_STOPS: usize = 16;
+
+/// A session name's length, at most (bytes).
+pub const MAX_SESSION: usize = 256;
 
 /// An owned prompt for a worker.
 #[derive(Debug, Clone)]
@@ -44,6 +47,10 @@ impl OwnedPrompt {
 pub struct GenRequest {
     pub prompt: OwnedPrompt,
     pub params: GenParams,
+    /// The conversation (a hint for choosing the engine whose cache to use).
+    pub session: Option<String>,
+    /// Drop a chat's oldest turns rather than refuse it past the context.
+    pub drop_oldest: bool,
 }
 
 pub fn bad(message: impl Into<String>) -> WireError {
@@ -96,8 +103,15 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
     if o.max_tokens == Some(0) {
         return Err(bad("max_tokens must be at least 1"));
     }
+    if g.session.as_ref().is_some_and(|s| s.len() > MAX_SESSION) {
+        return Err(bad(format!(
+            "a session name has at most {MAX_SESSION} bytes"
+        )));
+    }
     let defaults = GenParams::default();
     Ok(GenRequest {
+        session: g.session.clone(),
+        drop_oldest: o.overflow == Overflow::DropOldest,
         prompt,
         params: GenParams {
             sampling,
@@ -112,7 +126,9 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
 /// An engine error as the client sees it.
 pub fn engine_error(e: &EngineError) -> WireError {
     let kind = match e {
-        EngineError::PromptTooLong { .. } => ErrorKind::ContextOverflow,
+        EngineError::PromptTooLong { .. } | EngineError::LastTurnTooLong { .. } => {
+            ErrorKind::ContextOverflow
+        }
         EngineError::EmptyPrompt | EngineError::InvalidParams(_) | EngineError::Template(_) => {
             ErrorKind::BadRequest
         }
@@ -125,7 +141,7 @@ pub fn engine_error(e: &EngineError) -> WireError {
     }
 }
 
-pub fn stats(g: &Generation, time_to_first_token_us: u64) -> GenStats {
+pub fn stats(g: &Generation, time_to_first_token_us: u64, dropped_messages: usize) -> GenStats {
     GenStats {
         prompt_tokens: g.prompt_tokens as u32,
         generated_tokens: g.tokens.len() as u32,
@@ -140,5 +156,6 @@ pub fn stats(g: &Generation, time_to_first_token_us: u64) -> GenStats {
             FinishReason::Cancelled => StopReason::Cancelled,
         },
         cached_tokens: g.reused_tokens as u32,
+        dropped_messages: dropped_messages as u32,
     }
 }

@@ -1,7 +1,9 @@
 //! A conversation: its messages, the reply being streamed, its settings, and
 //! the per-message statistics. Saved as JSON under the user's data directory.
 
-use paraphym_protocol::message::{ChatMessage, GenStats, Options, Prompt, Stage, StopReason};
+use paraphym_protocol::message::{
+    ChatMessage, GenStats, Options, Overflow, Prompt, Stage, StopReason,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -18,6 +20,12 @@ pub struct Stats {
     pub tokens: u32,
     pub prompt_tokens: u32,
     pub stop: String,
+    /// Prompt tokens the daemon's cache already held (earlier turns).
+    #[serde(default)]
+    pub cached_tokens: u32,
+    /// Earlier messages left out to fit the context.
+    #[serde(default)]
+    pub dropped_messages: u32,
 }
 
 impl Stats {
@@ -27,6 +35,8 @@ impl Stats {
             tokens_per_s: s.decode_tokens_per_s,
             tokens: s.generated_tokens,
             prompt_tokens: s.prompt_tokens,
+            cached_tokens: s.cached_tokens,
+            dropped_messages: s.dropped_messages,
             stop: match s.stop {
                 StopReason::EndOfGeneration => "end".into(),
                 StopReason::MaxTokens => "max tokens".into(),
@@ -118,6 +128,9 @@ impl Settings {
             top_k: self.top_k,
             seed: self.seed,
             max_tokens: self.max_tokens,
+            // A long chat keeps going: its oldest turns make room, and the
+            // reply's statistics say how many were left out.
+            overflow: Overflow::DropOldest,
             ..Options::default()
         }
     }

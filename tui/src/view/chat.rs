@@ -135,13 +135,20 @@ fn message(
                 ));
             }
             if let Some(s) = &m.stats {
-                out.push(Line::from(Span::styled(
-                    format!(
-                        "  {} tokens · {:.1} tok/s · first token {:.0} ms · {}",
-                        s.tokens, s.tokens_per_s, s.ttft_ms, s.stop
-                    ),
-                    DIM,
-                )));
+                let mut line = format!(
+                    "  {} tokens · {:.1} tok/s · first token {:.0} ms · {}",
+                    s.tokens, s.tokens_per_s, s.ttft_ms, s.stop
+                );
+                if s.cached_tokens > 0 {
+                    line += &format!(" · {} prompt tokens cached", s.cached_tokens);
+                }
+                if s.dropped_messages > 0 {
+                    line += &format!(
+                        " · {} earlier messages left out to fit the context",
+                        s.dropped_messages
+                    );
+                }
+                out.push(Line::from(Span::styled(line, DIM)));
             }
         }
     }

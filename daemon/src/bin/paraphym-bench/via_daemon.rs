@@ -141,6 +141,7 @@ pub fn greedy(model: &Path, prompt: &[u32], gen: usize) -> Generate {
             ..Options::default()
         },
         keep_alive_ms: None,
+        session: None,
     }
 }
 

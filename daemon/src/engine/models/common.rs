@@ -252,6 +252,15 @@ impl KvCache {
         *self = Self::default();
     }
 
+    /// Bytes held by the buffers.
+    pub fn bytes(&self) -> usize {
+        [&self.k, &self.v]
+            .into_iter()
+            .flatten()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
     /// Append `k`, `v` (1, kv_heads, seq, head_dim) and return views of the
     /// positions `start..end` of the cache, where `end` may run past the cached
     /// positions (the caller masks what is not cached yet).

@@ -184,6 +184,13 @@ impl Cache {
             Cache::Tensor(c) => c.clear(),
         }
     }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Cache::Cpu(c) => c.bytes(),
+            Cache::Tensor(c) => c.bytes(),
+        }
+    }
 }
 
 /// A loaded model: weights, RoPE tables and the KV cache.
@@ -304,6 +311,12 @@ impl Model {
         for l in &mut self.layers {
             l.cache.truncate(len);
         }
+    }
+
+    /// Bytes the KV cache's buffers hold (their capacity, not just the
+    /// cached positions).
+    pub fn kv_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.cache.bytes() as u64).sum()
     }
 
     /// Drop the KV cache and its buffers.
