@@ -4,6 +4,7 @@
 //! `load-child`) that only loads the model and runs the warm-up pass, and
 //! reports the load time and the child's peak RSS (VmHWM).
 
+mod chats;
 mod via_daemon;
 
 use std::path::PathBuf;
@@ -145,6 +146,26 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         gen_tokens: usize,
     },
+    /// Conversations taking turns on the daemon: time to first token with
+    /// conversation caches kept beyond one per worker, and with none.
+    Chats {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Conversations, served round-robin, one request at a time.
+        #[arg(long, default_value_t = 4)]
+        chats: usize,
+        #[arg(long, default_value_t = 4)]
+        turns: usize,
+        /// Words per user message (about 1.3 tokens each).
+        #[arg(long, default_value_t = 80)]
+        user_words: usize,
+        #[arg(long, default_value_t = 16)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
     /// Perplexity of a text file by llama-perplexity's method.
     Perplexity {
         #[arg(long)]
@@ -270,6 +291,17 @@ fn main() -> Result<()> {
             user_tokens,
             gen_tokens,
         } => multiturn(&model, &device, turns, user_tokens, gen_tokens),
+        Cmd::Chats {
+            model,
+            device,
+            chats,
+            turns,
+            user_words,
+            gen_tokens,
+            workers,
+        } => chats::run(
+            &model, &device, chats, turns, user_words, gen_tokens, workers,
+        ),
         Cmd::Perplexity {
             model,
             text,
