@@ -14,6 +14,7 @@ pub mod engine;
 pub mod events;
 pub mod governor;
 pub mod hooks;
+pub mod http;
 pub mod pool;
 pub mod pull;
 pub mod registry;

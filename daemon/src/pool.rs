@@ -544,7 +544,22 @@ impl Pool {
             memory_bytes: self.cost.with_workers(self.live_workers()) + cache_bytes,
             caches,
             cache_bytes,
+            expires_in_ms: self.expires_in_ms(),
         }
+    }
+
+    /// Until the keep-alive unloads this model if nothing else comes.
+    fn expires_in_ms(&self) -> u64 {
+        let keep_alive = *lock(&self.keep_alive);
+        if keep_alive == FOREVER {
+            return u64::MAX;
+        }
+        let idle_for = if self.busy() {
+            Duration::ZERO
+        } else {
+            lock(&self.last_used).elapsed()
+        };
+        keep_alive.saturating_sub(idle_for).as_millis() as u64
     }
 
     fn info(&self) -> ModelInfo {
@@ -1716,6 +1731,7 @@ impl Worker {
         let text = request.prompt.text_for_hooks();
         let mut engine = None;
         let mut dropped = 0;
+        let mut last_token: Option<Instant> = None;
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let (tokens, left_out) = self.pool.prepare(&request)?;
             dropped = left_out;
@@ -1738,6 +1754,10 @@ impl Worker {
                     match ev {
                         GenEvent::Token(_) => {
                             events.count_token();
+                            let now = Instant::now();
+                            if let Some(t) = last_token.replace(now) {
+                                events.inter_token.observe(now - t);
+                            }
                             self.cell.tokens.fetch_add(1, Ordering::Relaxed);
                             if stall {
                                 // A hung kernel: no progress, no end.
@@ -1781,6 +1801,9 @@ impl Worker {
             Ok(Ok(g)) => {
                 let ttft = started.duration_since(received) + g.time_to_first_token;
                 let stats = convert::stats(&g, ttft.as_micros() as u64, dropped);
+                if !g.tokens.is_empty() {
+                    self.pool.events.time_to_first_token.observe(ttft);
+                }
                 // Counted before the client can see the end and ask `Status`.
                 {
                     let mut s = lock(&self.cell.snapshot);
@@ -1939,6 +1962,7 @@ pub fn start_housekeeping(daemon: Arc<Daemon>) -> Housekeeping {
                     let secs = now.duration_since(last.0).as_secs_f64();
                     let rate = (total - last.1) as f64 / secs;
                     last = (now, total);
+                    daemon.events.set_rate(rate);
                     if daemon.events.has_subscribers() {
                         let at_ms = daemon.events.uptime_ms();
                         daemon.events.publish(Event::Throughput {

@@ -294,6 +294,9 @@ pub struct ModelStatus {
     pub caches: u32,
     /// What those caches hold (bytes of KV buffers).
     pub cache_bytes: u64,
+    /// Until the keep-alive unloads it, if it stays idle (`u64::MAX`:
+    /// never). Since protocol version 3.
+    pub expires_in_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -483,6 +486,7 @@ mod tests {
                     memory_bytes: 1 << 29,
                     caches: 3,
                     cache_bytes: 1 << 20,
+                    expires_in_ms: 60_000,
                 }],
                 memory_used_bytes: 1 << 30,
                 memory_budget_bytes: 8 << 30,

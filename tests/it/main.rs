@@ -4,6 +4,7 @@ mod cli;
 mod conversations;
 mod faults;
 mod health;
+mod http;
 mod lifecycle;
 mod memory;
 mod progress;

@@ -90,6 +90,20 @@ struct Args {
     /// Load these models at start (repeatable).
     #[arg(long)]
     preload: Vec<String>,
+    /// Serve OpenAI- and Ollama-compatible HTTP APIs, /health and /metrics on
+    /// PORT (loopback) or ADDRESS:PORT. Off by default; there is no
+    /// authentication, so anything but loopback must be asked for by address.
+    #[arg(long, value_name = "[ADDRESS:]PORT")]
+    http: Option<String>,
+    /// HTTP: a request's headers must arrive within this.
+    #[arg(long, default_value = "10s")]
+    http_header_timeout: String,
+    /// HTTP: a request's body must arrive within this.
+    #[arg(long, default_value = "30s")]
+    http_body_timeout: String,
+    /// HTTP: the largest request body (bytes; 8MiB, 512KiB).
+    #[arg(long, default_value = "8MiB")]
+    http_max_body: String,
 }
 
 fn default_log_file() -> Option<PathBuf> {
@@ -229,6 +243,22 @@ fn run(args: Args) -> Result<ExitCode> {
     }
     for model in &args.preload {
         daemon.preload(model);
+    }
+    if let Some(addr) = &args.http {
+        let mut http = paraphym_daemon::http::HttpConfig::new(
+            paraphym_daemon::http::parse_addr(addr).map_err(anyhow::Error::msg)?,
+        );
+        http.header_timeout = units::parse_duration(&args.http_header_timeout)
+            .map_err(anyhow::Error::msg)?
+            .context("--http-header-timeout must be finite")?;
+        http.body_timeout = units::parse_duration(&args.http_body_timeout)
+            .map_err(anyhow::Error::msg)?
+            .context("--http-body-timeout must be finite")?;
+        http.max_body =
+            units::parse_bytes(&args.http_max_body).map_err(anyhow::Error::msg)? as usize;
+        http.max_connections = daemon.config.max_connections;
+        paraphym_daemon::http::start(daemon.clone(), socket.clone(), http)
+            .with_context(|| format!("--http {addr}"))?;
     }
     server::serve(daemon, bound);
     Ok(ExitCode::SUCCESS)

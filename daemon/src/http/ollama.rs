@@ -1,0 +1,527 @@
+//! Ollama-compatible endpoints: `/api/generate` and `/api/chat` (NDJSON
+//! streams by default), `/api/tags`, `/api/ps`, `/api/version`, with
+//! `keep_alive` honoured (an empty prompt loads the model; `keep_alive: 0`
+//! with it unloads). Field names and meanings follow Ollama's API document.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use paraphym_protocol::message::{
+    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, Request as WireRequest,
+    StopReason, WireError,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{call, json, read_json, relay, rfc3339, status_of, stream, Ctx, Out, Relayed};
+
+fn error(status: StatusCode, message: &str) -> Response<Out> {
+    json(status, &json!({"error": message}))
+}
+
+fn wire_error(e: &WireError) -> Response<Out> {
+    error(status_of(e.kind), &e.message)
+}
+
+/// `keep_alive`: seconds as a number, or a duration string ("5m", "1h",
+/// "0"); negative means forever.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KeepAlive {
+    Seconds(f64),
+    Text(String),
+}
+
+impl KeepAlive {
+    fn to_ms(&self) -> Result<u64, String> {
+        let secs = match self {
+            KeepAlive::Seconds(s) => *s,
+            KeepAlive::Text(t) => {
+                let t = t.trim();
+                if t.starts_with('-') {
+                    -1.0
+                } else {
+                    match paraphym_protocol::units::parse_duration(t)? {
+                        Some(d) => d.as_secs_f64(),
+                        None => -1.0,
+                    }
+                }
+            }
+        };
+        Ok(if secs < 0.0 {
+            u64::MAX
+        } else {
+            (secs * 1000.0).min((u64::MAX - 1) as f64) as u64
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ModelOptions {
+    temperature: Option<f32>,
+    top_k: Option<u32>,
+    top_p: Option<f32>,
+    min_p: Option<f32>,
+    seed: Option<i64>,
+    num_predict: Option<i64>,
+    stop: Option<Vec<String>>,
+    repeat_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+}
+
+impl ModelOptions {
+    fn options(self) -> Result<Options, String> {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(format!("{name} is not supported yet (use repeat_penalty)"));
+            }
+        }
+        Ok(Options {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            // Ollama: a negative seed means random.
+            seed: self.seed.and_then(|s| u64::try_from(s).ok()),
+            // -1: until the model stops; -2: until the context is full.
+            max_tokens: match self.num_predict {
+                Some(n) if n < 0 => Some(u32::MAX),
+                Some(n) => Some(n.clamp(1, i64::from(u32::MAX)) as u32),
+                None => None,
+            },
+            stop: self.stop.unwrap_or_default(),
+            ..Options::default()
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerateRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    system: Option<String>,
+    template: Option<String>,
+    suffix: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    stream: Option<bool>,
+    options: Option<ModelOptions>,
+    keep_alive: Option<KeepAlive>,
+    format: Option<Value>,
+    #[serde(default)]
+    images: Vec<Value>,
+    think: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    images: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    messages: Vec<Message>,
+    stream: Option<bool>,
+    options: Option<ModelOptions>,
+    keep_alive: Option<KeepAlive>,
+    format: Option<Value>,
+    tools: Option<Value>,
+    think: Option<bool>,
+}
+
+fn done_reason(s: StopReason) -> &'static str {
+    match s {
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+        StopReason::EndOfGeneration | StopReason::StopString(_) | StopReason::Cancelled => "stop",
+    }
+}
+
+/// The final object's timings, in nanoseconds as Ollama gives them: the
+/// wait before prefill (queue, load), the prefill of what was not cached,
+/// the decode.
+fn timings(s: &GenStats, started: Instant) -> Value {
+    let secs = |n: u32, tps: f32| {
+        if tps > 0.0 {
+            f64::from(n) / f64::from(tps)
+        } else {
+            0.0
+        }
+    };
+    let prefill = secs(
+        s.prompt_tokens.saturating_sub(s.cached_tokens),
+        s.prefill_tokens_per_s,
+    );
+    let decode = secs(s.generated_tokens.saturating_sub(1), s.decode_tokens_per_s);
+    let ttft = s.time_to_first_token_us as f64 / 1e6;
+    let ns = |x: f64| (x.max(0.0) * 1e9) as u64;
+    json!({
+        "total_duration": started.elapsed().as_nanos() as u64,
+        "load_duration": ns(ttft - prefill),
+        "prompt_eval_count": s.prompt_tokens,
+        "prompt_eval_duration": ns(prefill),
+        "eval_count": s.generated_tokens,
+        "eval_duration": ns(decode),
+    })
+}
+
+fn ndjson(v: &Value) -> Bytes {
+    Bytes::from(format!("{v}\n"))
+}
+
+/// What both endpoints do once their request is in engine terms.
+struct Job {
+    model: String,
+    prompt: Prompt,
+    options: Options,
+    keep_alive_ms: Option<u64>,
+    streaming: bool,
+    /// `/api/chat` (a `message` object) or `/api/generate` (`response`).
+    chat: bool,
+}
+
+async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
+    let Job {
+        model,
+        prompt,
+        options,
+        keep_alive_ms,
+        streaming,
+        chat,
+    } = job;
+    let piece = move |model: &str, text: &str, done: bool| {
+        let mut v = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
+        if chat {
+            v["message"] = json!({"role": "assistant", "content": text});
+        } else {
+            v["response"] = json!(text);
+        }
+        v["done"] = json!(done);
+        v
+    };
+    let gen = Generate {
+        model: Some(model.clone()),
+        prompt,
+        options,
+        keep_alive_ms,
+        session: None,
+    };
+    let mut events = relay(&ctx, gen);
+    if !streaming {
+        let mut text = String::new();
+        loop {
+            match events.recv().await {
+                Some(Relayed::Token(t)) => text.push_str(&t),
+                Some(Relayed::Done(s)) => {
+                    let mut v = piece(&model, &text, true);
+                    v["done_reason"] = json!(done_reason(s.stop));
+                    merge(&mut v, timings(&s, started));
+                    return json(StatusCode::OK, &v);
+                }
+                Some(Relayed::Error(e)) => return wire_error(&e),
+                None => return error(StatusCode::INTERNAL_SERVER_ERROR, "the generation was lost"),
+            }
+        }
+    }
+    let first = match events.recv().await {
+        Some(Relayed::Error(e)) => return wire_error(&e),
+        Some(ev) => ev,
+        None => return error(StatusCode::INTERNAL_SERVER_ERROR, "the generation was lost"),
+    };
+    let map = move |ev: Relayed| -> Vec<Bytes> {
+        match ev {
+            Relayed::Token(t) => vec![ndjson(&piece(&model, &t, false))],
+            Relayed::Done(s) => {
+                let mut v = piece(&model, "", true);
+                v["done_reason"] = json!(done_reason(s.stop));
+                merge(&mut v, timings(&s, started));
+                vec![ndjson(&v)]
+            }
+            // Ollama ends a failed stream with an error object.
+            Relayed::Error(e) => vec![ndjson(&json!({"error": e.message}))],
+        }
+    };
+    let head = map(first);
+    stream("application/x-ndjson", head, events, map)
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
+        a.extend(b);
+    }
+}
+
+/// An empty request loads the model (or, with `keep_alive: 0`, unloads it).
+async fn load_or_unload(
+    ctx: &Ctx,
+    model: &str,
+    keep_alive_ms: Option<u64>,
+    chat: bool,
+) -> Response<Out> {
+    let unload = keep_alive_ms == Some(0);
+    let request = if unload {
+        WireRequest::Unload {
+            model: model.into(),
+        }
+    } else {
+        WireRequest::Load {
+            model: model.into(),
+            keep_alive_ms,
+        }
+    };
+    match call(ctx, request).await {
+        Ok(_) => {
+            let mut v = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
+            if chat {
+                v["message"] = json!({"role": "assistant", "content": ""});
+            } else {
+                v["response"] = json!("");
+            }
+            v["done"] = json!(true);
+            v["done_reason"] = json!(if unload { "unload" } else { "load" });
+            json(StatusCode::OK, &v)
+        }
+        // Unloading what is not loaded is not an error in Ollama.
+        Err(e) if unload && e.kind == ErrorKind::UnknownModel => {
+            let mut v = json!({"model": model, "created_at": rfc3339(SystemTime::now())});
+            v["done"] = json!(true);
+            v["done_reason"] = json!("unload");
+            json(StatusCode::OK, &v)
+        }
+        Err(e) => wire_error(&e),
+    }
+}
+
+fn unsupported(format: &Option<Value>) -> Option<Response<Out>> {
+    match format {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(_) => Some(error(
+            StatusCode::BAD_REQUEST,
+            "format (JSON mode, schemas) is not supported yet",
+        )),
+    }
+}
+
+fn keep_alive(k: &Option<KeepAlive>) -> Result<Option<u64>, String> {
+    k.as_ref()
+        .map(KeepAlive::to_ms)
+        .transpose()
+        .map_err(|e| format!("keep_alive: {e}"))
+}
+
+pub(super) async fn generate(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
+    let started = Instant::now();
+    let r: GenerateRequest = match read_json(&ctx, req, error).await {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    if r.model.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    }
+    if let Some(res) = unsupported(&r.format) {
+        return res;
+    }
+    if !r.images.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "images are not supported");
+    }
+    if r.template.as_ref().is_some_and(|t| !t.is_empty()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "template: the model's own chat template is used (send raw: true to format the prompt yourself)",
+        );
+    }
+    if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return error(StatusCode::BAD_REQUEST, "suffix is not supported");
+    }
+    let keep_alive_ms = match keep_alive(&r.keep_alive) {
+        Ok(k) => k,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    if r.prompt.is_empty() {
+        return load_or_unload(&ctx, &r.model, keep_alive_ms, false).await;
+    }
+    let options = match r.options.unwrap_or_default().options() {
+        Ok(o) => o,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    let prompt = if r.raw {
+        Prompt::Raw(r.prompt)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = r.system.filter(|s| !s.is_empty()) {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s,
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: r.prompt,
+        });
+        Prompt::Chat {
+            messages,
+            think: r.think,
+        }
+    };
+    let job = Job {
+        model: r.model,
+        prompt,
+        options,
+        keep_alive_ms,
+        streaming: r.stream.unwrap_or(true),
+        chat: false,
+    };
+    run(ctx, job, started).await
+}
+
+pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
+    let started = Instant::now();
+    let r: ChatRequest = match read_json(&ctx, req, error).await {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    if r.model.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    }
+    if let Some(res) = unsupported(&r.format) {
+        return res;
+    }
+    if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return error(StatusCode::BAD_REQUEST, "tools are not supported yet");
+    }
+    let keep_alive_ms = match keep_alive(&r.keep_alive) {
+        Ok(k) => k,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    if r.messages.is_empty() {
+        return load_or_unload(&ctx, &r.model, keep_alive_ms, true).await;
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for m in r.messages {
+        if !m.images.is_empty() {
+            return error(StatusCode::BAD_REQUEST, "images are not supported");
+        }
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "messages: role {:?} is not supported (system, user, assistant)",
+                    m.role
+                ),
+            );
+        }
+        messages.push(ChatMessage {
+            role: m.role,
+            content: m.content,
+        });
+    }
+    let options = match r.options.unwrap_or_default().options() {
+        Ok(o) => o,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    let job = Job {
+        model: r.model,
+        prompt: Prompt::Chat {
+            messages,
+            think: r.think,
+        },
+        options,
+        keep_alive_ms,
+        streaming: r.stream.unwrap_or(true),
+        chat: true,
+    };
+    run(ctx, job, started).await
+}
+
+fn details(architecture: &str) -> Value {
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": architecture,
+        "families": [architecture],
+        "parameter_size": "",
+        "quantization_level": "",
+    })
+}
+
+fn modified(path: &str) -> String {
+    let t = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    rfc3339(t)
+}
+
+pub(super) fn tags(ctx: &Ctx) -> Response<Out> {
+    let models: Vec<Value> = ctx
+        .daemon
+        .pools
+        .list_models()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "name": m.reference,
+                "model": m.reference,
+                "modified_at": modified(&m.path),
+                "size": m.size_bytes,
+                "digest": "",
+                "details": details(&m.architecture),
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &json!({"models": models}))
+}
+
+pub(super) fn ps(ctx: &Ctx) -> Response<Out> {
+    let infos = ctx.daemon.pools.list_models();
+    let on_gpu = !ctx.daemon.config.device.is_cpu();
+    let now = SystemTime::now();
+    let models: Vec<Value> = ctx
+        .daemon
+        .pools
+        .status()
+        .models
+        .into_iter()
+        .map(|m| {
+            let arch = infos
+                .iter()
+                .find(|i| i.reference == m.reference)
+                .map_or("", |i| i.architecture.as_str());
+            // Forever: a century on, as far as any client's clock goes.
+            let expires = Duration::from_millis(m.expires_in_ms.min(100 * 365 * 86_400_000));
+            json!({
+                "name": m.reference,
+                "model": m.reference,
+                "size": m.memory_bytes,
+                "digest": "",
+                "details": details(arch),
+                "expires_at": rfc3339(now + expires),
+                "size_vram": if on_gpu { m.memory_bytes } else { 0 },
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &json!({"models": models}))
+}
+
+pub(super) fn version() -> Response<Out> {
+    json(
+        StatusCode::OK,
+        &json!({"version": env!("CARGO_PKG_VERSION")}),
+    )
+}

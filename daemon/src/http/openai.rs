@@ -1,0 +1,536 @@
+//! OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/completions`
+//! (server-sent events when `stream`), `/v1/models`. Fields that would change
+//! the output and that the engine does not do yet are refused with 400, never
+//! ignored.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use paraphym_protocol::message::{
+    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, StopReason, WireError,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{json, read_json, relay, status_of, stream, unix_now, Ctx, Out, Relayed};
+
+/// An OpenAI-shaped error body.
+fn error(status: StatusCode, message: &str) -> Response<Out> {
+    let kind = match status {
+        StatusCode::NOT_FOUND => "not_found_error",
+        s if s.is_client_error() => "invalid_request_error",
+        _ => "server_error",
+    };
+    json(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
+    )
+}
+
+fn wire_error(e: &WireError) -> Response<Out> {
+    let code = match e.kind {
+        ErrorKind::ContextOverflow => "context_length_exceeded",
+        ErrorKind::UnknownModel => "model_not_found",
+        ErrorKind::Busy => "server_busy",
+        _ => "",
+    };
+    let status = status_of(e.kind);
+    let mut body = json!({"error": {
+        "message": e.message,
+        "type": if status.is_client_error() { "invalid_request_error" } else { "server_error" },
+        "param": null,
+        "code": null,
+    }});
+    if !code.is_empty() {
+        body["error"]["code"] = json!(code);
+    }
+    json(status, &body)
+}
+
+/// `stop`: one string or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// Message content: a string, or parts of which only text is supported.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TemplateKwargs {
+    enable_thinking: Option<bool>,
+}
+
+/// Sampling fields both endpoints share (with llama.cpp's extensions).
+#[derive(Debug, Default, Deserialize)]
+struct Sampling {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    seed: Option<u64>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logprobs: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+impl Sampling {
+    /// The options, or why the request asks for what is not supported.
+    fn options(self, default_max: Option<u32>) -> Result<Options, String> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err("n: only 1 choice per request is supported".into());
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(format!("{name} is not supported yet (use repeat_penalty)"));
+            }
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v != &json!(false) && v != &json!(0))
+        {
+            return Err("logprobs are not supported yet".into());
+        }
+        Ok(Options {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            seed: self.seed,
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .or(default_max),
+            stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
+            ..Options::default()
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    sampling: Sampling,
+    #[serde(default)]
+    chat_template_kwargs: Option<TemplateKwargs>,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum CompletionPrompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: CompletionPrompt,
+    #[serde(flatten)]
+    sampling: Sampling,
+    #[serde(default)]
+    echo: bool,
+    #[serde(default)]
+    suffix: Option<String>,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn new_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{:x}{:06x}",
+        unix_now(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn finish_reason(s: StopReason) -> &'static str {
+    match s {
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+        StopReason::EndOfGeneration | StopReason::StopString(_) | StopReason::Cancelled => "stop",
+    }
+}
+
+fn usage(s: &GenStats) -> Value {
+    json!({
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.generated_tokens,
+        "total_tokens": s.prompt_tokens + s.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
+    })
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn sse_done() -> Bytes {
+    Bytes::from_static(b"data: [DONE]\n\n")
+}
+
+fn model_name(ctx: &Ctx, model: &Option<String>) -> String {
+    model
+        .clone()
+        .unwrap_or_else(|| ctx.daemon.config.default_model.clone())
+}
+
+pub(super) fn models(ctx: &Ctx) -> Response<Out> {
+    let created = unix_now();
+    let data: Vec<Value> = ctx
+        .daemon
+        .pools
+        .list_models()
+        .into_iter()
+        .map(|m| {
+            json!({
+                "id": m.reference,
+                "object": "model",
+                "created": created,
+                "owned_by": "paraphym",
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// Everything the generation said: text and statistics, or an error.
+async fn collect(
+    mut events: tokio::sync::mpsc::Receiver<Relayed>,
+) -> Result<(String, GenStats), WireError> {
+    let mut text = String::new();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Relayed::Token(t) => text.push_str(&t),
+            Relayed::Done(s) => return Ok((text, s)),
+            Relayed::Error(e) => return Err(e),
+        }
+    }
+    Err(WireError {
+        kind: ErrorKind::Internal,
+        message: "the generation ended without an answer".into(),
+    })
+}
+
+/// The first event of a streamed generation: an error before any token is
+/// an HTTP error, not a stream.
+async fn first_event(
+    events: &mut tokio::sync::mpsc::Receiver<Relayed>,
+) -> Result<Relayed, WireError> {
+    match events.recv().await {
+        Some(Relayed::Error(e)) => Err(e),
+        Some(ev) => Ok(ev),
+        None => Err(WireError {
+            kind: ErrorKind::Internal,
+            message: "the generation ended without an answer".into(),
+        }),
+    }
+}
+
+pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
+    let r: ChatRequest = match read_json(&ctx, req, error).await {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return error(StatusCode::BAD_REQUEST, "tools are not supported yet");
+    }
+    if let Some(f) = &r.response_format {
+        if f.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "response_format other than text is not supported yet",
+            );
+        }
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for m in r.messages {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("messages: role {other:?} is not supported (system, developer, user, assistant)"),
+                )
+            }
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => text.push_str(&t),
+                        (kind, _) => {
+                            return error(
+                                StatusCode::BAD_REQUEST,
+                                &format!("messages: content parts of type {kind:?} are not supported (text only)"),
+                            )
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage {
+            role: role.into(),
+            content,
+        });
+    }
+    let stream_usage = r
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let streaming = r.sampling.stream;
+    let options = match r.sampling.options(None) {
+        Ok(o) => o,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    let model = model_name(&ctx, &r.model);
+    let gen = Generate {
+        model: r.model,
+        prompt: Prompt::Chat {
+            messages,
+            think: r.chat_template_kwargs.and_then(|k| k.enable_thinking),
+        },
+        options,
+        keep_alive_ms: None,
+        session: None,
+    };
+    let id = new_id("chatcmpl");
+    let created = unix_now();
+    let mut events = relay(&ctx, gen);
+    if !streaming {
+        return match collect(events).await {
+            Ok((text, s)) => json(
+                StatusCode::OK,
+                &json!({
+                    "id": id,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": null,
+                        "finish_reason": finish_reason(s.stop),
+                    }],
+                    "usage": usage(&s),
+                }),
+            ),
+            Err(e) => wire_error(&e),
+        };
+    }
+    let first = match first_event(&mut events).await {
+        Ok(ev) => ev,
+        Err(e) => return wire_error(&e),
+    };
+    let role = sse(&json!({
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}],
+    }));
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        })
+    };
+    let map = move |ev: Relayed| -> Vec<Bytes> {
+        match ev {
+            Relayed::Token(t) => vec![sse(&chunk(json!({"content": t}), None))],
+            Relayed::Done(s) => {
+                let mut out = vec![sse(&chunk(json!({}), Some(finish_reason(s.stop))))];
+                if stream_usage {
+                    let mut u = chunk(json!({}), None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&s);
+                    out.push(sse(&u));
+                }
+                out.push(sse_done());
+                out
+            }
+            Relayed::Error(e) => vec![
+                sse(&json!({"error": {"message": e.message, "type": "server_error"}})),
+                sse_done(),
+            ],
+        }
+    };
+    let mut head = vec![role];
+    head.extend(map(first));
+    stream("text/event-stream", head, events, map)
+}
+
+pub(super) async fn completions(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
+    let r: CompletionRequest = match read_json(&ctx, req, error).await {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    if r.suffix.is_some() {
+        return error(StatusCode::BAD_REQUEST, "suffix is not supported");
+    }
+    let prompt = match r.prompt {
+        CompletionPrompt::One(p) => p,
+        CompletionPrompt::Many(mut v) if v.len() == 1 => v.remove(0),
+        CompletionPrompt::Many(_) => {
+            return error(StatusCode::BAD_REQUEST, "prompt: one prompt per request")
+        }
+    };
+    let streaming = r.sampling.stream;
+    let stream_usage = r
+        .sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    // OpenAI's default for this endpoint.
+    let options = match r.sampling.options(Some(16)) {
+        Ok(o) => o,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    let model = model_name(&ctx, &r.model);
+    let echo = r.echo.then(|| prompt.clone());
+    let gen = Generate {
+        model: r.model,
+        prompt: Prompt::Raw(prompt),
+        options,
+        keep_alive_ms: None,
+        session: None,
+    };
+    let id = new_id("cmpl");
+    let created = unix_now();
+    let mut events = relay(&ctx, gen);
+    if !streaming {
+        return match collect(events).await {
+            Ok((text, s)) => json(
+                StatusCode::OK,
+                &json!({
+                    "id": id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{
+                        "text": echo.unwrap_or_default() + &text,
+                        "index": 0,
+                        "logprobs": null,
+                        "finish_reason": finish_reason(s.stop),
+                    }],
+                    "usage": usage(&s),
+                }),
+            ),
+            Err(e) => wire_error(&e),
+        };
+    }
+    let first = match first_event(&mut events).await {
+        Ok(ev) => ev,
+        Err(e) => return wire_error(&e),
+    };
+    let echoed = echo.as_ref().map(|p| {
+        sse(&json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": p, "index": 0, "logprobs": null, "finish_reason": null}],
+        }))
+    });
+    let chunk = move |text: &str, finish: Option<&str>| {
+        json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+        })
+    };
+    let map = move |ev: Relayed| -> Vec<Bytes> {
+        match ev {
+            Relayed::Token(t) => vec![sse(&chunk(&t, None))],
+            Relayed::Done(s) => {
+                let mut out = vec![sse(&chunk("", Some(finish_reason(s.stop))))];
+                if stream_usage {
+                    let mut u = chunk("", None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&s);
+                    out.push(sse(&u));
+                }
+                out.push(sse_done());
+                out
+            }
+            Relayed::Error(e) => vec![
+                sse(&json!({"error": {"message": e.message, "type": "server_error"}})),
+                sse_done(),
+            ],
+        }
+    };
+    let mut head: Vec<Bytes> = echoed.into_iter().collect();
+    head.extend(map(first));
+    stream("text/event-stream", head, events, map)
+}

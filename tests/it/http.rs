@@ -1,0 +1,285 @@
+//! The HTTP bridge (`paraphymd --http`, issue 10) against the real daemon:
+//! real clients (the `openai` package, Ollama's NDJSON, a Prometheus parser)
+//! through tests/http/check_clients.py; cancellation when a client leaves;
+//! malformed, oversized and slow requests get a 4xx or a timeout while other
+//! clients are served.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use paraphym_daemon::synth::Arch;
+use paraphym_protocol::message::WorkerState;
+use paraphym_tests::{status, tiny, wait_until, TestDaemon};
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_daemon(extra: &[&str], env: &[(&str, &str)]) -> (TestDaemon, u16) {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let args = [&["--http", &addr, "--prewarm", "1"][..], extra].concat();
+    let daemon = TestDaemon::start_with_env(&args, env);
+    (daemon, port)
+}
+
+/// Send `raw` and read until the server closes (requests say `Connection: close`).
+fn exchange(port: u16, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn post(port: u16, path: &str, body: &str) -> String {
+    exchange(
+        port,
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+fn status_line(response: &str) -> &str {
+    response.lines().next().unwrap_or("")
+}
+
+#[test]
+fn real_clients_stream_list_and_parse_metrics() {
+    let model = tiny(Arch::Qwen3);
+    let model = model.to_str().unwrap();
+    let (daemon, port) = http_daemon(&[], &[]);
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/http/check_clients.py"
+        ))
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(model)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_frees_its_worker_within_a_token() {
+    let model = tiny(Arch::Llama);
+    let model = model.to_str().unwrap();
+    let delay = 300;
+    let (daemon, port) = http_daemon(
+        &["--max-workers", "1"],
+        &[("PARAPHYM_TEST_HOOKS", &format!("token_delay_ms={delay}"))],
+    );
+    let c = daemon.client();
+    for path in ["/api/generate", "/v1/completions"] {
+        let body = if path == "/api/generate" {
+            format!(
+                r#"{{"model":"{model}","prompt":"Once","raw":true,"options":{{"num_predict":200}}}}"#
+            )
+        } else {
+            format!(r#"{{"model":"{model}","prompt":"Once","max_tokens":200,"stream":true}}"#)
+        };
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        // Read until two tokens have come, then leave.
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        let key = if path == "/api/generate" {
+            "\"done\":false"
+        } else {
+            "\"text\""
+        };
+        while seen.matches(key).count() < 2 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(status_line(&seen).contains("200"), "{seen}");
+        let before = daemon_tokens(port);
+        drop(s);
+        let left = Instant::now();
+        let idle = wait_until(Duration::from_secs(10), || {
+            status(&c)
+                .models
+                .iter()
+                .all(|m| m.workers.iter().all(|w| w.state != WorkerState::Busy))
+        });
+        assert!(idle, "{path}: the worker is still busy");
+        // Within one token (plus the relay's poll and scheduling).
+        let took = left.elapsed();
+        assert!(
+            took < Duration::from_millis(delay + 400),
+            "{path}: freed after {took:?}"
+        );
+        let after = daemon_tokens(port);
+        assert!(after <= before + 1, "{path}: {before} tokens, then {after}");
+    }
+}
+
+/// `paraphym_generated_tokens_total` from /metrics.
+fn daemon_tokens(port: u16) -> u64 {
+    let m = exchange(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    m.lines()
+        .find_map(|l| l.strip_prefix("paraphym_generated_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no token counter in {m}"))
+}
+
+#[test]
+fn bad_oversized_and_slow_requests_get_4xx_or_a_timeout_and_others_are_served() {
+    let model = tiny(Arch::Gemma3);
+    let model = model.to_str().unwrap();
+    let (daemon, port) = http_daemon(
+        &[
+            "--http-header-timeout",
+            "1s",
+            "--http-body-timeout",
+            "1s",
+            "--http-max-body",
+            "64KiB",
+        ],
+        &[],
+    );
+    // Slow clients first: they hold their connections while others are served.
+    let mut slow_headers = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow_headers
+        .write_all(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let mut slow_body = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow_body
+        .write_all(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        .unwrap();
+    let started = Instant::now();
+
+    let ok = post(
+        port,
+        "/api/generate",
+        &format!(
+            r#"{{"model":"{model}","prompt":"Hi","stream":false,"options":{{"num_predict":3}}}}"#
+        ),
+    );
+    assert!(status_line(&ok).contains("200"), "{ok}");
+
+    for (body, want) in [
+        ("{not json", "400"),
+        (r#"{"model": 7, "prompt": "x"}"#, "400"),
+        (r#"{"prompt": "x"}"#, "400"),
+        (r#"{"model":"nope","prompt":"x"}"#, "404"),
+        (
+            &format!(r#"{{"model":"{model}","prompt":"x","format":"json"}}"#) as &str,
+            "400",
+        ),
+    ] {
+        let r = post(port, "/api/generate", body);
+        assert!(status_line(&r).contains(want), "{body}: {r}");
+        assert!(r.contains("\"error\""), "{body}: {r}");
+    }
+    let r = post(
+        port,
+        "/v1/chat/completions",
+        r#"{"model":"m","messages":"x"}"#,
+    );
+    assert!(
+        status_line(&r).contains("400") && r.contains("invalid_request_error"),
+        "{r}"
+    );
+    let r = post(
+        port,
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"x"}}],"n":2}}"#),
+    );
+    assert!(status_line(&r).contains("400"), "{r}");
+
+    // Over the body limit: declared, and streamed without a length.
+    let big = "x".repeat(100 << 10);
+    let r = post(port, "/api/generate", &big);
+    assert!(status_line(&r).contains("413"), "{}", status_line(&r));
+    let mut chunked = b"POST /api/generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..40 {
+        chunked.extend_from_slice(format!("{:x}\r\n{}\r\n", 4096, "y".repeat(4096)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = exchange(port, &chunked);
+    assert!(status_line(&r).contains("413"), "{}", status_line(&r));
+
+    // Not HTTP at all; an unknown path; a wrong method.
+    let r = exchange(port, b"HELLO THERE\r\n\r\n");
+    assert!(r.is_empty() || status_line(&r).contains("400"), "{r}");
+    let r = exchange(
+        port,
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status_line(&r).contains("404"), "{r}");
+    let r = exchange(
+        port,
+        b"GET /api/chat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(status_line(&r).contains("405"), "{r}");
+
+    // The slow ones were cut off: headers by the header timeout (closed,
+    // with or without a 408), the body by the body timeout (408).
+    slow_headers
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = slow_headers.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || status_line(&text).contains("408"),
+        "{text}"
+    );
+    slow_body
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = [0u8; 512];
+    let n = slow_body.read(&mut out).unwrap_or(0);
+    let text = String::from_utf8_lossy(&out[..n]);
+    assert!(status_line(&text).contains("408"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // And everyone else is still served, natively and over HTTP.
+    let ok = post(
+        port,
+        "/api/chat",
+        &format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"Hi"}}],"stream":false,"options":{{"num_predict":2}}}}"#
+        ),
+    );
+    assert!(status_line(&ok).contains("200"), "{ok}");
+    let health = exchange(
+        port,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        status_line(&health).contains("200") && health.contains("\"ok\""),
+        "{health}"
+    );
+    assert!(!status(&daemon.client()).models.is_empty());
+}
