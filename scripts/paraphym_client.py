@@ -78,7 +78,10 @@ def generate_msg(a):
                + option(a.min_p, f32) + option(a.repeat_penalty, f32) + option(a.seed, u64)
                + option(a.max_tokens, u32) + vec(a.stop, string)
                + b"\x00"                                       # ignore_eos: false
-               + u32(1 if a.drop_oldest else 0))                # overflow: Error / DropOldest
+               + u32(1 if a.drop_oldest else 0)                 # overflow: Error / DropOldest
+               + option(None, None) + option(None, None)        # presence, frequency penalty
+               + option(None, None)                             # logprobs
+               + u32(0))                                        # format: Text
     generate = (option(a.model, string) + prompt + options + option(a.keep_alive_ms, u64)
                 + option(a.session, string))
     return u64(GEN_ID) + u32(0) + generate                      # Request::Generate

@@ -113,6 +113,52 @@ pub struct GenParams {
     /// conversation's turns, a shared system prompt) and prefill only the
     /// rest. Off: every prompt is prefilled whole (tests and benchmarks compare).
     pub reuse_cache: bool,
+    /// Report each token's log-probability and this many alternatives
+    /// (`GenEvent::Logprobs`); the whole row then comes to the host.
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives a token's log-probabilities report.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability under the model (the log-softmax of
+/// its logits, before penalties and sampling filters) and the most likely
+/// tokens, most likely first; with their bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(u32, Vec<u8>, f32)>,
+}
+
+/// `(log-sum-exp, the n largest (token, logit))` of a row.
+fn log_softmax_top(row: &[f32], n: usize) -> (f64, Vec<(u32, f32)>) {
+    let max = row
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row
+        .iter()
+        .filter(|x| x.is_finite())
+        .map(|&x| f64::from(x - max).exp())
+        .sum();
+    let lse = f64::from(max) + sum.ln();
+    let mut all: Vec<(u32, f32)> = row
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.is_finite())
+        .map(|(i, &x)| (i as u32, x))
+        .collect();
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let n = n.min(all.len());
+    if n > 0 && n < all.len() {
+        all.select_nth_unstable_by(n - 1, desc);
+    }
+    all.truncate(n);
+    all.sort_unstable_by(desc);
+    (lse, all)
 }
 
 impl Default for GenParams {
@@ -124,6 +170,7 @@ impl Default for GenParams {
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             ignore_eos: false,
             reuse_cache: true,
+            logprobs: None,
         }
     }
 }
@@ -178,7 +225,7 @@ impl Generation {
 }
 
 /// What [`Engine::generate`] reports while it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum GenEvent<'a> {
     /// `done` of `total` prompt tokens are in the KV cache.
     Prefilled { done: usize, total: usize },
@@ -187,6 +234,9 @@ pub enum GenEvent<'a> {
     Token(u32),
     /// New text: whole UTF-8 characters, stop strings withheld.
     Text(&'a str),
+    /// The log-probabilities of the token that follows as `Token` (when
+    /// `GenParams::logprobs` asks).
+    Logprobs(&'a TokenLogprobs),
 }
 
 /// A prompt: raw text to tokenize (BOS added as the model asks), a
@@ -559,7 +609,33 @@ impl Engine {
         let mut decode_start = Instant::now();
         let decode = |ids: &[u32]| self.tokenizer.decode(ids);
         let finish = loop {
-            let token = pick::next_token(route, &logits, &mut sampler, &history, &mut self.top)?;
+            let (token, logprobs) = match params.logprobs {
+                Some(n) => {
+                    let mut row: Vec<f32> =
+                        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                    let (lse, top) = log_softmax_top(&row, n.min(MAX_TOP_LOGPROBS));
+                    let lp = |x: f32| (f64::from(x) - lse) as f32;
+                    let top = top
+                        .into_iter()
+                        .map(|(t, x)| (t, self.tokenizer.token_bytes(t), lp(x)))
+                        .collect();
+                    // Penalties change the row in place: keep the model's.
+                    let raw = sampler.params().penalizes().then(|| row.clone());
+                    let token = sampler.sample(&mut row, &history);
+                    let logit = raw.as_ref().unwrap_or(&row).get(token as usize);
+                    let lp = TokenLogprobs {
+                        token,
+                        bytes: self.tokenizer.token_bytes(token),
+                        logprob: logit.map_or(f32::NEG_INFINITY, |&x| lp(x)),
+                        top,
+                    };
+                    (token, Some(lp))
+                }
+                None => (
+                    pick::next_token(route, &logits, &mut sampler, &history, &mut self.top)?,
+                    None,
+                ),
+            };
             drop(held.take());
             if out.tokens.is_empty() {
                 out.time_to_first_token = start.elapsed();
@@ -571,6 +647,9 @@ impl Engine {
             }
             out.tokens.push(token);
             history.push(token);
+            if let Some(lp) = &logprobs {
+                on_event(GenEvent::Logprobs(lp));
+            }
             on_event(GenEvent::Token(token));
             if let Some(piece) = detok.push(token, decode)? {
                 match stops.push(&piece) {

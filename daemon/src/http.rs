@@ -291,7 +291,7 @@ fn stream(
             })
             .await;
             let Some(ev) = next else { return };
-            let end = !matches!(ev, Relayed::Token(_));
+            let end = matches!(ev, Relayed::Done(_) | Relayed::Error(_));
             for b in map(ev) {
                 if tx.send(b).await.is_err() {
                     return;
@@ -358,6 +358,8 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 /// What a generation sends back through the bridge.
 #[derive(Debug)]
 enum Relayed {
+    /// Of the tokens the next `Token` carries.
+    Logprobs(Vec<paraphym_protocol::message::TokenLogprob>),
     Token(String),
     Done(GenStats),
     Error(WireError),
@@ -413,6 +415,7 @@ fn run_relay(socket: &std::path::Path, gen: Generate, tx: &mpsc::Sender<Relayed>
         };
         let ev = match piece {
             Piece::Stage(_) => continue,
+            Piece::Logprobs(l) => Relayed::Logprobs(l),
             Piece::Token(t) => Relayed::Token(t),
             Piece::Done(s) => Relayed::Done(s),
         };

@@ -22,8 +22,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use paraphym_protocol::message::{
-    ErrorKind, Event, ModelInfo, ModelStatus, Response, Stage, StatusReport, WireError,
-    WorkerSnapshot, WorkerState,
+    ErrorKind, Event, ModelInfo, ModelStatus, Response, Stage, StatusReport, TokenLogprob,
+    WireError, WorkerSnapshot, WorkerState,
 };
 
 use crate::breaker::{self, Breaker};
@@ -1732,6 +1732,8 @@ impl Worker {
         let mut engine = None;
         let mut dropped = 0;
         let mut last_token: Option<Instant> = None;
+        // Log-probabilities wait for the text frame their tokens complete.
+        let mut logprobs: Vec<TokenLogprob> = Vec::new();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let (tokens, left_out) = self.pool.prepare(&request)?;
             dropped = left_out;
@@ -1768,10 +1770,14 @@ impl Worker {
                             }
                         }
                         GenEvent::Text(t) => {
+                            if !logprobs.is_empty() {
+                                reply.send(Response::Logprobs(std::mem::take(&mut logprobs)));
+                            }
                             if !reply.send(Response::Token { text: t.to_owned() }) {
                                 control.cancel(CancelReason::Disconnected);
                             }
                         }
+                        GenEvent::Logprobs(lp) => logprobs.push(convert::logprobs(lp)),
                         GenEvent::Prefilled { done, total } => {
                             let stage = |s| reply.send(Response::Stage(s));
                             stage(Stage::Prefill {
@@ -1786,6 +1792,11 @@ impl Worker {
                 },
             )
         }));
+        if !logprobs.is_empty() {
+            // Tokens whose text never came (withheld by a stop string, or
+            // an incomplete character at the end).
+            reply.send(Response::Logprobs(logprobs));
+        }
         lock(&self.cell.current).take();
         // Forget the job before its last frame, so the client may reuse its
         // id as soon as it sees that frame.

@@ -272,6 +272,8 @@ pub enum Piece {
     /// Progress before the first token (queued, loading, prefill).
     Stage(crate::message::Stage),
     Token(String),
+    /// Log-probabilities of the tokens the next `Token` carries (when asked).
+    Logprobs(Vec<crate::message::TokenLogprob>),
     /// The last item: the generation's statistics.
     Done(GenStats),
 }
@@ -314,6 +316,7 @@ impl TokenStream {
         match r {
             Response::Token { text } => Ok(Piece::Token(text)),
             Response::Stage(s) => Ok(Piece::Stage(s)),
+            Response::Logprobs(l) => Ok(Piece::Logprobs(l)),
             Response::Done(stats) => {
                 self.done = true;
                 Ok(Piece::Done(stats))
@@ -335,7 +338,7 @@ impl TokenStream {
         for piece in self {
             match piece? {
                 Piece::Token(t) => text.push_str(&t),
-                Piece::Stage(_) => {}
+                Piece::Stage(_) | Piece::Logprobs(_) => {}
                 Piece::Done(stats) => return Ok((text, stats)),
             }
         }

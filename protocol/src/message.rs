@@ -98,6 +98,26 @@ pub struct Options {
     /// What to do with a chat that no longer fits the context. Since
     /// protocol version 3.
     pub overflow: Overflow,
+    /// Subtracted from the logits of tokens among the last 64 (v3).
+    pub presence_penalty: Option<f32>,
+    /// Subtracted per occurrence among the last 64 (v3).
+    pub frequency_penalty: Option<f32>,
+    /// Send each generated token's log-probability and this many of the most
+    /// likely alternatives (at most 20) as `Logprobs` frames (v3).
+    pub logprobs: Option<u8>,
+    /// Constrain the output's shape (v3).
+    pub format: Format,
+}
+
+/// What the output must be.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Format {
+    #[default]
+    Text,
+    /// One JSON value (an object, as OpenAI's JSON mode).
+    Json,
+    /// One JSON value valid against this JSON Schema (a JSON document).
+    JsonSchema(String),
 }
 
 /// The policy for a prompt past the model's context: never a silent cut.
@@ -152,6 +172,29 @@ pub enum Response {
     },
     /// Where a generation is before its first token (sent as it changes).
     Stage(Stage),
+    /// Log-probabilities of the tokens whose text the next `Token` frame
+    /// carries (or, at the end, of tokens with no text of their own), when
+    /// `Options::logprobs` asked for them. Since protocol version 3.
+    Logprobs(Vec<TokenLogprob>),
+}
+
+/// One generated token's log-probability under the model (its logits'
+/// log-softmax, before penalties and sampling filters), and the most likely
+/// alternatives, most likely first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    /// The token's bytes (a piece of a UTF-8 character for byte tokens).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
 }
 
 /// A generation's progress before its first token, so a slow start never
@@ -427,6 +470,9 @@ mod tests {
                 seed: Some(42),
                 stop: vec!["\n\n".into()],
                 overflow: Overflow::DropOldest,
+                presence_penalty: Some(0.5),
+                logprobs: Some(3),
+                format: Format::JsonSchema("{}".into()),
                 ..Options::default()
             },
             keep_alive_ms: Some(300_000),
@@ -558,6 +604,16 @@ mod tests {
                 total: 1000,
             }),
             Response::Stage(Stage::Generating),
+            Response::Logprobs(vec![TokenLogprob {
+                token: 5,
+                bytes: b"Pa".to_vec(),
+                logprob: -0.25,
+                top: vec![TopLogprob {
+                    token: 5,
+                    bytes: b"Pa".to_vec(),
+                    logprob: -0.25,
+                }],
+            }]),
         ] {
             round_trip(DaemonMsg { id: 3, response });
         }

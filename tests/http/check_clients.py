@@ -13,6 +13,7 @@ Exits non-zero with a message on the first mismatch.
 
 import datetime
 import json
+import math
 import sys
 import urllib.request
 
@@ -76,6 +77,30 @@ check(whole.choices[0].message.content == streamed,
       f"whole {whole.choices[0].message.content!r} != streamed {streamed!r}")
 check(whole.usage.prompt_tokens > 0 and whole.usage.total_tokens
       == whole.usage.prompt_tokens + whole.usage.completion_tokens, f"usage {whole.usage}")
+
+# Log-probabilities and penalties, whole and streamed.
+scored = client.chat.completions.create(
+    model=MODEL, messages=[{"role": "user", "content": "Count to ten."}],
+    max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
+    presence_penalty=0.5, frequency_penalty=0.25)
+content = scored.choices[0].logprobs.content
+check(len(content) == 4, f"logprobs for 4 tokens: {content}")
+for c in content:
+    check(len(c.top_logprobs) == 3 and c.logprob <= 0, f"logprob entry {c}")
+    mass = sum(math.exp(t.logprob) for t in c.top_logprobs)
+    check(mass <= 1 + 1e-5, f"top-3 mass {mass}")
+    check([t.logprob for t in c.top_logprobs] == sorted([t.logprob for t in c.top_logprobs],
+                                                        reverse=True), "most likely first")
+    check(bytes(c.bytes).decode(errors="replace") == c.token or c.token == "\ufffd",
+          f"bytes and token agree: {c}")
+entries = 0
+for chunk in client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to ten."}],
+        max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, stream=True):
+    for choice in chunk.choices:
+        if choice.logprobs and choice.logprobs.content:
+            entries += len(choice.logprobs.content)
+check(entries == 4, f"streamed logprobs for {entries} of 4 tokens")
 
 text = client.completions.create(model=MODEL, prompt="The capital of France is",
                                  max_tokens=4, temperature=0)

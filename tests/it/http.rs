@@ -283,3 +283,110 @@ fn bad_oversized_and_slow_requests_get_4xx_or_a_timeout_and_others_are_served() 
     );
     assert!(!status(&daemon.client()).models.is_empty());
 }
+
+/// Log-probabilities over the socket are the log-softmax of the engine's own
+/// logits (the same file loaded in this process), most likely first, summing
+/// to at most 1; over HTTP they are the same numbers in OpenAI's shape.
+#[test]
+fn logprobs_match_the_engines_logits() {
+    use paraphym_daemon::engine::{Engine, LoadOptions, LogitsFor, Prompt as EnginePrompt};
+    use paraphym_protocol::client::Piece;
+    use paraphym_protocol::message::{Generate, Options, Prompt};
+
+    let path = tiny(Arch::Qwen3);
+    let model = path.to_str().unwrap();
+    let (daemon, port) = http_daemon(&[], &[]);
+    let prompt = "The old lighthouse keeper";
+    let gen = Generate {
+        model: Some(model.into()),
+        prompt: Prompt::Raw(prompt.into()),
+        options: Options {
+            temperature: Some(0.0),
+            max_tokens: Some(5),
+            ignore_eos: true,
+            logprobs: Some(5),
+            ..Options::default()
+        },
+        keep_alive_ms: None,
+        session: None,
+    };
+    let mut got = Vec::new();
+    for p in daemon.client().generate(gen).unwrap() {
+        match p.unwrap() {
+            Piece::Logprobs(l) => got.extend(l),
+            Piece::Done(s) => assert_eq!(s.generated_tokens, 5),
+            Piece::Token(_) | Piece::Stage(_) => {}
+        }
+    }
+    assert_eq!(got.len(), 5, "one entry per generated token");
+
+    let mut engine = Engine::load(&path, &LoadOptions::default()).unwrap();
+    let mut tokens = engine.prompt_tokens(EnginePrompt::Text(prompt)).unwrap();
+    let model_ref = engine.model_mut();
+    let mut feed = tokens.clone();
+    for (i, lp) in got.iter().enumerate() {
+        let row: Vec<f32> = model_ref
+            .forward(&feed, LogitsFor::Last)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = f64::from(max)
+            + row
+                .iter()
+                .map(|&x| f64::from(x - max).exp())
+                .sum::<f64>()
+                .ln();
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        assert_eq!(lp.top.len(), 5);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(lp.token, order[0] as u32, "token {i}");
+        assert_eq!(lp.top[0].token, lp.token);
+        let mut mass = 0.0;
+        for (t, want) in lp.top.iter().zip(&order) {
+            assert_eq!(t.token, *want as u32, "token {i}: order");
+            let expect = f64::from(row[*want]) - lse;
+            assert!(
+                (f64::from(t.logprob) - expect).abs() < 1e-4,
+                "token {i}: {} vs the engine's {expect}",
+                t.logprob
+            );
+            mass += f64::from(t.logprob).exp();
+        }
+        assert!(mass <= 1.0 + 1e-5, "token {i}: top-5 mass {mass}");
+        assert!((lp.logprob - lp.top[0].logprob).abs() < 1e-6);
+        tokens.push(lp.token);
+        feed = vec![lp.token];
+    }
+
+    // The same through OpenAI's completions endpoint.
+    let r = post(
+        port,
+        "/v1/completions",
+        &format!(
+            r#"{{"model":"{model}","prompt":"{prompt}","max_tokens":5,"temperature":0,"logprobs":5}}"#
+        ),
+    );
+    let body: serde_json::Value = serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {r}"));
+    let lp = &body["choices"][0]["logprobs"];
+    let token_logprobs = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_logprobs.len(), 5, "{body}");
+    for (i, (a, b)) in token_logprobs.iter().zip(&got).enumerate() {
+        assert!(
+            (a.as_f64().unwrap() - f64::from(b.logprob)).abs() < 1e-6,
+            "token {i}"
+        );
+        let alternatives = lp["top_logprobs"][i].as_object().unwrap();
+        let mass: f64 = alternatives
+            .values()
+            .map(|v| v.as_f64().unwrap().exp())
+            .sum();
+        assert!(mass <= 1.0 + 1e-5);
+    }
+    let offsets = lp["text_offset"].as_array().unwrap();
+    assert_eq!(offsets[0], 0);
+}

@@ -38,6 +38,7 @@ fn a_queued_request_sees_its_position_fall_then_loading_prefill_and_tokens() {
             }
             Piece::Token(_) => tokens += 1,
             Piece::Done(s) => done = Some(s),
+            Piece::Logprobs(l) => panic!("logprobs nobody asked for: {l:?}"),
         }
     }
     assert_eq!(done.unwrap().generated_tokens, 4);
@@ -100,6 +101,7 @@ fn a_cancel_during_a_long_prefill_stops_within_a_chunk() {
             Piece::Stage(Stage::Prefill { done, .. }) => last_done = done,
             Piece::Stage(_) => {}
             Piece::Token(t) => panic!("a token after the cancel: {t:?}"),
+            Piece::Logprobs(l) => panic!("logprobs nobody asked for: {l:?}"),
             Piece::Done(st) => stats = Some(st),
         }
     }

@@ -72,6 +72,7 @@ fn streamed_tokens_equal_the_engines_output_for_the_same_seed() {
                 }
                 Piece::Done(s) => done = Some(s),
                 Piece::Stage(_) => {}
+                Piece::Logprobs(l) => panic!("logprobs nobody asked for: {l:?}"),
             }
         }
         let stats = done.expect("a Done frame");

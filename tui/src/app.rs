@@ -661,6 +661,8 @@ impl App {
                     r.phase = Phase::Stage(s);
                 }
             }
+            // The TUI never asks for them.
+            Piece::Logprobs(_) => {}
             Piece::Token(t) => {
                 if let Some(m) = self.current(req) {
                     m.content.push_str(&t);

@@ -117,6 +117,16 @@ pub struct RunArgs {
     pub min_p: Option<f32>,
     #[arg(long)]
     pub repeat_penalty: Option<f32>,
+    /// Subtract this from the logits of tokens among the last 64 (-2 to 2).
+    #[arg(long)]
+    pub presence_penalty: Option<f32>,
+    /// Subtract this per occurrence among the last 64 (-2 to 2).
+    #[arg(long)]
+    pub frequency_penalty: Option<f32>,
+    /// With --json: each token's log-probability and N alternatives (0 to 20)
+    /// as `logprobs` events.
+    #[arg(long, value_name = "N", requires = "json")]
+    pub logprobs: Option<u8>,
     #[arg(long)]
     pub max_tokens: Option<u32>,
     #[arg(long)]
@@ -333,6 +343,10 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
             } else {
                 Overflow::Error
             },
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            logprobs: a.logprobs,
+            format: paraphym_protocol::message::Format::Text,
         },
         keep_alive_ms,
         session: a.session.clone(),
@@ -379,6 +393,28 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
                 } else if show_stage {
                     eprint!("\r\x1b[2K{}", stage_text(stage));
                     stage_shown = true;
+                }
+            }
+            Ok(Piece::Logprobs(list)) => {
+                for lp in list {
+                    let top: Vec<serde_json::Value> = lp
+                        .top
+                        .iter()
+                        .map(|t| {
+                            json!({
+                                "token": t.token,
+                                "text": String::from_utf8_lossy(&t.bytes),
+                                "logprob": t.logprob,
+                            })
+                        })
+                        .collect();
+                    json_line(json!({
+                        "event": "logprobs",
+                        "token": lp.token,
+                        "text": String::from_utf8_lossy(&lp.bytes),
+                        "logprob": lp.logprob,
+                        "top": top,
+                    }));
                 }
             }
             Ok(Piece::Token(text)) => {

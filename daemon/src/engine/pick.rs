@@ -46,8 +46,7 @@ impl Route {
             return Route::Host;
         }
         let p = sampler.params();
-        let penalty = p.repeat_penalty != 1.0 && p.repeat_last_n > 0;
-        if p.temperature <= 0.0 && !penalty {
+        if p.temperature <= 0.0 && !p.penalizes() {
             Route::Argmax
         } else if sampler.top_suffices(TOP_MAX) {
             Route::Top(p.top_k)

@@ -10,7 +10,7 @@ use super::error::EngineError;
 
 /// Sampling settings. `temperature == 0` is greedy decoding (argmax); the other
 /// filters are off at their neutral values (`top_k == 0`, `top_p == 1`,
-/// `min_p == 0`, `repeat_penalty == 1`).
+/// `min_p == 0`, `repeat_penalty == 1`, presence and frequency penalties 0).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     pub temperature: f32,
@@ -18,7 +18,13 @@ pub struct SamplingParams {
     pub top_p: f32,
     pub min_p: f32,
     pub repeat_penalty: f32,
-    /// How many of the most recent tokens the repeat penalty looks at.
+    /// Subtracted from the logit of every token in the window (OpenAI's and
+    /// llama.cpp's presence penalty).
+    pub presence_penalty: f32,
+    /// Subtracted once per occurrence in the window (frequency penalty).
+    pub frequency_penalty: f32,
+    /// How many of the most recent tokens the penalties look at (llama.cpp's
+    /// `penalty_last_n`).
     pub repeat_last_n: usize,
     /// `None`: a fresh random seed for each generation.
     pub seed: Option<u64>,
@@ -33,6 +39,8 @@ impl Default for SamplingParams {
             top_p: 0.95,
             min_p: 0.05,
             repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             repeat_last_n: 64,
             seed: None,
         }
@@ -64,7 +72,23 @@ impl SamplingParams {
                 self.repeat_penalty
             ));
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} {v} must be in [-2, 2]"));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether any penalty reads the recent tokens.
+    pub fn penalizes(&self) -> bool {
+        self.repeat_last_n > 0
+            && (self.repeat_penalty != 1.0
+                || self.presence_penalty != 0.0
+                || self.frequency_penalty != 0.0)
     }
 }
 
@@ -98,19 +122,29 @@ impl Sampler {
     /// so far, prompt included.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
+        if p.penalizes() {
             let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
             let mut seen = recent.to_vec();
             seen.sort_unstable();
-            seen.dedup();
-            for &t in &seen {
+            // (token, occurrences), as llama.cpp's penalties sampler counts them.
+            let mut counts: Vec<(u32, f32)> = Vec::with_capacity(seen.len());
+            for t in seen {
+                match counts.last_mut() {
+                    Some((last, n)) if *last == t => *n += 1.0,
+                    _ => counts.push((t, 1.0)),
+                }
+            }
+            for (t, n) in counts {
                 if let Some(l) = logits.get_mut(t as usize) {
                     // CTRL-style, as llama.cpp: shrink positive logits, grow negative ones.
-                    *l = if *l > 0.0 {
-                        *l / p.repeat_penalty
-                    } else {
-                        *l * p.repeat_penalty
-                    };
+                    if p.repeat_penalty != 1.0 {
+                        *l = if *l > 0.0 {
+                            *l / p.repeat_penalty
+                        } else {
+                            *l * p.repeat_penalty
+                        };
+                    }
+                    *l -= n * p.frequency_penalty + p.presence_penalty;
                 }
             }
         }
@@ -135,10 +169,7 @@ impl Sampler {
     /// greedy), no repeat penalty, and a top-k of at most `k`.
     pub fn top_suffices(&self, k: usize) -> bool {
         let p = &self.params;
-        p.temperature > 0.0
-            && (p.repeat_penalty == 1.0 || p.repeat_last_n == 0)
-            && p.top_k > 0
-            && p.top_k <= k
+        p.temperature > 0.0 && !p.penalizes() && p.top_k > 0 && p.top_k <= k
     }
 
     /// Choose a token from the largest logits alone, `(token, logit)` in any
@@ -376,6 +407,35 @@ mod tests {
         let mut s = Sampler::new(params);
         // Token 0 (4.0) was just said; penalised to 2.0, token 1 (3.0) wins.
         assert_eq!(s.sample(&mut [4.0, 3.0, 1.0], &[0]), 1);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_subtract_per_token_and_per_occurrence() {
+        let params = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params);
+        let mut logits = [4.0, 3.0, 2.9, 1.0];
+        // Token 0 said three times: 4 - 0.5 - 3 * 0.25 = 2.75; token 2 once:
+        // 2.9 - 0.75 = 2.15; token 1 untouched wins.
+        assert_eq!(s.sample(&mut logits, &[0, 2, 0, 0]), 1);
+        assert_eq!(logits, [2.75, 3.0, 2.15, 1.0]);
+        // Outside the window, nothing.
+        let params = SamplingParams {
+            presence_penalty: 2.0,
+            repeat_last_n: 1,
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params);
+        assert_eq!(s.sample(&mut [4.0, 3.0], &[0, 1]), 0);
+        assert!(SamplingParams {
+            frequency_penalty: 2.5,
+            ..SamplingParams::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

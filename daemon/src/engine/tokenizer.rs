@@ -57,6 +57,35 @@ pub struct Tokenizer {
     eos: Option<u32>,
     /// End-of-generation set: eos plus the family's turn terminators.
     eog: Vec<u32>,
+    /// Pieces are spelled in GPT-2's byte alphabet (byte-level BPE).
+    byte_level: bool,
+}
+
+fn is_byte_level(d: Option<&tokenizers::DecoderWrapper>) -> bool {
+    use tokenizers::DecoderWrapper as D;
+    match d {
+        Some(D::ByteLevel(_)) => true,
+        Some(D::Sequence(s)) => s
+            .get_decoders()
+            .iter()
+            .any(|d| matches!(d, D::ByteLevel(_))),
+        _ => false,
+    }
+}
+
+/// The byte GPT-2's byte-to-unicode table spells as `c`: printable Latin-1
+/// bytes as themselves, the other 68 bytes as U+0100 onwards in order.
+fn gpt2_byte(c: char) -> Option<u8> {
+    let c = c as u32;
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    if c < 256 {
+        return printable(c).then_some(c as u8);
+    }
+    (0u32..256)
+        .filter(|b| !printable(*b))
+        .nth((c - 256) as usize)
+        .map(|b| b as u8)
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -131,13 +160,44 @@ impl Tokenizer {
         }
         eog.sort_unstable();
         eog.dedup();
+        let byte_level = is_byte_level(inner.get_decoder());
         Ok(Self {
             inner,
             bos,
             add_bos,
             eos,
             eog,
+            byte_level,
         })
+    }
+
+    /// The bytes token `id` stands for: a byte token's byte, a SentencePiece
+    /// piece with `▁` as a space, a byte-level BPE piece mapped back through
+    /// GPT-2's byte alphabet. Special tokens: their text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if let Some(hex) = piece
+            .strip_prefix("<0x")
+            .and_then(|p| p.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+        {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return vec![b];
+            }
+        }
+        if self.byte_level {
+            piece
+                .chars()
+                .flat_map(|c| match gpt2_byte(c) {
+                    Some(b) => vec![b],
+                    None => c.to_string().into_bytes(),
+                })
+                .collect()
+        } else {
+            piece.replace('\u{2581}', " ").into_bytes()
+        }
     }
 
     /// Token ids for `text`; with `add_bos`, the model's BOS first when its

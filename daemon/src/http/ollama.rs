@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use paraphym_protocol::message::{
     ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, Request as WireRequest,
-    StopReason, WireError,
+    StopReason, TokenLogprob, WireError,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -74,15 +74,7 @@ struct ModelOptions {
 }
 
 impl ModelOptions {
-    fn options(self) -> Result<Options, String> {
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if v.is_some_and(|v| v != 0.0) {
-                return Err(format!("{name} is not supported yet (use repeat_penalty)"));
-            }
-        }
+    fn options(self, logprobs: Option<u8>) -> Result<Options, String> {
         Ok(Options {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -98,6 +90,9 @@ impl ModelOptions {
                 None => None,
             },
             stop: self.stop.unwrap_or_default(),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logprobs,
             ..Options::default()
         })
     }
@@ -121,6 +116,9 @@ struct GenerateRequest {
     #[serde(default)]
     images: Vec<Value>,
     think: Option<bool>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +142,9 @@ struct ChatRequest {
     format: Option<Value>,
     tools: Option<Value>,
     think: Option<bool>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u8>,
 }
 
 fn done_reason(s: StopReason) -> &'static str {
@@ -181,6 +182,27 @@ fn timings(s: &GenStats, started: Instant) -> Value {
     })
 }
 
+/// Ollama's `logprobs` entries (OpenAI's chat shape).
+fn logprobs_json(list: &[TokenLogprob]) -> Value {
+    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    Value::Array(
+        list.iter()
+            .map(|l| {
+                json!({
+                    "token": lossy(&l.bytes),
+                    "logprob": l.logprob,
+                    "bytes": l.bytes,
+                    "top_logprobs": l.top.iter().map(|t| json!({
+                        "token": lossy(&t.bytes),
+                        "logprob": t.logprob,
+                        "bytes": t.bytes,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
 fn ndjson(v: &Value) -> Bytes {
     Bytes::from(format!("{v}\n"))
 }
@@ -215,6 +237,7 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
         v["done"] = json!(done);
         v
     };
+    let want_logprobs = options.logprobs.is_some();
     let gen = Generate {
         model: Some(model.clone()),
         prompt,
@@ -222,14 +245,22 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
         keep_alive_ms,
         session: None,
     };
+    let with_logprobs = move |v: &mut Value, lp: &[TokenLogprob]| {
+        if want_logprobs {
+            v["logprobs"] = logprobs_json(lp);
+        }
+    };
     let mut events = relay(&ctx, gen);
     if !streaming {
         let mut text = String::new();
+        let mut lp = Vec::new();
         loop {
             match events.recv().await {
+                Some(Relayed::Logprobs(l)) => lp.extend(l),
                 Some(Relayed::Token(t)) => text.push_str(&t),
                 Some(Relayed::Done(s)) => {
                     let mut v = piece(&model, &text, true);
+                    with_logprobs(&mut v, &lp);
                     v["done_reason"] = json!(done_reason(s.stop));
                     merge(&mut v, timings(&s, started));
                     return json(StatusCode::OK, &v);
@@ -244,11 +275,23 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
         Some(ev) => ev,
         None => return error(StatusCode::INTERNAL_SERVER_ERROR, "the generation was lost"),
     };
-    let map = move |ev: Relayed| -> Vec<Bytes> {
+    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let mut map = move |ev: Relayed| -> Vec<Bytes> {
         match ev {
-            Relayed::Token(t) => vec![ndjson(&piece(&model, &t, false))],
+            Relayed::Logprobs(l) => {
+                pending.extend(l);
+                Vec::new()
+            }
+            Relayed::Token(t) => {
+                let mut v = piece(&model, &t, false);
+                with_logprobs(&mut v, &std::mem::take(&mut pending));
+                vec![ndjson(&v)]
+            }
             Relayed::Done(s) => {
                 let mut v = piece(&model, "", true);
+                if !pending.is_empty() {
+                    with_logprobs(&mut v, &std::mem::take(&mut pending));
+                }
                 v["done_reason"] = json!(done_reason(s.stop));
                 merge(&mut v, timings(&s, started));
                 vec![ndjson(&v)]
@@ -357,7 +400,8 @@ pub(super) async fn generate(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<
     if r.prompt.is_empty() {
         return load_or_unload(&ctx, &r.model, keep_alive_ms, false).await;
     }
-    let options = match r.options.unwrap_or_default().options() {
+    let logprobs = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
+    let options = match r.options.unwrap_or_default().options(logprobs) {
         Ok(o) => o,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
@@ -432,7 +476,8 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
             content: m.content,
         });
     }
-    let options = match r.options.unwrap_or_default().options() {
+    let logprobs = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
+    let options = match r.options.unwrap_or_default().options(logprobs) {
         Ok(o) => o,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };

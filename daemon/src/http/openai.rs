@@ -10,7 +10,8 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use paraphym_protocol::message::{
-    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, StopReason, WireError,
+    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, StopReason, TokenLogprob,
+    WireError,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -116,7 +117,9 @@ struct Sampling {
     n: Option<u32>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    /// Chat: `true`/`false`; completions: how many alternatives.
     logprobs: Option<Value>,
+    top_logprobs: Option<u8>,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -124,25 +127,31 @@ struct Sampling {
 }
 
 impl Sampling {
+    /// Chat's `logprobs: true` with `top_logprobs` alternatives.
+    fn chat_logprobs(&self) -> Result<Option<u8>, String> {
+        match &self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+            Some(Value::Bool(true)) => Ok(Some(self.top_logprobs.unwrap_or(0))),
+            Some(other) => Err(format!("logprobs: a boolean, not {other}")),
+        }
+    }
+
+    /// Completions' `logprobs: N`.
+    fn completion_logprobs(&self) -> Result<Option<u8>, String> {
+        match &self.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u8::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| format!("logprobs: a number of alternatives, not {v}")),
+        }
+    }
+
     /// The options, or why the request asks for what is not supported.
-    fn options(self, default_max: Option<u32>) -> Result<Options, String> {
+    fn options(self, default_max: Option<u32>, logprobs: Option<u8>) -> Result<Options, String> {
         if self.n.is_some_and(|n| n != 1) {
             return Err("n: only 1 choice per request is supported".into());
-        }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if v.is_some_and(|v| v != 0.0) {
-                return Err(format!("{name} is not supported yet (use repeat_penalty)"));
-            }
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v != &json!(false) && v != &json!(0))
-        {
-            return Err("logprobs are not supported yet".into());
         }
         Ok(Options {
             temperature: self.temperature,
@@ -156,6 +165,9 @@ impl Sampling {
                 .or(self.max_tokens)
                 .or(default_max),
             stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logprobs,
             ..Options::default()
         })
     }
@@ -220,6 +232,58 @@ fn usage(s: &GenStats) -> Value {
     })
 }
 
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Chat's `logprobs.content` entries.
+fn chat_logprobs(list: &[TokenLogprob]) -> Value {
+    let content: Vec<Value> = list
+        .iter()
+        .map(|l| {
+            json!({
+                "token": lossy(&l.bytes),
+                "logprob": l.logprob,
+                "bytes": l.bytes,
+                "top_logprobs": l.top.iter().map(|t| json!({
+                    "token": lossy(&t.bytes),
+                    "logprob": t.logprob,
+                    "bytes": t.bytes,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+/// Completions' legacy `logprobs` object; `offset`: where the first token's
+/// text starts in the returned text (after an echoed prompt).
+fn completion_logprobs(list: &[TokenLogprob], offset: &mut usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut token_logprobs = Vec::new();
+    let mut top = Vec::new();
+    let mut text_offset = Vec::new();
+    for l in list {
+        let t = lossy(&l.bytes);
+        text_offset.push(*offset);
+        *offset += t.len();
+        tokens.push(t);
+        token_logprobs.push(l.logprob);
+        let alternatives: serde_json::Map<String, Value> = l
+            .top
+            .iter()
+            .map(|a| (lossy(&a.bytes), json!(a.logprob)))
+            .collect();
+        top.push(Value::Object(alternatives));
+    }
+    json!({
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
+}
+
 fn sse(v: &Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
@@ -256,12 +320,14 @@ pub(super) fn models(ctx: &Ctx) -> Response<Out> {
 /// Everything the generation said: text and statistics, or an error.
 async fn collect(
     mut events: tokio::sync::mpsc::Receiver<Relayed>,
-) -> Result<(String, GenStats), WireError> {
+) -> Result<(String, GenStats, Vec<TokenLogprob>), WireError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(ev) = events.recv().await {
         match ev {
+            Relayed::Logprobs(l) => logprobs.extend(l),
             Relayed::Token(t) => text.push_str(&t),
-            Relayed::Done(s) => return Ok((text, s)),
+            Relayed::Done(s) => return Ok((text, s, logprobs)),
             Relayed::Error(e) => return Err(e),
         }
     }
@@ -345,10 +411,15 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let streaming = r.sampling.stream;
-    let options = match r.sampling.options(None) {
+    let options = match r
+        .sampling
+        .chat_logprobs()
+        .and_then(|lp| r.sampling.options(None, lp))
+    {
         Ok(o) => o,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
+    let want_logprobs = options.logprobs.is_some();
     let model = model_name(&ctx, &r.model);
     let gen = Generate {
         model: r.model,
@@ -365,7 +436,7 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
     let mut events = relay(&ctx, gen);
     if !streaming {
         return match collect(events).await {
-            Ok((text, s)) => json(
+            Ok((text, s, lp)) => json(
                 StatusCode::OK,
                 &json!({
                     "id": id,
@@ -375,7 +446,7 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
                     "choices": [{
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
+                        "logprobs": if want_logprobs { chat_logprobs(&lp) } else { Value::Null },
                         "finish_reason": finish_reason(s.stop),
                     }],
                     "usage": usage(&s),
@@ -395,22 +466,36 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         "model": model,
         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}],
     }));
-    let chunk = move |delta: Value, finish: Option<&str>| {
+    let chunk = move |delta: Value, lp: &[TokenLogprob], finish: Option<&str>| {
+        let lp = if want_logprobs {
+            chat_logprobs(lp)
+        } else {
+            Value::Null
+        };
         json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
         })
     };
-    let map = move |ev: Relayed| -> Vec<Bytes> {
+    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let mut map = move |ev: Relayed| -> Vec<Bytes> {
         match ev {
-            Relayed::Token(t) => vec![sse(&chunk(json!({"content": t}), None))],
+            Relayed::Logprobs(l) => {
+                pending.extend(l);
+                Vec::new()
+            }
+            Relayed::Token(t) => {
+                let lp = std::mem::take(&mut pending);
+                vec![sse(&chunk(json!({"content": t}), &lp, None))]
+            }
             Relayed::Done(s) => {
-                let mut out = vec![sse(&chunk(json!({}), Some(finish_reason(s.stop))))];
+                let lp = std::mem::take(&mut pending);
+                let mut out = vec![sse(&chunk(json!({}), &lp, Some(finish_reason(s.stop))))];
                 if stream_usage {
-                    let mut u = chunk(json!({}), None);
+                    let mut u = chunk(json!({}), &[], None);
                     u["choices"] = json!([]);
                     u["usage"] = usage(&s);
                     out.push(sse(&u));
@@ -451,10 +536,15 @@ pub(super) async fn completions(ctx: Arc<Ctx>, req: Request<Incoming>) -> Respon
         .as_ref()
         .is_some_and(|o| o.include_usage);
     // OpenAI's default for this endpoint.
-    let options = match r.sampling.options(Some(16)) {
+    let options = match r
+        .sampling
+        .completion_logprobs()
+        .and_then(|lp| r.sampling.options(Some(16), lp))
+    {
         Ok(o) => o,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
+    let want_logprobs = options.logprobs.is_some();
     let model = model_name(&ctx, &r.model);
     let echo = r.echo.then(|| prompt.clone());
     let gen = Generate {
@@ -469,22 +559,30 @@ pub(super) async fn completions(ctx: Arc<Ctx>, req: Request<Incoming>) -> Respon
     let mut events = relay(&ctx, gen);
     if !streaming {
         return match collect(events).await {
-            Ok((text, s)) => json(
-                StatusCode::OK,
-                &json!({
-                    "id": id,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [{
-                        "text": echo.unwrap_or_default() + &text,
-                        "index": 0,
-                        "logprobs": null,
-                        "finish_reason": finish_reason(s.stop),
-                    }],
-                    "usage": usage(&s),
-                }),
-            ),
+            Ok((text, s, lp)) => {
+                let echo = echo.unwrap_or_default();
+                let lp = if want_logprobs {
+                    completion_logprobs(&lp, &mut echo.len())
+                } else {
+                    Value::Null
+                };
+                json(
+                    StatusCode::OK,
+                    &json!({
+                        "id": id,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [{
+                            "text": echo + &text,
+                            "index": 0,
+                            "logprobs": lp,
+                            "finish_reason": finish_reason(s.stop),
+                        }],
+                        "usage": usage(&s),
+                    }),
+                )
+            }
             Err(e) => wire_error(&e),
         };
     }
@@ -492,31 +590,46 @@ pub(super) async fn completions(ctx: Arc<Ctx>, req: Request<Incoming>) -> Respon
         Ok(ev) => ev,
         Err(e) => return wire_error(&e),
     };
+    let mut offset = echo.as_ref().map_or(0, String::len);
     let echoed = echo.as_ref().map(|p| {
         sse(&json!({
             "id": id,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"text": p, "index": 0, "logprobs": null, "finish_reason": null}],
+            "choices": [{"text": p, "index": 0, "logprobs": Value::Null, "finish_reason": Value::Null}],
         }))
     });
-    let chunk = move |text: &str, finish: Option<&str>| {
+    let mut chunk = move |text: &str, lp: &[TokenLogprob], finish: Option<&str>| {
+        let lp = if want_logprobs {
+            completion_logprobs(lp, &mut offset)
+        } else {
+            Value::Null
+        };
         json!({
             "id": id,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
         })
     };
-    let map = move |ev: Relayed| -> Vec<Bytes> {
+    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let mut map = move |ev: Relayed| -> Vec<Bytes> {
         match ev {
-            Relayed::Token(t) => vec![sse(&chunk(&t, None))],
+            Relayed::Logprobs(l) => {
+                pending.extend(l);
+                Vec::new()
+            }
+            Relayed::Token(t) => {
+                let lp = std::mem::take(&mut pending);
+                vec![sse(&chunk(&t, &lp, None))]
+            }
             Relayed::Done(s) => {
-                let mut out = vec![sse(&chunk("", Some(finish_reason(s.stop))))];
+                let lp = std::mem::take(&mut pending);
+                let mut out = vec![sse(&chunk("", &lp, Some(finish_reason(s.stop))))];
                 if stream_usage {
-                    let mut u = chunk("", None);
+                    let mut u = chunk("", &[], None);
                     u["choices"] = json!([]);
                     u["usage"] = usage(&s);
                     out.push(sse(&u));

@@ -90,6 +90,8 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
         top_p: o.top_p.unwrap_or(d.top_p),
         min_p: o.min_p.unwrap_or(d.min_p),
         repeat_penalty: o.repeat_penalty.unwrap_or(d.repeat_penalty),
+        presence_penalty: o.presence_penalty.unwrap_or(d.presence_penalty),
+        frequency_penalty: o.frequency_penalty.unwrap_or(d.frequency_penalty),
         repeat_last_n: d.repeat_last_n,
         seed: o.seed,
     };
@@ -102,6 +104,17 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
     }
     if o.max_tokens == Some(0) {
         return Err(bad("max_tokens must be at least 1"));
+    }
+    if o.logprobs
+        .is_some_and(|n| usize::from(n) > crate::engine::MAX_TOP_LOGPROBS)
+    {
+        return Err(bad(format!(
+            "logprobs: at most {} alternatives",
+            crate::engine::MAX_TOP_LOGPROBS
+        )));
+    }
+    if o.format != paraphym_protocol::message::Format::Text {
+        return Err(bad("JSON output (format) is not supported yet"));
     }
     if g.session.as_ref().is_some_and(|s| s.len() > MAX_SESSION) {
         return Err(bad(format!(
@@ -118,6 +131,7 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
             max_tokens: o.max_tokens.map_or(defaults.max_tokens, |n| n as usize),
             stop: o.stop.clone(),
             ignore_eos: o.ignore_eos,
+            logprobs: o.logprobs.map(usize::from),
             ..defaults
         },
     })
@@ -138,6 +152,25 @@ pub fn engine_error(e: &EngineError) -> WireError {
     WireError {
         kind,
         message: e.to_string(),
+    }
+}
+
+pub fn logprobs(lp: &crate::engine::TokenLogprobs) -> paraphym_protocol::message::TokenLogprob {
+    paraphym_protocol::message::TokenLogprob {
+        token: lp.token,
+        bytes: lp.bytes.clone(),
+        logprob: lp.logprob,
+        top: lp
+            .top
+            .iter()
+            .map(
+                |(token, bytes, logprob)| paraphym_protocol::message::TopLogprob {
+                    token: *token,
+                    bytes: bytes.clone(),
+                    logprob: *logprob,
+                },
+            )
+            .collect(),
     }
 }
 

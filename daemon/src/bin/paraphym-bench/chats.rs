@@ -70,7 +70,8 @@ fn workload(
                 match piece? {
                     paraphym_protocol::client::Piece::Token(text) => reply.push_str(&text),
                     paraphym_protocol::client::Piece::Done(s) => stats = Some(s),
-                    paraphym_protocol::client::Piece::Stage(_) => {}
+                    paraphym_protocol::client::Piece::Stage(_)
+                    | paraphym_protocol::client::Piece::Logprobs(_) => {}
                 }
             }
             let Some(stats) = stats else {

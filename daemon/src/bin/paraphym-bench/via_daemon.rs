@@ -161,14 +161,14 @@ pub fn observe(client: &Client, request: Generate) -> Result<Observed> {
     let mut pieces = 0;
     for p in client.generate(request)? {
         let p = p?;
-        if matches!(p, Piece::Stage(_)) {
+        if matches!(p, Piece::Stage(_) | Piece::Logprobs(_)) {
             // Progress before the first token, not the token itself.
             continue;
         }
         let now = Instant::now();
         let first_at = *first.get_or_insert(now);
         match p {
-            Piece::Stage(_) => {}
+            Piece::Stage(_) | Piece::Logprobs(_) => {}
             Piece::Token(_) => pieces += 1,
             Piece::Done(stats) => {
                 return Ok(Observed {
