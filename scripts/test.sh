@@ -11,8 +11,8 @@ scripts/fetch-tokenizers.sh gemma3 qwen3 llama3 gpt35turbo gpt4o >/dev/null
 python3 -c 'import numpy, gguf' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check numpy gguf
 # The HTTP bridge's tests use the official OpenAI client and Prometheus' parser.
-python3 -c 'import openai, prometheus_client' 2>/dev/null ||
-  python3 -m pip install --quiet --disable-pip-version-check openai prometheus_client
+python3 -c 'import openai, prometheus_client, jsonschema' 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check openai prometheus_client jsonschema
 # The TUI's end-to-end test drives the real client inside tmux.
 if ! command -v tmux >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod json;
 pub mod models;
 pub mod pick;
 pub mod sampling;
@@ -116,6 +117,9 @@ pub struct GenParams {
     /// Report each token's log-probability and this many alternatives
     /// (`GenEvent::Logprobs`); the whole row then comes to the host.
     pub logprobs: Option<usize>,
+    /// The output must be one JSON value of this shape (constrained decoding,
+    /// [`json`]); it ends when the value does.
+    pub json: Option<Arc<json::Shape>>,
 }
 
 /// The most alternatives a token's log-probabilities report.
@@ -171,6 +175,7 @@ impl Default for GenParams {
             ignore_eos: false,
             reuse_cache: true,
             logprobs: None,
+            json: None,
         }
     }
 }
@@ -603,46 +608,70 @@ impl Engine {
         // what waits for the queued prefill kernels.
         let mut sampler = Sampler::new(params.sampling.clone());
         let route = pick::Route::new(&self.device, &sampler);
+        let mut cursor = params.json.clone().map(json::Cursor::new);
+        // How many allowed tokens the sampler chooses among under a JSON
+        // constraint: what its top-k would keep.
+        let json_choices = match &params.sampling {
+            p if p.temperature <= 0.0 => 1,
+            p if p.top_k > 0 => p.top_k,
+            _ => 64,
+        };
         let mut history = prompt_tokens;
         let mut detok = Detokenizer::default();
         let mut stops = StopMatcher::new(&params.stop);
         let mut decode_start = Instant::now();
         let decode = |ids: &[u32]| self.tokenizer.decode(ids);
         let finish = loop {
-            let (token, logprobs) = match params.logprobs {
-                Some(n) => {
-                    let mut row: Vec<f32> =
-                        logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                    let (lse, top) = log_softmax_top(&row, n.min(MAX_TOP_LOGPROBS));
+            let (token, logprobs) = if params.logprobs.is_some() || cursor.is_some() {
+                // The whole row on the host: for the log-probabilities, or
+                // to mask what the JSON output cannot continue with.
+                let mut row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                let scored = params
+                    .logprobs
+                    .map(|n| log_softmax_top(&row, n.min(MAX_TOP_LOGPROBS)));
+                // Masks and penalties change the row in place: keep the model's.
+                let raw = (scored.is_some() && (cursor.is_some() || sampler.params().penalizes()))
+                    .then(|| row.clone());
+                if let Some(c) = &cursor {
+                    json::mask(c, &mut row, &self.tokenizer, json_choices)?;
+                }
+                let token = sampler.sample(&mut row, &history);
+                let logprobs = scored.map(|(lse, top)| {
                     let lp = |x: f32| (f64::from(x) - lse) as f32;
-                    let top = top
-                        .into_iter()
-                        .map(|(t, x)| (t, self.tokenizer.token_bytes(t), lp(x)))
-                        .collect();
-                    // Penalties change the row in place: keep the model's.
-                    let raw = sampler.params().penalizes().then(|| row.clone());
-                    let token = sampler.sample(&mut row, &history);
                     let logit = raw.as_ref().unwrap_or(&row).get(token as usize);
-                    let lp = TokenLogprobs {
+                    TokenLogprobs {
                         token,
                         bytes: self.tokenizer.token_bytes(token),
                         logprob: logit.map_or(f32::NEG_INFINITY, |&x| lp(x)),
-                        top,
-                    };
-                    (token, Some(lp))
-                }
-                None => (
+                        top: top
+                            .into_iter()
+                            .map(|(t, x)| (t, self.tokenizer.token_bytes(t), lp(x)))
+                            .collect(),
+                    }
+                });
+                (token, logprobs)
+            } else {
+                (
                     pick::next_token(route, &logits, &mut sampler, &history, &mut self.top)?,
                     None,
-                ),
+                )
             };
+            let json_done = cursor.as_ref().is_some_and(json::Cursor::complete);
+            if let Some(c) = &mut cursor {
+                if !self.tokenizer.is_eog(token) && !c.feed(&self.tokenizer.token_bytes(token)) {
+                    return Err(EngineError::InvalidParams(
+                        "the JSON constraint lost its place (a token it allowed did not fit)"
+                            .into(),
+                    ));
+                }
+            }
             drop(held.take());
             if out.tokens.is_empty() {
                 out.time_to_first_token = start.elapsed();
                 out.prefill_time = out.time_to_first_token;
                 decode_start = Instant::now();
             }
-            if !params.ignore_eos && self.tokenizer.is_eog(token) {
+            if (!params.ignore_eos || json_done) && self.tokenizer.is_eog(token) {
                 break FinishReason::EndOfGeneration;
             }
             out.tokens.push(token);

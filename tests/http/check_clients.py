@@ -17,6 +17,7 @@ import math
 import sys
 import urllib.request
 
+import jsonschema
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -106,6 +107,32 @@ text = client.completions.create(model=MODEL, prompt="The capital of France is",
                                  max_tokens=4, temperature=0)
 check(text.choices[0].finish_reason == "length" and text.usage.completion_tokens == 4,
       f"completion {text}")
+
+# Constrained output: even this random-weights model writes valid JSON.
+schema = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 10},
+    "score": {"type": "integer"},
+    "tags": {"type": "array", "items": {"enum": ["x", "y"]}, "maxItems": 2},
+    "ok": {"type": "boolean"}}, "required": ["title", "score", "tags", "ok"]}
+for seed in range(3):
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "A record, please."}],
+        max_tokens=120, seed=seed, temperature=1.0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "record", "schema": schema, "strict": True}})
+    check(out.choices[0].finish_reason == "stop", f"schema output unfinished: {out}")
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+lines = post_lines("/api/chat", {
+    "model": MODEL, "messages": [{"role": "user", "content": "A record."}],
+    "format": schema, "options": {"num_predict": 120, "seed": 5}})
+jsonschema.validate(json.loads("".join(l["message"]["content"] for l in lines)), schema)
+mode = client.chat.completions.create(
+    model=MODEL, messages=[{"role": "user", "content": "JSON!"}], max_tokens=60,
+    temperature=0, response_format={"type": "json_object"})
+text = mode.choices[0].message.content
+check(text.lstrip().startswith("{"), f"JSON mode: {text!r}")
+if mode.choices[0].finish_reason == "stop":
+    check(isinstance(json.loads(text), dict), f"JSON mode: {text!r}")
 
 ids = [m.id for m in client.models.list()]
 check(MODEL in ids, f"{MODEL} not in /v1/models: {ids}")

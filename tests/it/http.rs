@@ -193,7 +193,7 @@ fn bad_oversized_and_slow_requests_get_4xx_or_a_timeout_and_others_are_served() 
         (r#"{"prompt": "x"}"#, "400"),
         (r#"{"model":"nope","prompt":"x"}"#, "404"),
         (
-            &format!(r#"{{"model":"{model}","prompt":"x","format":"json"}}"#) as &str,
+            &format!(r#"{{"model":"{model}","prompt":"x","format":42}}"#) as &str,
             "400",
         ),
     ] {

@@ -5,6 +5,7 @@ mod conversations;
 mod faults;
 mod health;
 mod http;
+mod json;
 mod lifecycle;
 mod memory;
 mod progress;

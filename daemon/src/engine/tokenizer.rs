@@ -59,6 +59,8 @@ pub struct Tokenizer {
     eog: Vec<u32>,
     /// Pieces are spelled in GPT-2's byte alphabet (byte-level BPE).
     byte_level: bool,
+    /// Control tokens (decoding leaves them out), sorted.
+    special: Vec<u32>,
 }
 
 fn is_byte_level(d: Option<&tokenizers::DecoderWrapper>) -> bool {
@@ -161,6 +163,13 @@ impl Tokenizer {
         eog.sort_unstable();
         eog.dedup();
         let byte_level = is_byte_level(inner.get_decoder());
+        let mut special: Vec<u32> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        special.sort_unstable();
         Ok(Self {
             inner,
             bos,
@@ -168,6 +177,7 @@ impl Tokenizer {
             eos,
             eog,
             byte_level,
+            special,
         })
     }
 
@@ -238,6 +248,11 @@ impl Tokenizer {
     /// Tokens that end generation.
     pub fn eog(&self) -> &[u32] {
         &self.eog
+    }
+
+    /// A control token: no text of its own.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.binary_search(&id).is_ok()
     }
 
     pub fn is_eog(&self, id: u32) -> bool {

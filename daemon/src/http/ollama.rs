@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use paraphym_protocol::message::{
-    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, Request as WireRequest,
+    ChatMessage, ErrorKind, Format, GenStats, Generate, Options, Prompt, Request as WireRequest,
     StopReason, TokenLogprob, WireError,
 };
 use serde::Deserialize;
@@ -351,14 +351,14 @@ async fn load_or_unload(
     }
 }
 
-fn unsupported(format: &Option<Value>) -> Option<Response<Out>> {
+/// `format`: `"json"`, or a JSON schema object.
+fn format_of(format: &Option<Value>) -> Result<Format, String> {
     match format {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(_) => Some(error(
-            StatusCode::BAD_REQUEST,
-            "format (JSON mode, schemas) is not supported yet",
-        )),
+        None | Some(Value::Null) => Ok(Format::Text),
+        Some(Value::String(s)) if s.is_empty() => Ok(Format::Text),
+        Some(Value::String(s)) if s == "json" => Ok(Format::Json),
+        Some(schema @ Value::Object(_)) => Ok(Format::JsonSchema(schema.to_string())),
+        Some(other) => Err(format!("format: \"json\" or a JSON schema, not {other}")),
     }
 }
 
@@ -378,9 +378,10 @@ pub(super) async fn generate(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<
     if r.model.is_empty() {
         return error(StatusCode::BAD_REQUEST, "model is required");
     }
-    if let Some(res) = unsupported(&r.format) {
-        return res;
-    }
+    let format = match format_of(&r.format) {
+        Ok(f) => f,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
     if !r.images.is_empty() {
         return error(StatusCode::BAD_REQUEST, "images are not supported");
     }
@@ -402,7 +403,7 @@ pub(super) async fn generate(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<
     }
     let logprobs = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
     let options = match r.options.unwrap_or_default().options(logprobs) {
-        Ok(o) => o,
+        Ok(o) => Options { format, ..o },
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
     let prompt = if r.raw {
@@ -444,9 +445,10 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
     if r.model.is_empty() {
         return error(StatusCode::BAD_REQUEST, "model is required");
     }
-    if let Some(res) = unsupported(&r.format) {
-        return res;
-    }
+    let format = match format_of(&r.format) {
+        Ok(f) => f,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
     if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return error(StatusCode::BAD_REQUEST, "tools are not supported yet");
     }
@@ -478,7 +480,7 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
     }
     let logprobs = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
     let options = match r.options.unwrap_or_default().options(logprobs) {
-        Ok(o) => o,
+        Ok(o) => Options { format, ..o },
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
     let job = Job {

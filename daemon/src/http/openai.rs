@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use paraphym_protocol::message::{
-    ChatMessage, ErrorKind, GenStats, Generate, Options, Prompt, StopReason, TokenLogprob,
+    ChatMessage, ErrorKind, Format, GenStats, Generate, Options, Prompt, StopReason, TokenLogprob,
     WireError,
 };
 use serde::Deserialize;
@@ -206,6 +206,28 @@ struct CompletionRequest {
     suffix: Option<String>,
 }
 
+/// `response_format`: text, `json_object`, or `json_schema` with its
+/// `json_schema.schema`.
+fn response_format(f: &Option<Value>) -> Result<Format, String> {
+    let Some(f) = f.as_ref().filter(|f| !f.is_null()) else {
+        return Ok(Format::Text);
+    };
+    match f.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(Format::Text),
+        Some("json_object") => Ok(Format::Json),
+        Some("json_schema") => {
+            let schema = f
+                .get("json_schema")
+                .and_then(|s| s.get("schema"))
+                .ok_or("response_format: json_schema.schema is missing")?;
+            Ok(Format::JsonSchema(schema.to_string()))
+        }
+        _ => Err(format!(
+            "response_format: type text, json_object or json_schema, not {f}"
+        )),
+    }
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn new_id(prefix: &str) -> String {
@@ -360,14 +382,10 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
     if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return error(StatusCode::BAD_REQUEST, "tools are not supported yet");
     }
-    if let Some(f) = &r.response_format {
-        if f.get("type").and_then(Value::as_str).unwrap_or("text") != "text" {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "response_format other than text is not supported yet",
-            );
-        }
-    }
+    let format = match response_format(&r.response_format) {
+        Ok(f) => f,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
     let mut messages = Vec::with_capacity(r.messages.len());
     for m in r.messages {
         let role = match m.role.as_str() {
@@ -416,7 +434,7 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         .chat_logprobs()
         .and_then(|lp| r.sampling.options(None, lp))
     {
-        Ok(o) => o,
+        Ok(o) => Options { format, ..o },
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
     let want_logprobs = options.logprobs.is_some();

@@ -1,9 +1,13 @@
 //! Protocol types to engine types and engine errors to wire errors: the one
 //! place the two vocabularies meet.
 
+use std::sync::Arc;
+
 use paraphym_protocol::message::{
-    ErrorKind, GenStats, Generate, Overflow, Prompt as WirePrompt, StopReason, WireError,
+    ErrorKind, Format, GenStats, Generate, Overflow, Prompt as WirePrompt, StopReason, WireError,
 };
+
+use crate::engine::json;
 
 use crate::engine::{
     ChatOptions, EngineError, FinishReason, GenParams, Generation, Message, SamplingParams,
@@ -113,9 +117,17 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
             crate::engine::MAX_TOP_LOGPROBS
         )));
     }
-    if o.format != paraphym_protocol::message::Format::Text {
-        return Err(bad("JSON output (format) is not supported yet"));
-    }
+    let json = match &o.format {
+        Format::Text => None,
+        Format::Json => Some(Arc::new(json::Shape::object())),
+        Format::JsonSchema(text) => {
+            let schema: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| bad(format!("format: the JSON schema does not parse: {e}")))?;
+            Some(Arc::new(
+                json::Shape::from_schema(&schema).map_err(|e| bad(e.to_string()))?,
+            ))
+        }
+    };
     if g.session.as_ref().is_some_and(|s| s.len() > MAX_SESSION) {
         return Err(bad(format!(
             "a session name has at most {MAX_SESSION} bytes"
@@ -132,6 +144,7 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
             stop: o.stop.clone(),
             ignore_eos: o.ignore_eos,
             logprobs: o.logprobs.map(usize::from),
+            json,
             ..defaults
         },
     })
