@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub keep_alive: Duration,
     /// Context length for loaded models (`None`: the engine's default).
     pub context: Option<usize>,
+    /// Other tools' model folders served in place (`ollama:`, `lmstudio:`).
+    pub library: crate::library::Folders,
     /// Idle conversation caches a model keeps beyond one per worker (each is
     /// an engine's KV cache, kept for the conversation's next turn).
     pub conversation_caches: usize,
@@ -86,6 +88,7 @@ impl DaemonConfig {
             keep_alive: Self::DEFAULT_KEEP_ALIVE,
             context: None,
             conversation_caches: Self::DEFAULT_CONVERSATION_CACHES,
+            library: crate::library::Folders::default(),
             device: Device::Cpu,
             gpu_turns: None,
             outbox_bytes: Self::DEFAULT_OUTBOX_BYTES,

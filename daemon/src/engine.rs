@@ -748,6 +748,102 @@ fn droppable_turn(messages: &[Message]) -> Vec<usize> {
     turn
 }
 
+/// What a model file is, from its metadata alone (no weights read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFacts {
+    pub architecture: String,
+    /// llama.cpp's name for the file type (`Q4_K_M`), else the type most of
+    /// the weights have.
+    pub quantization: String,
+    pub parameters: u64,
+    pub context_length: u64,
+    /// The template the model is served with.
+    pub chat_template: String,
+    /// `file`, or which built-in template stands in for a missing one.
+    pub template_origin: String,
+}
+
+/// llama.cpp's `general.file_type` names (`llama_ftype`).
+fn file_type_name(t: u64) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        _ => return None,
+    })
+}
+
+/// Read what `path` is.
+pub fn file_facts(path: &Path) -> Result<FileFacts, EngineError> {
+    let gguf = gguf::GgufFile::open(path)?;
+    let architecture = gguf.architecture()?.to_owned();
+    let mut parameters = 0u64;
+    // Bytes per weight type, to name the dominant one.
+    let mut by_type: Vec<(String, u64)> = Vec::new();
+    for name in gguf.tensor_names() {
+        if let Some(t) = gguf.tensor_info(name) {
+            parameters += t.shape.iter().product::<usize>() as u64;
+            let ty = format!("{:?}", t.dtype).to_uppercase();
+            match by_type.iter_mut().find(|(n, _)| *n == ty) {
+                Some((_, b)) => *b += t.size as u64,
+                None => by_type.push((ty, t.size as u64)),
+            }
+        }
+    }
+    let quantization = gguf
+        .get_u64("general.file_type")
+        .ok()
+        .and_then(file_type_name)
+        .map(str::to_owned)
+        .or_else(|| by_type.into_iter().max_by_key(|(_, b)| *b).map(|(n, _)| n))
+        .unwrap_or_default();
+    let (chat_template, origin) = ChatTemplate::source_of(&gguf)?;
+    Ok(FileFacts {
+        context_length: gguf
+            .get_u64(&format!("{architecture}.context_length"))
+            .unwrap_or(0),
+        chat_template,
+        template_origin: match origin {
+            template::TemplateSource::File => "file".into(),
+            template::TemplateSource::Fallback(name) => {
+                format!("built-in {name} (the file has none)")
+            }
+        },
+        architecture,
+        quantization,
+        parameters,
+    })
+}
+
 /// What loading a model will cost in memory, estimated from its GGUF file
 /// before loading it (the daemon's memory governor decides with this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

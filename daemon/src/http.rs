@@ -165,6 +165,8 @@ async fn route(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
         ("GET", "/api/tags") => ollama::tags(&ctx),
         ("GET", "/api/ps") => ollama::ps(&ctx),
         ("GET", "/api/version") => ollama::version(),
+        ("POST", "/api/show") => ollama::show(ctx, req).await,
+        ("DELETE", "/api/delete") => ollama::delete(ctx, req).await,
         (
             _,
             "/health"
@@ -176,7 +178,9 @@ async fn route(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
             | "/api/chat"
             | "/api/tags"
             | "/api/ps"
-            | "/api/version",
+            | "/api/version"
+            | "/api/show"
+            | "/api/delete",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     };

@@ -15,6 +15,7 @@ pub mod events;
 pub mod governor;
 pub mod hooks;
 pub mod http;
+pub mod library;
 pub mod pool;
 pub mod pull;
 pub mod registry;

@@ -700,6 +700,8 @@ pub struct Pools {
     default_model: String,
     memory_budget: u64,
     created: Instant,
+    /// Other tools' model folders, served in place.
+    library: crate::library::Folders,
 }
 
 impl Pools {
@@ -745,6 +747,7 @@ impl Pools {
             default_model: config.default_model.clone(),
             memory_budget: config.memory_budget_bytes,
             created: Instant::now(),
+            library: config.library.clone(),
         }
     }
 
@@ -755,6 +758,10 @@ impl Pools {
             .map(str::trim)
             .filter(|m| !m.is_empty())
             .unwrap_or(&self.default_model);
+        if let Some(found) = self.library.resolve(reference) {
+            let path = found.map_err(unknown)?;
+            return Ok((reference.to_owned(), path));
+        }
         let path = match registry::parse(reference, |p| p.is_file()) {
             Ok(registry::Model::Path(p)) => p,
             Ok(registry::Model::Hub(f)) => match self.hub.as_ref().and_then(|h| h.cached(&f)) {
@@ -1235,7 +1242,127 @@ impl Pools {
                 });
             }
         }
+        for f in self.library.scan() {
+            let shown = f.path.display().to_string();
+            if out
+                .iter()
+                .any(|m| m.path == shown || m.reference == f.reference)
+            {
+                continue;
+            }
+            out.push(ModelInfo {
+                reference: f.reference,
+                architecture: crate::engine::gguf::GgufFile::open(&f.path)
+                    .ok()
+                    .and_then(|g| g.architecture().ok().map(str::to_owned))
+                    .unwrap_or_default(),
+                size_bytes: std::fs::metadata(&f.path).map_or(0, |m| m.len()),
+                path: shown,
+                loaded: false,
+            });
+        }
         out
+    }
+
+    /// `Show`: what a model is, from its file's metadata.
+    pub fn show(&self, model: &str) -> Result<paraphym_protocol::message::ModelDetails, WireError> {
+        let (reference, path) = self.resolve(Some(model))?;
+        let facts = crate::engine::file_facts(&path).map_err(|e| WireError {
+            kind: ErrorKind::ModelFailed,
+            message: format!("{reference}: {e}"),
+        })?;
+        let context = self
+            .settings
+            .load
+            .context
+            .unwrap_or(crate::engine::DEFAULT_CONTEXT) as u64;
+        let memory_bytes = crate::engine::memory_estimate(
+            &path,
+            self.settings.load.context,
+            self.settings.prefill_chunk,
+            &self.settings.load.device,
+        )
+        .map_or(0, |e| e.weights + e.per_worker);
+        Ok(paraphym_protocol::message::ModelDetails {
+            reference,
+            loaded: lock(&self.map).contains_key(&path),
+            path: path.display().to_string(),
+            size_bytes: std::fs::metadata(&path).map_or(0, |m| m.len()),
+            context: if facts.context_length > 0 {
+                context.min(facts.context_length)
+            } else {
+                context
+            },
+            architecture: facts.architecture,
+            quantization: facts.quantization,
+            parameters: facts.parameters,
+            context_length: facts.context_length,
+            chat_template: facts.chat_template,
+            template_origin: facts.template_origin,
+            memory_bytes,
+        })
+    }
+
+    /// `Remove`: delete a download from the Hub cache, unloading it first.
+    /// Files the daemon did not download (paths, Ollama's and LM Studio's
+    /// folders) are refused.
+    pub fn remove(&self, model: &str, reply: Reply) {
+        let not_ours = |what: &str| {
+            let _ = reply.error(
+                ErrorKind::BadRequest,
+                format!("{model} is {what}: paraphym only removes what it downloaded (delete the file yourself)"),
+            );
+        };
+        if self.library.resolve(model).is_some() {
+            return not_ours("in another tool's folder");
+        }
+        let file = match registry::parse(model, |p| p.is_file()) {
+            Ok(registry::Model::Hub(f)) => f,
+            Ok(registry::Model::Path(_)) => return not_ours("a file path"),
+            Err(e) => {
+                reply.error(ErrorKind::UnknownModel, e.to_string());
+                return;
+            }
+        };
+        let Some(link) = self.hub.as_ref().and_then(|h| h.cached(&file)) else {
+            reply.error(
+                ErrorKind::UnknownModel,
+                format!("{model} is not downloaded"),
+            );
+            return;
+        };
+        let blob = link.canonicalize().unwrap_or_else(|_| link.clone());
+        // Unload it first: its workers read the file.
+        if let Some(pool) = lock(&self.map).remove(&blob) {
+            let handles = pool.close();
+            lock(&self.retired).extend(handles);
+            self.events.publish(Event::ModelUnloaded {
+                model: pool.reference.clone(),
+                reason: "removed".into(),
+            });
+        }
+        let removed = std::fs::remove_file(&link).and_then(|()| {
+            if blob != link {
+                std::fs::remove_file(&blob)
+            } else {
+                Ok(())
+            }
+        });
+        match removed {
+            Ok(()) => {
+                tracing::info!(model, path = %blob.display(), "removed");
+                reply.send(Response::Removed {
+                    model: model.to_owned(),
+                    path: blob.display().to_string(),
+                });
+            }
+            Err(e) => {
+                reply.error(
+                    ErrorKind::Internal,
+                    format!("removing {}: {e}", blob.display()),
+                );
+            }
+        }
     }
 
     /// Each loaded model's health, and failing models that are not loaded:

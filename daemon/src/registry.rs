@@ -285,6 +285,10 @@ pub fn config_path() -> Option<PathBuf> {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub default_model: Option<String>,
+    /// Ollama's models folder, served in place as `ollama:name:tag`.
+    pub ollama_models: Option<PathBuf>,
+    /// LM Studio's models folder, served in place as `lmstudio:…`.
+    pub lmstudio_models: Option<PathBuf>,
 }
 
 impl Config {

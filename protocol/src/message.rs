@@ -43,6 +43,15 @@ pub enum Request {
     Pull {
         model: String,
     },
+    /// What a model is: answered by `Details` or `Error` (v3).
+    Show {
+        model: String,
+    },
+    /// Delete a model the daemon downloaded (unloading it first): answered
+    /// by `Removed` or `Error`. Files it did not download are never deleted (v3).
+    Remove {
+        model: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +185,36 @@ pub enum Response {
     /// carries (or, at the end, of tokens with no text of their own), when
     /// `Options::logprobs` asked for them. Since protocol version 3.
     Logprobs(Vec<TokenLogprob>),
+    /// The answer to `Show` (v3).
+    Details(ModelDetails),
+    /// The answer to `Remove`: the file deleted (v3).
+    Removed {
+        model: String,
+        path: String,
+    },
+}
+
+/// What a model file is, read from its GGUF metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelDetails {
+    pub reference: String,
+    pub path: String,
+    pub architecture: String,
+    /// `Q4_K_M`, `Q8_0`, `F16`, ...
+    pub quantization: String,
+    pub parameters: u64,
+    /// The longest context the model was trained for.
+    pub context_length: u64,
+    /// The context the daemon serves it with.
+    pub context: u64,
+    pub size_bytes: u64,
+    /// The memory governor's estimate with one worker.
+    pub memory_bytes: u64,
+    /// The chat template (Jinja) the model is served with.
+    pub chat_template: String,
+    /// `file`, or the built-in template standing in for a missing one.
+    pub template_origin: String,
+    pub loaded: bool,
 }
 
 /// One generated token's log-probability under the model (its logits'
@@ -496,6 +535,8 @@ mod tests {
             Request::Pull {
                 model: "gemma3:270m".into(),
             },
+            Request::Show { model: "m".into() },
+            Request::Remove { model: "m".into() },
         ] {
             round_trip(ClientMsg { id: 3, request });
         }
@@ -604,6 +645,24 @@ mod tests {
                 total: 1000,
             }),
             Response::Stage(Stage::Generating),
+            Response::Details(ModelDetails {
+                reference: "gemma3:270m".into(),
+                path: "/m.gguf".into(),
+                architecture: "gemma3".into(),
+                quantization: "Q4_K_M".into(),
+                parameters: 268_000_000,
+                context_length: 32_768,
+                context: 4096,
+                size_bytes: 253 << 20,
+                memory_bytes: 700 << 20,
+                chat_template: "{{ messages }}".into(),
+                template_origin: "file".into(),
+                loaded: true,
+            }),
+            Response::Removed {
+                model: "m".into(),
+                path: "/m.gguf".into(),
+            },
             Response::Logprobs(vec![TokenLogprob {
                 token: 5,
                 bytes: b"Pa".to_vec(),

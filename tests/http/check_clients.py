@@ -15,6 +15,7 @@ import datetime
 import json
 import math
 import sys
+import urllib.error
 import urllib.request
 
 import jsonschema
@@ -187,6 +188,21 @@ with urllib.request.urlopen(BASE + "/api/tags", timeout=10) as r:
     tags = json.loads(r.read())
 check(any(m["name"] == MODEL and m["details"]["format"] == "gguf" for m in tags["models"]),
       f"/api/tags {tags}")
+
+# /api/show describes the file; /api/delete never deletes what is not a download.
+req = urllib.request.Request(BASE + "/api/show", data=json.dumps({"model": MODEL}).encode())
+with urllib.request.urlopen(req, timeout=30) as r:
+    shown = json.loads(r.read())
+check(shown["model_info"]["general.architecture"] == "qwen3" and shown["template"]
+      and shown["details"]["format"] == "gguf" and shown["details"]["quantization_level"],
+      f"/api/show {shown}")
+req = urllib.request.Request(BASE + "/api/delete", data=json.dumps({"model": MODEL}).encode(),
+                             method="DELETE")
+try:
+    urllib.request.urlopen(req, timeout=30)
+    check(False, "/api/delete removed a file it did not download")
+except urllib.error.HTTPError as e:
+    check(e.code == 400, f"/api/delete of a path: {e.code}")
 
 # Prometheus text format.
 with urllib.request.urlopen(BASE + "/metrics", timeout=10) as r:

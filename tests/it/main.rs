@@ -8,6 +8,7 @@ mod http;
 mod json;
 mod lifecycle;
 mod memory;
+mod models;
 mod progress;
 mod scaling;
 mod soak;

@@ -665,6 +665,69 @@ pub fn load(ctx: &Ctx, model: &str, keep_alive: Option<&str>) -> Result<ExitCode
     }
 }
 
+pub fn show(ctx: &Ctx, model: &str, json: bool, template: bool) -> Result<ExitCode, CliError> {
+    let client = ctx.started()?;
+    let d = match client.call(Request::Show {
+        model: model.to_owned(),
+    })? {
+        Response::Details(d) => d,
+        other => {
+            return Err(CliError::Other(format!(
+                "unexpected answer to Show: {other:?}"
+            )))
+        }
+    };
+    if json {
+        println!("{}", to_json(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let params = if d.parameters >= 1_000_000_000 {
+        format!("{:.2}B", d.parameters as f64 / 1e9)
+    } else {
+        format!("{:.0}M", d.parameters as f64 / 1e6)
+    };
+    println!("model         {}", d.reference);
+    println!("file          {}", d.path);
+    println!("architecture  {}", d.architecture);
+    println!("parameters    {params}");
+    println!("quantization  {}", d.quantization);
+    println!(
+        "context       {} served (trained for {})",
+        d.context, d.context_length
+    );
+    println!("file size     {}", human_bytes(d.size_bytes));
+    println!(
+        "memory        about {} with one worker",
+        human_bytes(d.memory_bytes)
+    );
+    println!("loaded        {}", if d.loaded { "yes" } else { "no" });
+    if template {
+        println!("template      {}\n{}", d.template_origin, d.chat_template);
+    } else {
+        println!(
+            "template      {}, {} lines (--template prints it)",
+            d.template_origin,
+            d.chat_template.lines().count()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rm(ctx: &Ctx, model: &str) -> Result<ExitCode, CliError> {
+    let client = ctx.started()?;
+    match client.call(Request::Remove {
+        model: model.to_owned(),
+    })? {
+        Response::Removed { model, path } => {
+            println!("removed {model} ({path})");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => Err(CliError::Other(format!(
+            "unexpected answer to Remove: {other:?}"
+        ))),
+    }
+}
+
 pub fn unload(ctx: &Ctx, model: &str) -> Result<ExitCode, CliError> {
     let client = ctx.running()?;
     match client.call(Request::Unload {

@@ -108,6 +108,19 @@ enum Command {
     },
     /// Unload a model.
     Unload { model: String },
+    /// What a model is: architecture, quantization, parameters, context,
+    /// sizes, chat template (starts the daemon if needed).
+    Show {
+        model: String,
+        #[arg(long)]
+        json: bool,
+        /// Print the whole chat template.
+        #[arg(long)]
+        template: bool,
+    },
+    /// Delete a downloaded model (unloading it first). Never deletes files
+    /// paraphym did not download.
+    Rm { model: String },
     /// Is the daemon up and well? (exit 0 yes, 1 unwell, 3 not running)
     Health {
         #[arg(long)]
@@ -148,6 +161,12 @@ fn main() -> ExitCode {
         Command::Pull { model } => cli::pull(&ctx, &model),
         Command::Load { model, keep_alive } => cli::load(&ctx, &model, keep_alive.as_deref()),
         Command::Unload { model } => cli::unload(&ctx, &model),
+        Command::Show {
+            model,
+            json,
+            template,
+        } => cli::show(&ctx, &model, json, template),
+        Command::Rm { model } => cli::rm(&ctx, &model),
         Command::Health { json } => cli::health(&ctx, json),
         Command::Stop => cli::stop(&ctx),
         Command::Version => cli::version(&ctx),

@@ -65,6 +65,14 @@ struct Args {
     /// model beyond one per worker; the memory budget drops them first.
     #[arg(long, default_value_t = DaemonConfig::DEFAULT_CONVERSATION_CACHES)]
     conversation_caches: usize,
+    /// Serve the GGUF models of this Ollama models folder in place, as
+    /// `ollama:NAME:TAG` [default: ollama_models in the config file]
+    #[arg(long, value_name = "DIR")]
+    ollama_models: Option<PathBuf>,
+    /// Serve the GGUF files of this LM Studio models folder in place, as
+    /// `lmstudio:PUBLISHER/REPO/FILE.gguf` [default: lmstudio_models in the config file]
+    #[arg(long, value_name = "DIR")]
+    lmstudio_models: Option<PathBuf>,
     /// cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -190,6 +198,16 @@ fn run(args: Args) -> Result<ExitCode> {
         .unwrap_or(FOREVER);
     config.context = args.context;
     config.conversation_caches = args.conversation_caches;
+    config.library = paraphym_daemon::library::Folders {
+        ollama: args
+            .ollama_models
+            .clone()
+            .or(config_file.ollama_models.clone()),
+        lmstudio: args
+            .lmstudio_models
+            .clone()
+            .or(config_file.lmstudio_models.clone()),
+    };
     config.device = DeviceSpec::parse(&args.device)?.open()?;
     if !config.device.is_cpu() {
         config.gpu_turns = match args.gpu_turns.as_str() {

@@ -122,9 +122,18 @@ impl ChatTemplate {
                 Err(e) => tracing::warn!("{e}; using the family's fallback template"),
             }
         }
-        // The vocabulary says which format the model was trained on (Phi-4 is
-        // often converted as `llama`; Phi-3.5 and Phi-4-mini share `phi3`).
-        let (name, source) = if has_token("<|im_sep|>") {
+        let (name, source) = Self::fallback(gguf, has_token)?;
+        Self::new(source, bos, eos, TemplateSource::Fallback(name))
+    }
+
+    /// The template for a file without a usable one: the vocabulary says
+    /// which format the model was trained on (Phi-4 is often converted as
+    /// `llama`; Phi-3.5 and Phi-4-mini share `phi3`), else the architecture.
+    fn fallback(
+        gguf: &GgufFile,
+        has_token: impl Fn(&str) -> bool,
+    ) -> Result<(&'static str, &'static str), EngineError> {
+        let found = if has_token("<|im_sep|>") {
             ("phi4", PHI4)
         } else if has_token("<|end|>") && has_token("<|assistant|>") {
             ("phi3", PHI3)
@@ -139,7 +148,23 @@ impl ChatTemplate {
                 _ => ("chatml", CHATML),
             }
         };
-        Self::new(source, bos, eos, TemplateSource::Fallback(name))
+        Ok(found)
+    }
+
+    /// The template a model is served with, read from its file alone: the
+    /// file's own (if it compiles), else the fallback, named.
+    pub fn source_of(gguf: &GgufFile) -> Result<(String, TemplateSource), EngineError> {
+        if let Ok(source) = gguf.get_str("tokenizer.chat_template") {
+            if Self::new(source, "", "", TemplateSource::File).is_ok() {
+                return Ok((source.to_owned(), TemplateSource::File));
+            }
+        }
+        let tokens: std::collections::HashSet<&str> = gguf
+            .get_array("tokenizer.ggml.tokens")
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let (name, source) = Self::fallback(gguf, |t| tokens.contains(t))?;
+        Ok((source.to_owned(), TemplateSource::Fallback(name)))
     }
 
     /// Compile `source`.

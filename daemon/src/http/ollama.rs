@@ -497,15 +497,83 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
     run(ctx, job, started).await
 }
 
-fn details(architecture: &str) -> Value {
+/// Ollama's `details`, from the file's metadata.
+fn details(path: &str, architecture: &str) -> Value {
+    let facts = crate::engine::file_facts(std::path::Path::new(path)).ok();
+    let size = facts.as_ref().map_or(String::new(), |f| {
+        if f.parameters >= 1_000_000_000 {
+            format!("{:.1}B", f.parameters as f64 / 1e9)
+        } else {
+            format!("{:.0}M", f.parameters as f64 / 1e6)
+        }
+    });
     json!({
         "parent_model": "",
         "format": "gguf",
         "family": architecture,
         "families": [architecture],
-        "parameter_size": "",
-        "quantization_level": "",
+        "parameter_size": size,
+        "quantization_level": facts.map(|f| f.quantization).unwrap_or_default(),
     })
+}
+
+#[derive(Debug, Deserialize)]
+struct NameRequest {
+    model: Option<String>,
+    name: Option<String>,
+}
+
+impl NameRequest {
+    fn model(self) -> Option<String> {
+        self.model.or(self.name).filter(|m| !m.is_empty())
+    }
+}
+
+/// `POST /api/show`: a model's details, template and metadata.
+pub(super) async fn show(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
+    let r: NameRequest = match read_json(&ctx, req, error).await {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    let Some(model) = r.model() else {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    };
+    let d = match ctx.daemon.pools.show(&model) {
+        Ok(d) => d,
+        Err(e) => return wire_error(&e),
+    };
+    let arch = d.architecture.clone();
+    json(
+        StatusCode::OK,
+        &json!({
+            "modelfile": "",
+            "parameters": "",
+            "template": d.chat_template,
+            "details": details(&d.path, &arch),
+            "model_info": {
+                "general.architecture": arch,
+                "general.parameter_count": d.parameters,
+                format!("{arch}.context_length"): d.context_length,
+            },
+            "capabilities": ["completion"],
+            "modified_at": modified(&d.path),
+        }),
+    )
+}
+
+/// `DELETE /api/delete`: remove a download (never another tool's file).
+pub(super) async fn delete(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
+    let r: NameRequest = match read_json(&ctx, req, error).await {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    let Some(model) = r.model() else {
+        return error(StatusCode::BAD_REQUEST, "model is required");
+    };
+    match call(&ctx, WireRequest::Remove { model }).await {
+        Ok(_) => json(StatusCode::OK, &json!({})),
+        Err(e) => wire_error(&e),
+    }
 }
 
 fn modified(path: &str) -> String {
@@ -528,7 +596,7 @@ pub(super) fn tags(ctx: &Ctx) -> Response<Out> {
                 "modified_at": modified(&m.path),
                 "size": m.size_bytes,
                 "digest": "",
-                "details": details(&m.architecture),
+                "details": details(&m.path, &m.architecture),
             })
         })
         .collect();
@@ -546,10 +614,9 @@ pub(super) fn ps(ctx: &Ctx) -> Response<Out> {
         .models
         .into_iter()
         .map(|m| {
-            let arch = infos
-                .iter()
-                .find(|i| i.reference == m.reference)
-                .map_or("", |i| i.architecture.as_str());
+            let info = infos.iter().find(|i| i.reference == m.reference);
+            let arch = info.map_or("", |i| i.architecture.as_str());
+            let path = info.map_or("", |i| i.path.as_str());
             // Forever: a century on, as far as any client's clock goes.
             let expires = Duration::from_millis(m.expires_in_ms.min(100 * 365 * 86_400_000));
             json!({
@@ -557,7 +624,7 @@ pub(super) fn ps(ctx: &Ctx) -> Response<Out> {
                 "model": m.reference,
                 "size": m.memory_bytes,
                 "digest": "",
-                "details": details(arch),
+                "details": details(path, arch),
                 "expires_at": rfc3339(now + expires),
                 "size_vram": if on_gpu { m.memory_bytes } else { 0 },
             })

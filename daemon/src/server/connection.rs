@@ -274,6 +274,15 @@ fn dispatch(msg: ClientMsg, received: Instant, conn: &Arc<Conn>, daemon: &Arc<Da
         }
         Request::Subscribe => daemon.events.subscribe(reply),
         Request::Pull { model } => daemon.pools.pull(&model, reply),
+        Request::Show { model } => match daemon.pools.show(&model) {
+            Ok(d) => {
+                reply.send(Response::Details(d));
+            }
+            Err(e) => {
+                reply.send(Response::Error(e));
+            }
+        },
+        Request::Remove { model } => daemon.pools.remove(&model, reply),
         Request::Shutdown => {
             tracing::info!(conn = conn.id, "shutdown requested");
             reply.error(ErrorKind::ShuttingDown, "the daemon is shutting down");
