@@ -75,12 +75,47 @@ CASES = [
 ]
 
 
+# Tool use, for the families whose templates take tools (Qwen3): the tools
+# offered, an assistant turn that calls one, the tool's answer.
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}},
+]
+TOOL_CASES = [
+    {
+        "name": "tools offered",
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+    },
+    {
+        "name": "a call and its answer",
+        "messages": [
+            {"role": "system", "content": "Use tools when they help."},
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather",
+                                                  "arguments": {"city": "Oslo"}}}]},
+            {"role": "tool", "content": "{\"temp_c\": -3}"},
+        ],
+    },
+]
+TOOL_FAMILIES = ["qwen3"]
+
+
 def raise_exception(message):
     raise TemplateError(message)
 
 
 def strftime_now(fmt):
     return datetime.now().strftime(fmt)
+
+
+def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers replaces jinja2's HTML-safe, key-sorting tojson with this.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def token_text(v):
@@ -96,7 +131,8 @@ def main():
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
-    out = {"cases": [], "families": {}}
+    env.filters["tojson"] = tojson
+    out = {"cases": [], "families": {}, "tools": TOOLS, "tool_cases": TOOL_CASES}
     for c in CASES:
         out["cases"].append(
             {
@@ -123,6 +159,12 @@ def main():
                 kwargs["enable_thinking"] = c["enable_thinking"]
             renders.append(template.render(**kwargs))
         out["families"][fam] = {"bos_token": bos or "", "eos_token": eos or "", "renders": renders}
+        if fam in TOOL_FAMILIES:
+            out["families"][fam]["tool_renders"] = [
+                template.render(messages=c["messages"], tools=TOOLS, add_generation_prompt=True,
+                                bos_token=bos, eos_token=eos)
+                for c in TOOL_CASES
+            ]
     json.dump(out, sys.stdout, ensure_ascii=False, indent=1)
     sys.stdout.write("\n")
 

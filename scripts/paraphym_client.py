@@ -72,7 +72,7 @@ def generate_msg(a):
         prompt = u32(0) + string(a.prompt)                      # Prompt::Raw
     else:
         msgs = ([("system", a.system)] if a.system is not None else []) + [("user", a.prompt)]
-        prompt = (u32(1) + vec(msgs, lambda m: string(m[0]) + string(m[1]))
+        prompt = (u32(1) + vec(msgs, lambda m: string(m[0]) + string(m[1]) + vec([], None))
                   + option(None, None))                         # Prompt::Chat, think: None
     options = (option(a.temperature, f32) + option(a.top_k, u32) + option(a.top_p, f32)
                + option(a.min_p, f32) + option(a.repeat_penalty, f32) + option(a.seed, u64)
@@ -81,7 +81,8 @@ def generate_msg(a):
                + u32(1 if a.drop_oldest else 0)                 # overflow: Error / DropOldest
                + option(None, None) + option(None, None)        # presence, frequency penalty
                + option(None, None)                             # logprobs
-               + u32(0))                                        # format: Text
+               + u32(0)                                         # format: Text
+               + vec([], None))                                 # tools: none
     generate = (option(a.model, string) + prompt + options + option(a.keep_alive_ms, u64)
                 + option(a.session, string))
     return u64(GEN_ID) + u32(0) + generate                      # Request::Generate

@@ -249,7 +249,7 @@ pub enum GenEvent<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum Prompt<'a> {
     Text(&'a str),
-    Chat(&'a [Message], ChatOptions),
+    Chat(&'a [Message], &'a ChatOptions),
     Tokens(&'a [u32]),
 }
 
@@ -381,7 +381,7 @@ impl Engine {
     pub fn encode_chat(
         &self,
         messages: &[Message],
-        opts: ChatOptions,
+        opts: &ChatOptions,
     ) -> Result<Vec<u32>, EngineError> {
         let text = self.template.render(messages, opts)?;
         let ids = self.tokenizer.encode(&text, false)?;

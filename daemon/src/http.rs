@@ -18,6 +18,7 @@
 mod metrics;
 mod ollama;
 mod openai;
+mod tools;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -15,6 +15,9 @@ pub struct ClientMsg {
     pub request: Request,
 }
 
+// One per request on its way through, never stored in bulk: boxing the
+// large variant would buy nothing but an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Answered by `Token`s, then `Done` or `Error`.
@@ -86,9 +89,38 @@ pub enum Prompt {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant`.
+    /// `system`, `user`, `assistant`, `tool` (a tool's answer).
     pub role: String,
     pub content: String,
+    /// The tools an assistant turn called (v3).
+    pub tool_calls: Vec<ToolCall>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+        }
+    }
+}
+
+/// A function the model may call (OpenAI's function tool).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    pub description: String,
+    /// Its parameters' JSON schema, as JSON text.
+    pub parameters: String,
+}
+
+/// A call the model made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments, a JSON object as text.
+    pub arguments: String,
 }
 
 /// Sampling and stopping; `None` means the daemon's default.
@@ -116,6 +148,9 @@ pub struct Options {
     pub logprobs: Option<u8>,
     /// Constrain the output's shape (v3).
     pub format: Format,
+    /// Functions the model may call (chat prompts, templates that take
+    /// tools); its calls come back as text the client parses (v3).
+    pub tools: Vec<Tool>,
 }
 
 /// What the output must be.
@@ -501,6 +536,7 @@ mod tests {
                 messages: vec![ChatMessage {
                     role: "user".into(),
                     content: "Grüße 😀".into(),
+                    tool_calls: Vec::new(),
                 }],
                 think: Some(false),
             },

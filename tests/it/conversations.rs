@@ -221,6 +221,7 @@ fn chats_past_the_context_are_refused_or_lose_their_oldest_turns() {
     let msg = |role: &str, content: String| ChatMessage {
         role: role.into(),
         content,
+        tool_calls: Vec::new(),
     };
     let mut messages = vec![msg("system", "You answer briefly.".into())];
     for i in 0..8 {

@@ -390,3 +390,70 @@ fn logprobs_match_the_engines_logits() {
     let offsets = lp["text_offset"].as_array().unwrap();
     assert_eq!(offsets[0], 0);
 }
+
+/// Tools reach the template (Qwen3's takes them: the prompt grows by their
+/// description; an earlier call and its answer render too); a template
+/// without tools refuses them rather than dropping them.
+#[test]
+fn tools_are_offered_through_the_template_or_refused() {
+    let (qwen, gemma) = (tiny(Arch::Qwen3), tiny(Arch::Gemma3));
+    let (daemon, port) = http_daemon(&[], &[]);
+    let tools = r#"[{"type":"function","function":{"name":"get_weather","description":"The weather in a city.","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}]"#;
+    let ask = |model: &std::path::Path, messages: &str, with_tools: bool| {
+        let extra = if with_tools {
+            format!(r#","tools":{tools}"#)
+        } else {
+            String::new()
+        };
+        post(
+            port,
+            "/v1/chat/completions",
+            &format!(
+                r#"{{"model":"{}","messages":{messages},"max_tokens":2,"temperature":0{extra}}}"#,
+                model.display()
+            ),
+        )
+    };
+    let prompt_tokens = |r: &str| -> u64 {
+        assert!(status_line(r).contains("200"), "{r}");
+        let body: serde_json::Value =
+            serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        body["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let question = r#"[{"role":"user","content":"Weather in Oslo?"}]"#;
+    let plain = prompt_tokens(&ask(&qwen, question, false));
+    let offered = prompt_tokens(&ask(&qwen, question, true));
+    assert!(offered > plain + 50, "{plain} -> {offered}");
+    let history = r#"[{"role":"user","content":"Weather in Oslo?"},{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Oslo\"}"}}]},{"role":"tool","tool_call_id":"call_1","content":"{\"temp_c\": -3}"}]"#;
+    let answered = prompt_tokens(&ask(&qwen, history, true));
+    assert!(answered > offered + 10, "{offered} -> {answered}");
+    // Ollama's shape, streamed.
+    let r = post(
+        port,
+        "/api/chat",
+        &format!(
+            r#"{{"model":"{}","messages":{question},"tools":{tools},"options":{{"num_predict":2}}}}"#,
+            qwen.display()
+        ),
+    );
+    assert!(
+        status_line(&r).contains("200") && r.contains("\"done\":true"),
+        "{r}"
+    );
+    // Gemma 3's template has no tools.
+    let r = ask(&gemma, question, true);
+    assert!(
+        status_line(&r).contains("400") && r.contains("does not take tools"),
+        "{r}"
+    );
+    let r = post(
+        port,
+        "/v1/chat/completions",
+        &format!(
+            r#"{{"model":"{}","messages":{question},"tools":{tools},"tool_choice":"required"}}"#,
+            qwen.display()
+        ),
+    );
+    assert!(status_line(&r).contains("400"), "{r}");
+    drop(daemon);
+}

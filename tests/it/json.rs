@@ -38,6 +38,7 @@ fn ask(daemon: &TestDaemon, prompt: &str, format: Format, seed: u64) -> (String,
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: prompt.into(),
+                tool_calls: Vec::new(),
             }],
             think: None,
         },

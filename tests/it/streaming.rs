@@ -95,10 +95,12 @@ fn streamed_tokens_equal_the_engines_output_for_the_same_seed() {
         ChatMessage {
             role: "system".into(),
             content: "Be brief.".into(),
+            tool_calls: Vec::new(),
         },
         ChatMessage {
             role: "user".into(),
             content: "Name a colour.".into(),
+            tool_calls: Vec::new(),
         },
     ];
     let (text, stats) = client
@@ -121,19 +123,20 @@ fn streamed_tokens_equal_the_engines_output_for_the_same_seed() {
     let opts = ChatOptions {
         add_generation_prompt: true,
         enable_thinking: Some(false),
+        ..ChatOptions::default()
     };
     assert_eq!(
         text,
         engine_text(
             &mut engine,
-            EnginePrompt::Chat(&engine_messages, opts),
+            EnginePrompt::Chat(&engine_messages, &opts),
             9,
             24
         )
     );
     assert_eq!(
         stats.prompt_tokens as usize,
-        engine.encode_chat(&engine_messages, opts).unwrap().len()
+        engine.encode_chat(&engine_messages, &opts).unwrap().len()
     );
 }
 

@@ -308,11 +308,13 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
             messages.push(ChatMessage {
                 role: "system".into(),
                 content: s,
+                tool_calls: Vec::new(),
             });
         }
         messages.push(ChatMessage {
             role: "user".into(),
             content: prompt,
+            tool_calls: Vec::new(),
         });
         Prompt::Chat { messages, think }
     };
@@ -347,6 +349,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
             frequency_penalty: a.frequency_penalty,
             logprobs: a.logprobs,
             format: paraphym_protocol::message::Format::Text,
+            tools: Vec::new(),
         },
         keep_alive_ms,
         session: a.session.clone(),

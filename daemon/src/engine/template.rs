@@ -7,6 +7,9 @@
 //! `.split(..)`, `.strip(..)`) that minijinja-contrib's pycompat layer supplies;
 //! `raise_exception` and `strftime_now` are the two globals it adds.
 
+use std::sync::Arc;
+
+use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
@@ -19,6 +22,10 @@ pub struct Message {
     /// `system`, `user` or `assistant` (templates may accept others, e.g. `tool`).
     pub role: String,
     pub content: String,
+    /// The calls an assistant turn made, as templates read them:
+    /// `{"type": "function", "function": {"name": …, "arguments": {…}}}`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
 }
 
 impl Message {
@@ -26,18 +33,23 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
         }
     }
 }
 
 /// How to render a conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatOptions {
     /// End with the header of the assistant's turn, for the model to continue.
     pub add_generation_prompt: bool,
     /// Qwen3's switch: `Some(false)` asks for an empty think block. `None`
     /// leaves the variable undefined, as Hugging Face does by default.
     pub enable_thinking: Option<bool>,
+    /// Functions the model may call, as OpenAI describes them
+    /// (`{"type": "function", "function": {"name", "description",
+    /// "parameters"}}`): the template's `tools`.
+    pub tools: Arc<Vec<serde_json::Value>>,
 }
 
 impl Default for ChatOptions {
@@ -45,6 +57,7 @@ impl Default for ChatOptions {
         Self {
             add_generation_prompt: true,
             enable_thinking: None,
+            tools: Arc::default(),
         }
     }
 }
@@ -65,6 +78,8 @@ pub struct ChatTemplate {
     bos: String,
     eos: String,
     source: TemplateSource,
+    /// The template reads `tools` (tool use is offered only then).
+    takes_tools: bool,
 }
 
 const NAME: &str = "chat";
@@ -182,6 +197,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |format: String| strftime_now(&format));
+        env.add_filter("tojson", tojson);
         env.add_template_owned(NAME, source.to_owned())
             .map_err(|e| {
                 EngineError::Template(format!("the chat template does not compile: {e:#}"))
@@ -191,6 +207,7 @@ impl ChatTemplate {
             bos: bos.to_owned(),
             eos: eos.to_owned(),
             source: origin,
+            takes_tools: source.contains("tools"),
         })
     }
 
@@ -199,7 +216,7 @@ impl ChatTemplate {
     }
 
     /// The prompt text for `messages`.
-    pub fn render(&self, messages: &[Message], opts: ChatOptions) -> Result<String, EngineError> {
+    pub fn render(&self, messages: &[Message], opts: &ChatOptions) -> Result<String, EngineError> {
         if messages.is_empty() {
             return Err(EngineError::InvalidParams(
                 "a chat needs at least one message".into(),
@@ -218,10 +235,71 @@ impl ChatTemplate {
         if let Some(t) = opts.enable_thinking {
             ctx.push(("enable_thinking", Value::from(t)));
         }
+        if !opts.tools.is_empty() {
+            if !self.takes_tools {
+                return Err(EngineError::InvalidParams(
+                    "this model's chat template does not take tools".into(),
+                ));
+            }
+            ctx.push(("tools", Value::from_serialize(&*opts.tools)));
+        }
         let ctx: Value = ctx.into_iter().collect();
         template
             .render(ctx)
             .map_err(|e| EngineError::Template(format!("rendering the chat template: {e:#}")))
+    }
+}
+
+/// `tojson` as transformers defines it for templates: Python's
+/// `json.dumps` (", " and ": " separators, or `indent`), keys in their
+/// order, non-ASCII as is; not jinja2's HTML-safe, key-sorting one.
+fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let open = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                open(out, level + 1);
+                py_json(item, indent, level + 1, out);
+            }
+            open(out, level);
+            out.push(']');
+        }
+        J::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                open(out, level + 1);
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push_str(": ");
+                py_json(item, indent, level + 1, out);
+            }
+            open(out, level);
+            out.push('}');
+        }
+        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
     }
 }
 
@@ -372,15 +450,16 @@ mod tests {
         let opts = ChatOptions {
             add_generation_prompt: true,
             enable_thinking: Some(false),
+            ..ChatOptions::default()
         };
         assert_eq!(
-            t.render(&msgs, opts).unwrap(),
+            t.render(&msgs, &opts).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
              <|im_start|>assistant\n<think>\n\n</think>\n\n"
         );
         let g = ChatTemplate::new(GEMMA, "<bos>", "<eos>", TemplateSource::File).unwrap();
         assert_eq!(
-            g.render(&msgs, ChatOptions::default()).unwrap(),
+            g.render(&msgs, &ChatOptions::default()).unwrap(),
             "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
         );
         let bad = ChatTemplate::new(
@@ -390,8 +469,8 @@ mod tests {
             TemplateSource::File,
         )
         .unwrap();
-        let err = bad.render(&msgs, ChatOptions::default()).unwrap_err();
+        let err = bad.render(&msgs, &ChatOptions::default()).unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
-        assert!(t.render(&[], ChatOptions::default()).is_err());
+        assert!(t.render(&[], &ChatOptions::default()).is_err());
     }
 }

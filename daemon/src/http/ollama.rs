@@ -11,12 +11,12 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use paraphym_protocol::message::{
     ChatMessage, ErrorKind, Format, GenStats, Generate, Options, Prompt, Request as WireRequest,
-    StopReason, TokenLogprob, WireError,
+    StopReason, TokenLogprob, ToolCall, WireError,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{call, json, read_json, relay, rfc3339, status_of, stream, Ctx, Out, Relayed};
+use super::{call, json, read_json, relay, rfc3339, status_of, stream, tools, Ctx, Out, Relayed};
 
 fn error(status: StatusCode, message: &str) -> Response<Out> {
     json(status, &json!({"error": message}))
@@ -128,6 +128,21 @@ struct Message {
     content: String,
     #[serde(default)]
     images: Vec<Value>,
+    #[serde(default)]
+    tool_calls: Vec<EarlierCall>,
+}
+
+/// A call an earlier assistant turn made (`arguments` an object).
+#[derive(Debug, Deserialize)]
+struct EarlierCall {
+    function: EarlierFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct EarlierFunction {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,7 +155,7 @@ struct ChatRequest {
     options: Option<ModelOptions>,
     keep_alive: Option<KeepAlive>,
     format: Option<Value>,
-    tools: Option<Value>,
+    tools: Option<Vec<super::openai::OfferedTool>>,
     think: Option<bool>,
     #[serde(default)]
     logprobs: bool,
@@ -238,6 +253,7 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
         v
     };
     let want_logprobs = options.logprobs.is_some();
+    let with_tools = chat && !options.tools.is_empty();
     let gen = Generate {
         model: Some(model.clone()),
         prompt,
@@ -259,7 +275,15 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
                 Some(Relayed::Logprobs(l)) => lp.extend(l),
                 Some(Relayed::Token(t)) => text.push_str(&t),
                 Some(Relayed::Done(s)) => {
-                    let mut v = piece(&model, &text, true);
+                    let (content, calls) = if with_tools {
+                        tools::parse(&text)
+                    } else {
+                        (text, Vec::new())
+                    };
+                    let mut v = piece(&model, &content, true);
+                    if !calls.is_empty() {
+                        v["message"]["tool_calls"] = calls_json(&calls);
+                    }
                     with_logprobs(&mut v, &lp);
                     v["done_reason"] = json!(done_reason(s.stop));
                     merge(&mut v, timings(&s, started));
@@ -276,6 +300,8 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
         None => return error(StatusCode::INTERNAL_SERVER_ERROR, "the generation was lost"),
     };
     let mut pending: Vec<TokenLogprob> = Vec::new();
+    // Tool calls are held back from the content and sent whole at the end.
+    let mut hold = with_tools.then(tools::Holdback::default);
     let mut map = move |ev: Relayed| -> Vec<Bytes> {
         match ev {
             Relayed::Logprobs(l) => {
@@ -283,18 +309,38 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
                 Vec::new()
             }
             Relayed::Token(t) => {
+                let t = match &mut hold {
+                    Some(h) => h.push(&t),
+                    None => t,
+                };
+                if t.is_empty() {
+                    return Vec::new();
+                }
                 let mut v = piece(&model, &t, false);
                 with_logprobs(&mut v, &std::mem::take(&mut pending));
                 vec![ndjson(&v)]
             }
             Relayed::Done(s) => {
+                let mut out = Vec::new();
+                if let Some(h) = hold.take() {
+                    let (rest, calls) = h.finish();
+                    if !rest.is_empty() || !calls.is_empty() {
+                        let mut v = piece(&model, &rest, false);
+                        if !calls.is_empty() {
+                            v["message"]["tool_calls"] = calls_json(&calls);
+                        }
+                        with_logprobs(&mut v, &std::mem::take(&mut pending));
+                        out.push(ndjson(&v));
+                    }
+                }
                 let mut v = piece(&model, "", true);
                 if !pending.is_empty() {
                     with_logprobs(&mut v, &std::mem::take(&mut pending));
                 }
                 v["done_reason"] = json!(done_reason(s.stop));
                 merge(&mut v, timings(&s, started));
-                vec![ndjson(&v)]
+                out.push(ndjson(&v));
+                out
             }
             // Ollama ends a failed stream with an error object.
             Relayed::Error(e) => vec![ndjson(&json!({"error": e.message}))],
@@ -302,6 +348,16 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
     };
     let head = map(first);
     stream("application/x-ndjson", head, events, map)
+}
+
+/// Ollama's `tool_calls`: `{"function": {"name", "arguments": {…}}}`.
+fn calls_json(calls: &[tools::Call]) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments}}))
+            .collect(),
+    )
 }
 
 fn merge(into: &mut Value, from: Value) {
@@ -414,11 +470,13 @@ pub(super) async fn generate(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<
             messages.push(ChatMessage {
                 role: "system".into(),
                 content: s,
+                tool_calls: Vec::new(),
             });
         }
         messages.push(ChatMessage {
             role: "user".into(),
             content: r.prompt,
+            tool_calls: Vec::new(),
         });
         Prompt::Chat {
             messages,
@@ -449,9 +507,10 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         Ok(f) => f,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
-    if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return error(StatusCode::BAD_REQUEST, "tools are not supported yet");
-    }
+    let tools = match super::openai::offered(r.tools.unwrap_or_default()) {
+        Ok(t) => t,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
     let keep_alive_ms = match keep_alive(&r.keep_alive) {
         Ok(k) => k,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
@@ -464,11 +523,11 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         if !m.images.is_empty() {
             return error(StatusCode::BAD_REQUEST, "images are not supported");
         }
-        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "tool") {
             return error(
                 StatusCode::BAD_REQUEST,
                 &format!(
-                    "messages: role {:?} is not supported (system, user, assistant)",
+                    "messages: role {:?} is not supported (system, user, assistant, tool)",
                     m.role
                 ),
             );
@@ -476,11 +535,23 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         messages.push(ChatMessage {
             role: m.role,
             content: m.content,
+            tool_calls: m
+                .tool_calls
+                .into_iter()
+                .map(|c| ToolCall {
+                    name: c.function.name,
+                    arguments: match c.function.arguments {
+                        Value::String(s) => s,
+                        Value::Null => "{}".into(),
+                        other => other.to_string(),
+                    },
+                })
+                .collect(),
         });
     }
     let logprobs = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
     let options = match r.options.unwrap_or_default().options(logprobs) {
-        Ok(o) => Options { format, ..o },
+        Ok(o) => Options { format, tools, ..o },
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
     let job = Job {

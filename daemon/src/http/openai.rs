@@ -11,12 +11,12 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use paraphym_protocol::message::{
     ChatMessage, ErrorKind, Format, GenStats, Generate, Options, Prompt, StopReason, TokenLogprob,
-    WireError,
+    Tool, ToolCall, WireError,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{json, read_json, relay, status_of, stream, unix_now, Ctx, Out, Relayed};
+use super::{json, read_json, relay, status_of, stream, tools, unix_now, Ctx, Out, Relayed};
 
 /// An OpenAI-shaped error body.
 fn error(status: StatusCode, message: &str) -> Response<Out> {
@@ -89,6 +89,70 @@ struct Message {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Vec<AssistantCall>,
+}
+
+/// A call an earlier assistant turn made.
+#[derive(Debug, Deserialize)]
+struct AssistantCall {
+    function: CalledFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct CalledFunction {
+    name: String,
+    /// JSON text (OpenAI), or an object (some clients).
+    arguments: Value,
+}
+
+/// A function tool offered (OpenAI's and Ollama's shape).
+#[derive(Debug, Deserialize)]
+pub(super) struct OfferedTool {
+    #[serde(rename = "type")]
+    kind: String,
+    function: OfferedFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct OfferedFunction {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    parameters: Option<Value>,
+}
+
+/// Offered tools in the protocol's terms.
+pub(super) fn offered(tools: Vec<OfferedTool>) -> Result<Vec<Tool>, String> {
+    tools
+        .into_iter()
+        .map(|t| {
+            if t.kind != "function" {
+                return Err(format!(
+                    "tools: type {:?} is not supported (function)",
+                    t.kind
+                ));
+            }
+            Ok(Tool {
+                name: t.function.name,
+                description: t.function.description,
+                parameters: t
+                    .function
+                    .parameters
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// An earlier call's arguments as JSON text.
+fn arguments_text(v: Value) -> String {
+    match v {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,7 +246,9 @@ struct ChatRequest {
     #[serde(default)]
     chat_template_kwargs: Option<TemplateKwargs>,
     #[serde(default)]
-    tools: Option<Value>,
+    tools: Option<Vec<OfferedTool>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
     #[serde(default)]
     response_format: Option<Value>,
 }
@@ -252,6 +318,28 @@ fn usage(s: &GenStats) -> Value {
         "total_tokens": s.prompt_tokens + s.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
     })
+}
+
+/// OpenAI's `tool_calls`: each with an id (unique within the response) and
+/// its arguments as JSON text; `index` too in a stream's delta.
+fn calls_json(id: &str, calls: &[tools::Call], streaming: bool) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut v = json!({
+                    "id": format!("call_{}_{i}", id.trim_start_matches("chatcmpl-")),
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments.to_string()},
+                });
+                if streaming {
+                    v["index"] = json!(i);
+                }
+                v
+            })
+            .collect(),
+    )
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -379,9 +467,22 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         Ok(r) => r,
         Err(res) => return res,
     };
-    if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return error(StatusCode::BAD_REQUEST, "tools are not supported yet");
-    }
+    let tools = match r.tool_choice.as_ref() {
+        None | Some(Value::Null) => r.tools.unwrap_or_default(),
+        Some(Value::String(c)) if c == "auto" => r.tools.unwrap_or_default(),
+        Some(Value::String(c)) if c == "none" => Vec::new(),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("tool_choice: auto or none, not {other}"),
+            )
+        }
+    };
+    let tools = match offered(tools) {
+        Ok(t) => t,
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
+    let with_tools = !tools.is_empty();
     let format = match response_format(&r.response_format) {
         Ok(f) => f,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
@@ -392,10 +493,11 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
+            "tool" => "tool",
             other => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    &format!("messages: role {other:?} is not supported (system, developer, user, assistant)"),
+                    &format!("messages: role {other:?} is not supported (system, developer, user, assistant, tool)"),
                 )
             }
         };
@@ -421,6 +523,14 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         messages.push(ChatMessage {
             role: role.into(),
             content,
+            tool_calls: m
+                .tool_calls
+                .into_iter()
+                .map(|c| ToolCall {
+                    name: c.function.name,
+                    arguments: arguments_text(c.function.arguments),
+                })
+                .collect(),
         });
     }
     let stream_usage = r
@@ -434,7 +544,7 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         .chat_logprobs()
         .and_then(|lp| r.sampling.options(None, lp))
     {
-        Ok(o) => Options { format, ..o },
+        Ok(o) => Options { format, tools, ..o },
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
     let want_logprobs = options.logprobs.is_some();
@@ -454,22 +564,38 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
     let mut events = relay(&ctx, gen);
     if !streaming {
         return match collect(events).await {
-            Ok((text, s, lp)) => json(
-                StatusCode::OK,
-                &json!({
-                    "id": id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": if want_logprobs { chat_logprobs(&lp) } else { Value::Null },
-                        "finish_reason": finish_reason(s.stop),
-                    }],
-                    "usage": usage(&s),
-                }),
-            ),
+            Ok((text, s, lp)) => {
+                let (content, calls) = if with_tools {
+                    tools::parse(&text)
+                } else {
+                    (text, Vec::new())
+                };
+                let mut message = json!({"role": "assistant", "content": content});
+                let mut finish = finish_reason(s.stop);
+                if !calls.is_empty() {
+                    if content.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = calls_json(&id, &calls, false);
+                    finish = "tool_calls";
+                }
+                json(
+                    StatusCode::OK,
+                    &json!({
+                        "id": id,
+                        "object": "chat.completion",
+                        "created": created,
+                        "model": model,
+                        "choices": [{
+                            "index": 0,
+                            "message": message,
+                            "logprobs": if want_logprobs { chat_logprobs(&lp) } else { Value::Null },
+                            "finish_reason": finish,
+                        }],
+                        "usage": usage(&s),
+                    }),
+                )
+            }
             Err(e) => wire_error(&e),
         };
     }
@@ -484,6 +610,7 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         "model": model,
         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}],
     }));
+    let call_id = id.clone();
     let chunk = move |delta: Value, lp: &[TokenLogprob], finish: Option<&str>| {
         let lp = if want_logprobs {
             chat_logprobs(lp)
@@ -499,6 +626,8 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         })
     };
     let mut pending: Vec<TokenLogprob> = Vec::new();
+    // Tool calls are held back from the content and sent whole at the end.
+    let mut hold = with_tools.then(tools::Holdback::default);
     let mut map = move |ev: Relayed| -> Vec<Bytes> {
         match ev {
             Relayed::Logprobs(l) => {
@@ -506,12 +635,33 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
                 Vec::new()
             }
             Relayed::Token(t) => {
+                let t = match &mut hold {
+                    Some(h) => h.push(&t),
+                    None => t,
+                };
+                if t.is_empty() {
+                    return Vec::new();
+                }
                 let lp = std::mem::take(&mut pending);
                 vec![sse(&chunk(json!({"content": t}), &lp, None))]
             }
             Relayed::Done(s) => {
+                let mut out = Vec::new();
+                let mut finish = finish_reason(s.stop);
+                if let Some(h) = hold.take() {
+                    let (rest, calls) = h.finish();
+                    if !rest.is_empty() {
+                        let lp = std::mem::take(&mut pending);
+                        out.push(sse(&chunk(json!({"content": rest}), &lp, None)));
+                    }
+                    if !calls.is_empty() {
+                        let delta = json!({"tool_calls": calls_json(&call_id, &calls, true)});
+                        out.push(sse(&chunk(delta, &[], None)));
+                        finish = "tool_calls";
+                    }
+                }
                 let lp = std::mem::take(&mut pending);
-                let mut out = vec![sse(&chunk(json!({}), &lp, Some(finish_reason(s.stop))))];
+                out.push(sse(&chunk(json!({}), &lp, Some(finish))));
                 if stream_usage {
                     let mut u = chunk(json!({}), &[], None);
                     u["choices"] = json!([]);

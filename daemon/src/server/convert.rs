@@ -40,7 +40,7 @@ impl OwnedPrompt {
     pub fn as_prompt(&self) -> crate::engine::Prompt<'_> {
         match self {
             OwnedPrompt::Text(t) => crate::engine::Prompt::Text(t),
-            OwnedPrompt::Chat(m, o) => crate::engine::Prompt::Chat(m, *o),
+            OwnedPrompt::Chat(m, o) => crate::engine::Prompt::Chat(m, o),
             OwnedPrompt::Tokens(t) => crate::engine::Prompt::Tokens(t),
         }
     }
@@ -74,19 +74,54 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
             if messages.is_empty() {
                 return Err(bad("a chat prompt needs at least one message"));
             }
+            let mut converted = Vec::with_capacity(messages.len());
+            for m in messages {
+                let mut msg = Message::new(m.role.clone(), m.content.clone());
+                for call in &m.tool_calls {
+                    let arguments: serde_json::Value = serde_json::from_str(&call.arguments)
+                        .map_err(|e| {
+                            bad(format!(
+                                "tool call {}: its arguments are not JSON: {e}",
+                                call.name
+                            ))
+                        })?;
+                    msg.tool_calls.push(serde_json::json!({
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": arguments},
+                    }));
+                }
+                converted.push(msg);
+            }
+            let mut tools = Vec::with_capacity(g.options.tools.len());
+            for t in &g.options.tools {
+                let parameters: serde_json::Value = if t.parameters.trim().is_empty() {
+                    serde_json::json!({"type": "object", "properties": {}})
+                } else {
+                    serde_json::from_str(&t.parameters).map_err(|e| {
+                        bad(format!("tool {}: its parameters are not JSON: {e}", t.name))
+                    })?
+                };
+                let mut function = serde_json::json!({"name": t.name});
+                if !t.description.is_empty() {
+                    function["description"] = serde_json::json!(t.description);
+                }
+                function["parameters"] = parameters;
+                tools.push(serde_json::json!({"type": "function", "function": function}));
+            }
             OwnedPrompt::Chat(
-                messages
-                    .iter()
-                    .map(|m| Message::new(m.role.clone(), m.content.clone()))
-                    .collect(),
+                converted,
                 ChatOptions {
                     add_generation_prompt: true,
                     enable_thinking: *think,
+                    tools: Arc::new(tools),
                 },
             )
         }
     };
     let o = &g.options;
+    if !o.tools.is_empty() && !matches!(prompt, OwnedPrompt::Chat(..)) {
+        return Err(bad("tools need a chat prompt"));
+    }
     let d = SamplingParams::default();
     let sampling = SamplingParams {
         temperature: o.temperature.unwrap_or(d.temperature),

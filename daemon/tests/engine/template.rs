@@ -34,6 +34,7 @@ fn cases(goldens: &Value) -> Vec<Case> {
             opts: ChatOptions {
                 add_generation_prompt: c["add_generation_prompt"].as_bool().unwrap(),
                 enable_thinking: c["enable_thinking"].as_bool(),
+                ..ChatOptions::default()
             },
         })
         .collect()
@@ -42,7 +43,7 @@ fn cases(goldens: &Value) -> Vec<Case> {
 fn check(template: &ChatTemplate, family: &str, goldens: &Value, what: &str) {
     let want = goldens["families"][family]["renders"].as_array().unwrap();
     for (case, want) in cases(goldens).iter().zip(want) {
-        let got = template.render(&case.messages, case.opts).unwrap();
+        let got = template.render(&case.messages, &case.opts).unwrap();
         assert_eq!(
             got,
             want.as_str().unwrap(),
@@ -89,7 +90,7 @@ fn gemma_chat_prompt_is_tokenized_with_one_bos_and_special_tokens() {
     let engine = util::gemma();
     let messages = [Message::new("user", "What is the capital of France?")];
     let ids = engine
-        .encode_chat(&messages, ChatOptions::default())
+        .encode_chat(&messages, &ChatOptions::default())
         .unwrap();
     let tok = engine.tokenizer();
     let bos = tok.bos().unwrap();
@@ -102,7 +103,7 @@ fn gemma_chat_prompt_is_tokenized_with_one_bos_and_special_tokens() {
     assert_eq!(
         engine
             .chat_template()
-            .render(&messages, ChatOptions::default())
+            .render(&messages, &ChatOptions::default())
             .unwrap(),
         goldens["families"]["gemma3"]["renders"][0]
             .as_str()
@@ -128,11 +129,11 @@ fn chat_prompts_generate_from_the_rendered_tokens() {
     };
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let ids = engine
-        .encode_chat(&messages, ChatOptions::default())
+        .encode_chat(&messages, &ChatOptions::default())
         .unwrap();
     let chat = engine
         .generate(
-            Prompt::Chat(&messages, ChatOptions::default()),
+            Prompt::Chat(&messages, &ChatOptions::default()),
             &params,
             &cancel,
             |_| {},
@@ -144,4 +145,59 @@ fn chat_prompts_generate_from_the_rendered_tokens() {
     assert_eq!(chat.prompt_tokens, ids.len());
     assert_eq!(chat.tokens, tokens.tokens);
     assert_eq!(chat.tokens.len(), 8);
+}
+
+#[test]
+fn qwen3_renders_tools_calls_and_answers_as_jinja2_does() {
+    let goldens: Value = serde_json::from_str(GOLDENS).unwrap();
+    let f = &goldens["families"]["qwen3"];
+    let template = ChatTemplate::new(
+        &config_template("qwen3"),
+        f["bos_token"].as_str().unwrap(),
+        f["eos_token"].as_str().unwrap(),
+        TemplateSource::File,
+    )
+    .unwrap();
+    let opts = ChatOptions {
+        tools: std::sync::Arc::new(goldens["tools"].as_array().unwrap().clone()),
+        ..ChatOptions::default()
+    };
+    let cases = goldens["tool_cases"].as_array().unwrap();
+    let want = f["tool_renders"].as_array().unwrap();
+    assert_eq!(cases.len(), want.len());
+    for (case, want) in cases.iter().zip(want) {
+        let messages: Vec<Message> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let mut msg =
+                    Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap());
+                if let Some(calls) = m["tool_calls"].as_array() {
+                    msg.tool_calls = calls.clone();
+                }
+                msg
+            })
+            .collect();
+        assert_eq!(
+            template.render(&messages, &opts).unwrap(),
+            want.as_str().unwrap(),
+            "case `{}`",
+            case["name"]
+        );
+    }
+    // Gemma 3's template has no tools: offering them is an error, not a
+    // prompt that silently leaves them out.
+    let gemma = ChatTemplate::new(
+        &config_template("gemma3"),
+        "<bos>",
+        "<eos>",
+        TemplateSource::File,
+    )
+    .unwrap();
+    let err = gemma
+        .render(&[Message::new("user", "hi")], &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not take tools"), "{err}");
 }

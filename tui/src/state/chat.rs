@@ -249,6 +249,7 @@ impl Conversation {
             out.push(ChatMessage {
                 role: "system".into(),
                 content: s.clone(),
+                tool_calls: Vec::new(),
             });
         }
         for m in &self.messages {
@@ -259,6 +260,7 @@ impl Conversation {
             out.push(ChatMessage {
                 role: role.into(),
                 content: content.to_owned(),
+                tool_calls: Vec::new(),
             });
         }
         out

@@ -48,6 +48,7 @@ fn workload(
             conv.push(ChatMessage {
                 role: "user".into(),
                 content: user_message(c, t, words),
+                tool_calls: Vec::new(),
             });
             let request = Generate {
                 model: Some(model.display().to_string()),
@@ -80,6 +81,7 @@ fn workload(
             conv.push(ChatMessage {
                 role: "assistant".into(),
                 content: reply.clone(),
+                tool_calls: Vec::new(),
             });
             round.push(Turn {
                 ttft_s: stats.time_to_first_token_us as f64 / 1e6,
