@@ -501,25 +501,61 @@ fn unix_now() -> u64 {
 /// RFC 3339 in UTC with nanoseconds, as Ollama writes times.
 fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
+        "{}.{:09}Z",
+        crate::engine::template::strftime("%Y-%m-%dT%H:%M:%S", secs),
         d.subsec_nanos()
     )
+}
+
+/// A stream's text on its way out: log-probabilities wait for the text
+/// their tokens complete, and with tools offered, calls are held back from
+/// the content until the end.
+struct Outgoing {
+    logprobs: Vec<paraphym_protocol::message::TokenLogprob>,
+    hold: Option<tools::Holdback>,
+}
+
+/// Text to send, with the log-probabilities of the tokens it completes.
+type TextOut = (String, Vec<paraphym_protocol::message::TokenLogprob>);
+
+impl Outgoing {
+    fn new(with_tools: bool) -> Self {
+        Self {
+            logprobs: Vec::new(),
+            hold: with_tools.then(tools::Holdback::default),
+        }
+    }
+
+    fn logprobs(&mut self, l: Vec<paraphym_protocol::message::TokenLogprob>) {
+        self.logprobs.extend(l);
+    }
+
+    /// What goes out now for `text`, if anything.
+    fn text(&mut self, text: String) -> Option<TextOut> {
+        let text = match &mut self.hold {
+            Some(h) => h.push(&text),
+            None => text,
+        };
+        (!text.is_empty()).then(|| (text, std::mem::take(&mut self.logprobs)))
+    }
+
+    /// At the end: the text held back (if any) and the tool calls; then the
+    /// log-probabilities of tokens without text, for the last chunk.
+    fn finish(&mut self) -> (Option<TextOut>, Vec<tools::Call>) {
+        let (rest, calls) = match self.hold.take() {
+            Some(h) => h.finish(),
+            None => (String::new(), Vec::new()),
+        };
+        let piece = (!rest.is_empty()).then(|| (rest, std::mem::take(&mut self.logprobs)));
+        (piece, calls)
+    }
+
+    /// Log-probabilities not sent yet.
+    fn rest(&mut self) -> Vec<paraphym_protocol::message::TokenLogprob> {
+        std::mem::take(&mut self.logprobs)
+    }
 }
 
 #[cfg(test)]

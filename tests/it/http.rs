@@ -27,6 +27,11 @@ fn http_daemon(extra: &[&str], env: &[(&str, &str)]) -> (TestDaemon, u16) {
     let addr = format!("127.0.0.1:{port}");
     let args = [&["--http", &addr, "--prewarm", "1"][..], extra].concat();
     let daemon = TestDaemon::start_with_env(&args, env);
+    // The Unix socket listens first; the bridge binds just after.
+    let up = wait_until(Duration::from_secs(10), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "the HTTP bridge did not listen:\n{}", daemon.log_text());
     (daemon, port)
 }
 

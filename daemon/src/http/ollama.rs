@@ -16,7 +16,9 @@ use paraphym_protocol::message::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{call, json, read_json, relay, rfc3339, status_of, stream, tools, Ctx, Out, Relayed};
+use super::{
+    call, json, read_json, relay, rfc3339, status_of, stream, tools, Ctx, Out, Outgoing, Relayed,
+};
 
 fn error(status: StatusCode, message: &str) -> Response<Out> {
     json(status, &json!({"error": message}))
@@ -299,43 +301,38 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
         Some(ev) => ev,
         None => return error(StatusCode::INTERNAL_SERVER_ERROR, "the generation was lost"),
     };
-    let mut pending: Vec<TokenLogprob> = Vec::new();
-    // Tool calls are held back from the content and sent whole at the end.
-    let mut hold = with_tools.then(tools::Holdback::default);
+    let mut outgoing = Outgoing::new(with_tools);
     let mut map = move |ev: Relayed| -> Vec<Bytes> {
         match ev {
             Relayed::Logprobs(l) => {
-                pending.extend(l);
+                outgoing.logprobs(l);
                 Vec::new()
             }
-            Relayed::Token(t) => {
-                let t = match &mut hold {
-                    Some(h) => h.push(&t),
-                    None => t,
-                };
-                if t.is_empty() {
-                    return Vec::new();
-                }
-                let mut v = piece(&model, &t, false);
-                with_logprobs(&mut v, &std::mem::take(&mut pending));
-                vec![ndjson(&v)]
-            }
+            Relayed::Token(t) => outgoing
+                .text(t)
+                .map(|(t, lp)| {
+                    let mut v = piece(&model, &t, false);
+                    with_logprobs(&mut v, &lp);
+                    ndjson(&v)
+                })
+                .into_iter()
+                .collect(),
             Relayed::Done(s) => {
                 let mut out = Vec::new();
-                if let Some(h) = hold.take() {
-                    let (rest, calls) = h.finish();
-                    if !rest.is_empty() || !calls.is_empty() {
-                        let mut v = piece(&model, &rest, false);
-                        if !calls.is_empty() {
-                            v["message"]["tool_calls"] = calls_json(&calls);
-                        }
-                        with_logprobs(&mut v, &std::mem::take(&mut pending));
-                        out.push(ndjson(&v));
+                let (rest, calls) = outgoing.finish();
+                if rest.is_some() || !calls.is_empty() {
+                    let (text, lp) = rest.unwrap_or_default();
+                    let mut v = piece(&model, &text, false);
+                    if !calls.is_empty() {
+                        v["message"]["tool_calls"] = calls_json(&calls);
                     }
+                    with_logprobs(&mut v, &lp);
+                    out.push(ndjson(&v));
                 }
                 let mut v = piece(&model, "", true);
-                if !pending.is_empty() {
-                    with_logprobs(&mut v, &std::mem::take(&mut pending));
+                let lp = outgoing.rest();
+                if !lp.is_empty() {
+                    with_logprobs(&mut v, &lp);
                 }
                 v["done_reason"] = json!(done_reason(s.stop));
                 merge(&mut v, timings(&s, started));

@@ -16,7 +16,9 @@ use paraphym_protocol::message::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{json, read_json, relay, status_of, stream, tools, unix_now, Ctx, Out, Relayed};
+use super::{
+    json, read_json, relay, status_of, stream, tools, unix_now, Ctx, Out, Outgoing, Relayed,
+};
 
 /// An OpenAI-shaped error body.
 fn error(status: StatusCode, message: &str) -> Response<Out> {
@@ -625,43 +627,27 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
             "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
         })
     };
-    let mut pending: Vec<TokenLogprob> = Vec::new();
-    // Tool calls are held back from the content and sent whole at the end.
-    let mut hold = with_tools.then(tools::Holdback::default);
+    let mut outgoing = Outgoing::new(with_tools);
     let mut map = move |ev: Relayed| -> Vec<Bytes> {
+        let content = |(t, lp): (String, Vec<TokenLogprob>)| -> Bytes {
+            sse(&chunk(json!({"content": t}), &lp, None))
+        };
         match ev {
             Relayed::Logprobs(l) => {
-                pending.extend(l);
+                outgoing.logprobs(l);
                 Vec::new()
             }
-            Relayed::Token(t) => {
-                let t = match &mut hold {
-                    Some(h) => h.push(&t),
-                    None => t,
-                };
-                if t.is_empty() {
-                    return Vec::new();
-                }
-                let lp = std::mem::take(&mut pending);
-                vec![sse(&chunk(json!({"content": t}), &lp, None))]
-            }
+            Relayed::Token(t) => outgoing.text(t).map(content).into_iter().collect(),
             Relayed::Done(s) => {
-                let mut out = Vec::new();
+                let (rest, calls) = outgoing.finish();
+                let mut out: Vec<Bytes> = rest.map(content).into_iter().collect();
                 let mut finish = finish_reason(s.stop);
-                if let Some(h) = hold.take() {
-                    let (rest, calls) = h.finish();
-                    if !rest.is_empty() {
-                        let lp = std::mem::take(&mut pending);
-                        out.push(sse(&chunk(json!({"content": rest}), &lp, None)));
-                    }
-                    if !calls.is_empty() {
-                        let delta = json!({"tool_calls": calls_json(&call_id, &calls, true)});
-                        out.push(sse(&chunk(delta, &[], None)));
-                        finish = "tool_calls";
-                    }
+                if !calls.is_empty() {
+                    let delta = json!({"tool_calls": calls_json(&call_id, &calls, true)});
+                    out.push(sse(&chunk(delta, &[], None)));
+                    finish = "tool_calls";
                 }
-                let lp = std::mem::take(&mut pending);
-                out.push(sse(&chunk(json!({}), &lp, Some(finish))));
+                out.push(sse(&chunk(json!({}), &outgoing.rest(), Some(finish))));
                 if stream_usage {
                     let mut u = chunk(json!({}), &[], None);
                     u["choices"] = json!([]);
@@ -782,19 +768,20 @@ pub(super) async fn completions(ctx: Arc<Ctx>, req: Request<Incoming>) -> Respon
             "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
         })
     };
-    let mut pending: Vec<TokenLogprob> = Vec::new();
+    let mut outgoing = Outgoing::new(false);
     let mut map = move |ev: Relayed| -> Vec<Bytes> {
         match ev {
             Relayed::Logprobs(l) => {
-                pending.extend(l);
+                outgoing.logprobs(l);
                 Vec::new()
             }
-            Relayed::Token(t) => {
-                let lp = std::mem::take(&mut pending);
-                vec![sse(&chunk(&t, &lp, None))]
-            }
+            Relayed::Token(t) => outgoing
+                .text(t)
+                .map(|(t, lp)| sse(&chunk(&t, &lp, None)))
+                .into_iter()
+                .collect(),
             Relayed::Done(s) => {
-                let lp = std::mem::take(&mut pending);
+                let lp = outgoing.rest();
                 let mut out = vec![sse(&chunk("", &lp, Some(finish_reason(s.stop))))];
                 if stream_usage {
                     let mut u = chunk("", &[], None);
