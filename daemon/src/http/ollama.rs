@@ -199,27 +199,6 @@ fn timings(s: &GenStats, started: Instant) -> Value {
     })
 }
 
-/// Ollama's `logprobs` entries (OpenAI's chat shape).
-fn logprobs_json(list: &[TokenLogprob]) -> Value {
-    let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    Value::Array(
-        list.iter()
-            .map(|l| {
-                json!({
-                    "token": lossy(&l.bytes),
-                    "logprob": l.logprob,
-                    "bytes": l.bytes,
-                    "top_logprobs": l.top.iter().map(|t| json!({
-                        "token": lossy(&t.bytes),
-                        "logprob": t.logprob,
-                        "bytes": t.bytes,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-    )
-}
-
 fn ndjson(v: &Value) -> Bytes {
     Bytes::from(format!("{v}\n"))
 }
@@ -265,7 +244,7 @@ async fn run(ctx: Arc<Ctx>, job: Job, started: Instant) -> Response<Out> {
     };
     let with_logprobs = move |v: &mut Value, lp: &[TokenLogprob]| {
         if want_logprobs {
-            v["logprobs"] = logprobs_json(lp);
+            v["logprobs"] = super::openai::logprob_entries(lp);
         }
     };
     let mut events = relay(&ctx, gen);

@@ -348,24 +348,29 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Chat's `logprobs.content` entries.
-fn chat_logprobs(list: &[TokenLogprob]) -> Value {
-    let content: Vec<Value> = list
-        .iter()
-        .map(|l| {
-            json!({
-                "token": lossy(&l.bytes),
-                "logprob": l.logprob,
-                "bytes": l.bytes,
-                "top_logprobs": l.top.iter().map(|t| json!({
-                    "token": lossy(&t.bytes),
-                    "logprob": t.logprob,
-                    "bytes": t.bytes,
-                })).collect::<Vec<_>>(),
+/// Log-probability entries in OpenAI's chat shape (Ollama uses the same).
+pub(super) fn logprob_entries(list: &[TokenLogprob]) -> Value {
+    Value::Array(
+        list.iter()
+            .map(|l| {
+                json!({
+                    "token": lossy(&l.bytes),
+                    "logprob": l.logprob,
+                    "bytes": l.bytes,
+                    "top_logprobs": l.top.iter().map(|t| json!({
+                        "token": lossy(&t.bytes),
+                        "logprob": t.logprob,
+                        "bytes": t.bytes,
+                    })).collect::<Vec<_>>(),
+                })
             })
-        })
-        .collect();
-    json!({"content": content, "refusal": null})
+            .collect(),
+    )
+}
+
+/// Chat's `logprobs` object.
+fn chat_logprobs(list: &[TokenLogprob]) -> Value {
+    json!({"content": logprob_entries(list), "refusal": null})
 }
 
 /// Completions' legacy `logprobs` object; `offset`: where the first token's
