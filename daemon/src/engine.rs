@@ -120,6 +120,9 @@ pub struct GenParams {
     /// The output must be one JSON value of this shape (constrained decoding,
     /// [`json`]); it ends when the value does.
     pub json: Option<Arc<json::Shape>>,
+    /// Positions this generation may use, prompt and reply together (a
+    /// request's `num_ctx`); `None` or more than the model serves: all of them.
+    pub context: Option<usize>,
 }
 
 /// The most alternatives a token's log-probabilities report.
@@ -176,6 +179,7 @@ impl Default for GenParams {
             reuse_cache: true,
             logprobs: None,
             json: None,
+            context: None,
         }
     }
 }
@@ -415,9 +419,10 @@ impl Engine {
         prompt: Prompt<'_>,
         room: usize,
         drop_oldest: bool,
+        context: Option<usize>,
     ) -> Result<(Vec<u32>, usize), EngineError> {
         let tokens = self.prompt_tokens(prompt)?;
-        let context = self.model.context();
+        let context = self.window(context);
         let room = room.min(context / 2);
         let Prompt::Chat(messages, opts) = prompt else {
             return Ok((tokens, 0));
@@ -451,6 +456,31 @@ impl Engine {
 
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// The positions a request asking for `context` gets: at most what the
+    /// model serves.
+    pub fn window(&self, context: Option<usize>) -> usize {
+        let served = self.model.context();
+        context.map_or(served, |c| c.clamp(1, served))
+    }
+
+    /// Serve `context` positions (capped at the model's trained context):
+    /// RoPE tables for that many, weights shared as they are. The KV cache
+    /// survives unless the rotation changed (Phi-3's LongRoPE).
+    pub fn set_context(&mut self, context: usize) -> Result<(), EngineError> {
+        if self.model.set_context(context)? {
+            self.cached.clear();
+        }
+        Ok(())
+    }
+
+    /// Take `other`'s served context and its RoPE tables (shared, not
+    /// rebuilt); `other` is an engine of the same weights.
+    pub fn share_context(&mut self, other: &Engine) {
+        if self.model.share_context(&other.model) {
+            self.cached.clear();
+        }
     }
 
     /// Direct access for scoring and tests: forward passes outside `generate`.
@@ -543,7 +573,7 @@ impl Engine {
         if prompt_tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let context = self.model.context();
+        let context = self.window(params.context);
         if prompt_tokens.len() > context {
             return Err(EngineError::PromptTooLong {
                 tokens: prompt_tokens.len(),
@@ -855,6 +885,9 @@ pub struct MemoryEstimate {
     /// Each worker's own: a full-context f32 KV cache and activation buffers
     /// for one prefill chunk.
     pub per_worker: u64,
+    /// The positions it would serve (the context asked for, capped at the
+    /// model's trained context).
+    pub context: usize,
 }
 
 /// On the CPU a quantized tensor lives twice: as read, and repacked for
@@ -872,7 +905,8 @@ pub fn memory_estimate(
     let gguf = gguf::GgufFile::open(path)?;
     let context = context.unwrap_or(DEFAULT_CONTEXT);
     let spec = models::spec(&gguf, context)?;
-    let context = context.min(spec.max_context).max(1) as u64;
+    let served = context.min(spec.max_context).max(1);
+    let context = served as u64;
     let copies = if device.is_cpu() { CPU_QUANT_COPIES } else { 1 };
     let mut tensors = 0u64;
     for name in gguf.tensor_names() {
@@ -897,6 +931,7 @@ pub fn memory_estimate(
     Ok(MemoryEstimate {
         weights: tensors + tokenizer,
         per_worker: kv + activations + logits,
+        context: served,
     })
 }
 

@@ -96,6 +96,40 @@ pub fn plan_load<K: Clone>(
     make_room(budget, resident, need, true)
 }
 
+/// May the loaded model `key` serve a longer context, its cost becoming
+/// `cost` (every live worker reserves the longer KV cache)? Caches are
+/// dropped and other idle models unloaded as for a load; the model itself
+/// never is. A model not in `resident` plans as a load of one worker.
+pub fn plan_grow<K: Clone + PartialEq>(
+    budget: u64,
+    resident: &[Resident<K>],
+    key: &K,
+    cost: Cost,
+) -> Plan<K> {
+    let Some(r) = resident.iter().find(|r| &r.key == key) else {
+        return plan_load(budget, resident, cost, 1);
+    };
+    let workers = r.workers.max(1);
+    let whole = cost.with_workers(workers) + r.cache_bytes();
+    if whole > budget {
+        return Plan::TooBig {
+            need: whole,
+            budget,
+        };
+    }
+    let need = cost
+        .with_workers(workers)
+        .saturating_sub(r.cost.with_workers(workers));
+    let others: Vec<Resident<K>> = resident
+        .iter()
+        .map(|x| Resident {
+            idle: x.idle && &x.key != key,
+            ..x.clone()
+        })
+        .collect();
+    make_room(budget, &others, need, true)
+}
+
 /// May a model already loaded add a worker, dropping caches if need be?
 /// `Some` with the caches to drop (possibly none), `None` if there is no
 /// room. Never unloads another model to scale: scaling is an
@@ -312,5 +346,41 @@ mod tests {
         assert_eq!(over_budget(250, &res), vec![("a", 2), ("b", 3)]);
         // Still over without any cache: all of them go (workers stay).
         assert_eq!(over_budget(100, &res).len(), 3);
+    }
+
+    #[test]
+    fn a_longer_context_counts_every_worker_and_never_unloads_its_own_model() {
+        let grown = Cost {
+            weights: 100,
+            per_worker: 30,
+        };
+        // a: 100 + 2 x 10, idle; b: 100 + 10, idle and older.
+        let a = r("a", 100, 2, true, 5);
+        let b = r("b", 100, 1, true, 1);
+        let res = [a.clone(), b.clone()];
+        // 40 more for a's two workers: fits in 270, not in 260.
+        assert_eq!(plan_grow(270, &res, &"a", grown), Plan::Fits);
+        assert_eq!(
+            plan_grow(260, &res, &"a", grown),
+            Plan::Free(Freeing {
+                caches: vec![],
+                models: vec!["b"],
+            })
+        );
+        // a alone at its new size is 160; without b there is no one to unload.
+        assert_eq!(
+            plan_grow(150, &res, &"a", grown),
+            Plan::TooBig {
+                need: 160,
+                budget: 150
+            }
+        );
+        assert_eq!(plan_grow(170, std::slice::from_ref(&a), &"a", grown), Plan::Fits);
+        let mut busy_b = b;
+        busy_b.idle = false;
+        assert_eq!(
+            plan_grow(260, &[a, busy_b], &"a", grown),
+            Plan::NoRoom { need: 40, free: 30 }
+        );
     }
 }

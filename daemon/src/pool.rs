@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -135,8 +135,13 @@ pub struct Pool {
     next_seq: AtomicU64,
     /// Load progress, for requests that arrive while loading.
     load_percent: AtomicU8,
-    /// The memory governor's estimate for this model.
-    cost: Cost,
+    /// The memory governor's estimate for this model (it grows with the
+    /// context).
+    cost: Mutex<Cost>,
+    /// Positions served now: the daemon's `--context` (capped at the
+    /// model's trained context), more once a request asked for more. Never
+    /// shrinks while loaded.
+    context: AtomicUsize,
     created: Instant,
     /// Engines not running a job, and their conversation caches.
     parked: Mutex<Parked>,
@@ -328,7 +333,7 @@ impl Pool {
             .collect();
         Resident {
             key: self.path.clone(),
-            cost: self.cost,
+            cost: *lock(&self.cost),
             workers: self.live_workers(),
             idle: !self.busy() && self.is_ready(),
             last_used: self.clock(*lock(&self.last_used)),
@@ -398,20 +403,38 @@ impl Pool {
     fn prepare(
         &self,
         request: &GenRequest,
+        proto: &Engine,
     ) -> Result<(Vec<u32>, usize), crate::engine::EngineError> {
-        let proto = match &*lock(&self.load) {
-            LoadState::Ready(p) => p.clone(),
-            _ => {
-                return Err(crate::engine::EngineError::InvalidParams(
-                    "the model is not loaded".into(),
-                ))
-            }
-        };
         proto.fit_prompt(
             request.prompt.as_prompt(),
             request.params.max_tokens,
             request.drop_oldest,
+            request.params.context,
         )
+    }
+
+    /// The engine replicas are made from, serving the pool's context: when
+    /// a request made the pool serve more, its RoPE tables grow here, once;
+    /// every engine then shares them (`Engine::share_context`).
+    fn proto(&self) -> Result<Arc<Engine>, crate::engine::EngineError> {
+        let target = self.context.load(Ordering::Acquire);
+        let mut state = lock(&self.load);
+        let LoadState::Ready(proto) = &mut *state else {
+            return Err(crate::engine::EngineError::InvalidParams(
+                "the model is not loaded".into(),
+            ));
+        };
+        if proto.model().context() < target {
+            let mut grown = proto.replica();
+            grown.set_context(target)?;
+            tracing::info!(
+                model = self.reference,
+                context = grown.model().context(),
+                "serving a longer context"
+            );
+            *proto = Arc::new(grown);
+        }
+        Ok(proto.clone())
     }
 
     /// A job left the queue: tell those behind it their new positions.
@@ -541,10 +564,11 @@ impl Pool {
             reference: self.reference.clone(),
             workers,
             queued: self.rx.len() as u32,
-            memory_bytes: self.cost.with_workers(self.live_workers()) + cache_bytes,
+            memory_bytes: lock(&self.cost).with_workers(self.live_workers()) + cache_bytes,
             caches,
             cache_bytes,
             expires_in_ms: self.expires_in_ms(),
+            context: self.context.load(Ordering::Relaxed) as u32,
         }
     }
 
@@ -572,15 +596,14 @@ impl Pool {
         }
     }
 
-    /// Stop taking jobs; workers finish the queue, then exit.
     /// The engine to run `tokens` on: the parked one whose cache is this
     /// conversation's (same session, or a prompt that extends the cached
     /// prompt; the longest shared prefix wins), else an empty one,
     /// else a fresh one while the model has room for another cache, else the
-    /// least recently used.
-    fn take_engine(&self, tokens: &[u32], session: Option<&str>) -> Engine {
+    /// least recently used. It serves `proto`'s context.
+    fn take_engine(&self, tokens: &[u32], session: Option<&str>, proto: &Engine) -> Engine {
         let cap = self.live_workers() + self.settings.conversation_caches;
-        let choice = {
+        let mut engine = {
             let mut parked = lock(&self.parked);
             let theirs = parked
                 .idle
@@ -606,16 +629,15 @@ impl Pool {
             };
             parked.out += 1;
             match choice {
-                Choice::Parked(i) => return parked.idle.remove(i).engine,
-                Choice::Fresh => Choice::Fresh,
+                Choice::Parked(i) => parked.idle.remove(i).engine,
+                Choice::Fresh => {
+                    drop(parked);
+                    return proto.replica();
+                }
             }
         };
-        debug_assert!(matches!(choice, Choice::Fresh));
-        match &*lock(&self.load) {
-            LoadState::Ready(proto) => proto.replica(),
-            // Workers take jobs only once the model is loaded.
-            _ => unreachable!("a job before the model loaded"),
-        }
+        engine.share_context(proto);
+        engine
     }
 
     /// An engine back from a job (or a new worker's), with the session its
@@ -662,6 +684,7 @@ impl Pool {
         }
     }
 
+    /// Stop taking jobs; workers finish the queue, then exit.
     fn close(&self) -> Vec<JoinHandle<()>> {
         lock(&self.tx).take();
         std::mem::take(&mut *lock(&self.handles))
@@ -778,10 +801,13 @@ impl Pools {
         Ok((reference.to_owned(), path))
     }
 
+    /// The pool of `path`, started (loading) if there is none; a new one
+    /// serves at least `context` positions.
     pub(crate) fn get_or_start(
         &self,
         reference: &str,
         path: &Path,
+        context: Option<usize>,
     ) -> Result<Arc<Pool>, WireError> {
         let mut map = lock(&self.map);
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
@@ -793,7 +819,13 @@ impl Pools {
         if let Some(p) = map.get(path) {
             return Ok(p.clone());
         }
-        let (cost, prewarm) = self.make_room(&mut map, reference, path)?;
+        let default = self
+            .settings
+            .load
+            .context
+            .unwrap_or(crate::engine::DEFAULT_CONTEXT);
+        let (cost, served, prewarm) =
+            self.make_room(&mut map, reference, path, default.max(context.unwrap_or(0)))?;
         let (tx, rx) = flume::bounded(self.settings.max_queue);
         let pool = Arc::new(Pool {
             reference: reference.to_owned(),
@@ -819,7 +851,8 @@ impl Pools {
             next_seq: AtomicU64::new(1),
             load_percent: AtomicU8::new(0),
             parked: Mutex::default(),
-            cost,
+            cost: Mutex::new(cost),
+            context: AtomicUsize::new(served),
             created: self.created,
         });
         tracing::info!(model = reference, path = %path.display(), prewarm, "loading");
@@ -857,37 +890,51 @@ impl Pools {
         }
     }
 
-    /// The memory governor before a load: the model's estimated cost and
-    /// how many workers to pre-warm, after unloading idle models (least
-    /// recently used first) if that makes room; an error if nothing does.
+    /// The governor's estimate for `path` served with `context` positions,
+    /// and the positions it would serve (capped at its trained context).
+    fn estimate(&self, path: &Path, context: usize) -> (Cost, usize) {
+        crate::engine::memory_estimate(
+            path,
+            Some(context),
+            self.settings.prefill_chunk,
+            &self.settings.load.device,
+        )
+        .map(|e| {
+            let cost = Cost {
+                weights: e.weights,
+                per_worker: e.per_worker,
+            };
+            (cost, e.context)
+        })
+        // An unreadable file fails its load with the reason; count its size.
+        .unwrap_or((
+            Cost {
+                weights: std::fs::metadata(path).map_or(0, |m| m.len()),
+                per_worker: 0,
+            },
+            context,
+        ))
+    }
+
+    /// The memory governor before a load with `context` positions: the
+    /// model's estimated cost, the positions it will serve and how many
+    /// workers to pre-warm, after unloading idle models (least recently used
+    /// first) if that makes room; an error if nothing does.
     fn make_room(
         &self,
         map: &mut HashMap<PathBuf, Arc<Pool>>,
         reference: &str,
         path: &Path,
-    ) -> Result<(Cost, usize), WireError> {
-        let cost = crate::engine::memory_estimate(
-            path,
-            self.settings.load.context,
-            self.settings.prefill_chunk,
-            &self.settings.load.device,
-        )
-        .map(|e| Cost {
-            weights: e.weights,
-            per_worker: e.per_worker,
-        })
-        // An unreadable file fails its load with the reason; count its size.
-        .unwrap_or(Cost {
-            weights: std::fs::metadata(path).map_or(0, |m| m.len()),
-            per_worker: 0,
-        });
+        context: usize,
+    ) -> Result<(Cost, usize, usize), WireError> {
+        let (cost, served) = self.estimate(path, context);
         let mut prewarm = self
             .settings
             .prewarm
             .clamp(1, self.settings.limits.max.max(1));
         let budget = self.memory_budget;
         if budget == 0 {
-            return Ok((cost, prewarm));
+            return Ok((cost, served, prewarm));
         }
         let resident: Vec<Resident<PathBuf>> = map.values().map(|p| p.resident()).collect();
         let mut plan = governor::plan_load(budget, &resident, cost, prewarm);
@@ -899,9 +946,23 @@ impl Pools {
                 plan = one;
             }
         }
+        self.carry_out(map, plan, reference, "")?;
+        Ok((cost, served, prewarm))
+    }
+
+    /// Do what the governor planned for `reference` (drop caches, unload
+    /// idle models), or say why there is no room; `what` qualifies its need
+    /// (" with 32768 positions").
+    fn carry_out(
+        &self,
+        map: &mut HashMap<PathBuf, Arc<Pool>>,
+        plan: Plan<PathBuf>,
+        reference: &str,
+        what: &str,
+    ) -> Result<(), WireError> {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         match plan {
-            Plan::Fits => Ok((cost, prewarm)),
+            Plan::Fits => Ok(()),
             Plan::Free(free) => {
                 drop_caches(map, &free.caches, &format!("to load {reference}"));
                 for k in free.models {
@@ -917,13 +978,13 @@ impl Pools {
                         lock(&self.retired).extend(handles);
                     }
                 }
-                Ok((cost, prewarm))
+                Ok(())
             }
             Plan::TooBig { need, budget } => Err(WireError {
                 kind: ErrorKind::OutOfMemory,
                 message: format!(
-                    "{reference} needs about {:.2} GiB and the memory budget is {:.2} GiB; raise \
-                     it (paraphymd --memory-budget) or use a smaller model or context",
+                    "{reference}{what} needs about {:.2} GiB and the memory budget is {:.2} GiB; \
+                     raise it (paraphymd --memory-budget) or use a smaller model or context",
                     gib(need),
                     gib(budget)
                 ),
@@ -931,13 +992,47 @@ impl Pools {
             Plan::NoRoom { need, free } => Err(WireError {
                 kind: ErrorKind::OutOfMemory,
                 message: format!(
-                    "{reference} needs about {:.2} GiB; {:.2} GiB of the budget is free and the \
-                     other models are busy; try again when they are idle",
+                    "{reference}{what} needs about {:.2} GiB more; {:.2} GiB of the budget is free \
+                     and the other models are busy; try again when they are idle",
                     gib(need),
                     gib(free)
                 ),
             }),
         }
+    }
+
+    /// Serve `context` positions on `pool` from now on, if it serves fewer
+    /// and the model was trained for more: the governor counts every worker's
+    /// longer KV reservation first (dropping caches or unloading idle models
+    /// as for a load); an error if the budget has no room. The workers' RoPE
+    /// tables grow when they next take a job (`Pool::proto`); nothing is
+    /// reloaded and conversation caches stay valid.
+    fn grow(&self, pool: &Arc<Pool>, context: usize) -> Result<(), WireError> {
+        if pool.context.load(Ordering::Acquire) >= context {
+            return Ok(());
+        }
+        let mut map = lock(&self.map);
+        let now = pool.context.load(Ordering::Acquire);
+        let (cost, served) = self.estimate(&pool.path, context);
+        if served <= now {
+            // The model was trained for no more than it serves.
+            return Ok(());
+        }
+        if self.memory_budget > 0 {
+            let resident: Vec<Resident<PathBuf>> = map.values().map(|p| p.resident()).collect();
+            let plan = governor::plan_grow(self.memory_budget, &resident, &pool.path, cost);
+            let what = format!(" with {served} positions");
+            self.carry_out(&mut map, plan, &pool.reference, &what)?;
+        }
+        *lock(&pool.cost) = cost;
+        pool.context.store(served, Ordering::Release);
+        tracing::info!(
+            model = pool.reference,
+            from = now,
+            to = served,
+            "a request asked for a longer context"
+        );
+        Ok(())
     }
 
     /// Forget `pool` if it is still the one registered for its path.
@@ -984,12 +1079,18 @@ impl Pools {
             Ok(trial) => job.trial = trial,
             Err(e) => return Err((job, e)),
         }
+        let context = job.request.params.context;
         // Twice: the pool may be closing (idle eviction) as we submit.
         for _ in 0..2 {
-            let pool = match self.get_or_start(&reference, &path) {
+            let pool = match self.get_or_start(&reference, &path, context) {
                 Ok(p) => p,
                 Err(e) => return Err((job, e)),
             };
+            if let Some(c) = context {
+                if let Err(e) = self.grow(&pool, c) {
+                    return Err((job, e));
+                }
+            }
             pool.touch(keep_alive_ms.map(keep_alive));
             // Under the queue's lock: a failing load closes the queue under
             // it too, so a job is either refused here or drained there.
@@ -1054,8 +1155,15 @@ impl Pools {
         ))
     }
 
-    /// `Load`: answered with `Loaded` once a worker is ready.
-    pub fn load(&self, model: &str, keep_alive_ms: Option<u64>, reply: Reply) {
+    /// `Load`: answered with `Loaded` once a worker is ready; served with at
+    /// least `context` positions.
+    pub fn load(
+        &self,
+        model: &str,
+        keep_alive_ms: Option<u64>,
+        context: Option<usize>,
+        reply: Reply,
+    ) {
         let (reference, path) = match self.resolve(Some(model)) {
             Ok(r) => r,
             Err(e) => {
@@ -1070,7 +1178,12 @@ impl Pools {
                 return;
             }
         }
-        let pool = match self.get_or_start(&reference, &path) {
+        let pool = match self
+            .get_or_start(&reference, &path, context)
+            .and_then(|p| match context {
+                Some(c) => self.grow(&p, c).map(|()| p),
+                None => Ok(p),
+            }) {
             Ok(p) => p,
             Err(e) => {
                 reply.post(Response::Error(e));
@@ -1271,35 +1384,29 @@ impl Pools {
             kind: ErrorKind::ModelFailed,
             message: format!("{reference}: {e}"),
         })?;
-        let context = self
+        // As loaded, else as a load now would serve it.
+        let loaded = lock(&self.map)
+            .get(&path)
+            .map(|p| p.context.load(Ordering::Acquire));
+        let default = self
             .settings
             .load
             .context
-            .unwrap_or(crate::engine::DEFAULT_CONTEXT) as u64;
-        let memory_bytes = crate::engine::memory_estimate(
-            &path,
-            self.settings.load.context,
-            self.settings.prefill_chunk,
-            &self.settings.load.device,
-        )
-        .map_or(0, |e| e.weights + e.per_worker);
+            .unwrap_or(crate::engine::DEFAULT_CONTEXT);
+        let (cost, served) = self.estimate(&path, loaded.unwrap_or(default));
         Ok(paraphym_protocol::message::ModelDetails {
             reference,
-            loaded: lock(&self.map).contains_key(&path),
+            loaded: loaded.is_some(),
             path: path.display().to_string(),
             size_bytes: std::fs::metadata(&path).map_or(0, |m| m.len()),
-            context: if facts.context_length > 0 {
-                context.min(facts.context_length)
-            } else {
-                context
-            },
+            context: served as u64,
+            memory_bytes: cost.with_workers(1),
             architecture: facts.architecture,
             quantization: facts.quantization,
             parameters: facts.parameters,
             context_length: facts.context_length,
             chat_template: facts.chat_template,
             template_origin: facts.template_origin,
-            memory_bytes,
         })
     }
 
@@ -1761,7 +1868,11 @@ impl Worker {
         let pool = &self.pool;
         // A panic while loading must still answer everyone waiting.
         let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            Engine::load_with_progress(&pool.path, &pool.settings.load, &mut |f| pool.loading(f))
+            let opts = LoadOptions {
+                context: Some(pool.context.load(Ordering::Acquire)),
+                ..pool.settings.load.clone()
+            };
+            Engine::load_with_progress(&pool.path, &opts, &mut |f| pool.loading(f))
                 .map_err(|e| e.to_string())
         }))
         .unwrap_or_else(|p| Err(format!("the loader panicked: {}", panic_text(&*p))));
@@ -1862,9 +1973,15 @@ impl Worker {
         // Log-probabilities wait for the text frame their tokens complete.
         let mut logprobs: Vec<TokenLogprob> = Vec::new();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let (tokens, left_out) = self.pool.prepare(&request)?;
+            let proto = self.pool.proto()?;
+            let (tokens, left_out) = self.pool.prepare(&request, &proto)?;
             dropped = left_out;
-            let engine = engine.insert(self.pool.take_engine(&tokens, request.session.as_deref()));
+            let engine = engine.insert(self.pool.take_engine(
+                &tokens,
+                request.session.as_deref(),
+                &proto,
+            ));
+            drop(proto);
             if crate::hooks::Hooks::matches(&hooks.fail_prompt, &text) {
                 return Err(crate::engine::EngineError::Candle(candle_core::Error::Msg(
                     "injected failure (test hook)".into(),

@@ -240,7 +240,7 @@ impl Daemon {
     pub fn preload(&self, model: &str) {
         match self.pools.resolve(Some(model)) {
             Ok((reference, path)) => {
-                if let Err(e) = self.pools.get_or_start(&reference, &path) {
+                if let Err(e) = self.pools.get_or_start(&reference, &path, None) {
                     tracing::error!("--preload {model}: {}", e.message);
                 }
             }

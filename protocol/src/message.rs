@@ -32,6 +32,10 @@ pub enum Request {
     Load {
         model: String,
         keep_alive_ms: Option<u64>,
+        /// Serve at least this many positions (Ollama's `num_ctx`; capped
+        /// at the model's trained context). `None`: as loaded, else the
+        /// daemon's `--context`. Since protocol version 4.
+        context: Option<u32>,
     },
     Unload {
         model: String,
@@ -151,6 +155,12 @@ pub struct Options {
     /// Functions the model may call (chat prompts, templates that take
     /// tools); its calls come back as text the client parses (v3).
     pub tools: Vec<Tool>,
+    /// The positions this request may use, prompt and reply together
+    /// (Ollama's `num_ctx`), capped at the model's trained context. Past
+    /// what the model is served with, it is served with more (if the memory
+    /// budget allows; the model stays that way until it unloads); below, the
+    /// request is held to it. `None`: the model's served context (v4).
+    pub context: Option<u32>,
 }
 
 /// What the output must be.
@@ -414,6 +424,9 @@ pub struct ModelStatus {
     /// Until the keep-alive unloads it, if it stays idle (`u64::MAX`:
     /// never). Since protocol version 3.
     pub expires_in_ms: u64,
+    /// Positions the model is served with now (the daemon's `--context`,
+    /// or more once a request asked for more). Since protocol version 4.
+    pub context: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -548,6 +561,7 @@ mod tests {
                 presence_penalty: Some(0.5),
                 logprobs: Some(3),
                 format: Format::JsonSchema("{}".into()),
+                context: Some(16_384),
                 ..Options::default()
             },
             keep_alive_ms: Some(300_000),
@@ -561,6 +575,7 @@ mod tests {
             Request::Load {
                 model: "phi4".into(),
                 keep_alive_ms: None,
+                context: Some(32_768),
             },
             Request::Unload {
                 model: "phi4".into(),
@@ -610,6 +625,7 @@ mod tests {
                     caches: 3,
                     cache_bytes: 1 << 20,
                     expires_in_ms: 60_000,
+                    context: 8192,
                 }],
                 memory_used_bytes: 1 << 30,
                 memory_budget_bytes: 8 << 30,
@@ -743,12 +759,15 @@ mod tests {
             request: Request::Load {
                 model: "m".into(),
                 keep_alive_ms: Some(1),
+                context: Some(2),
             },
         };
         let bytes = encode(&load).unwrap();
         assert_eq!(&bytes[8..12], &[4, 0, 0, 0]);
         assert_eq!(&bytes[12..21], &[1, 0, 0, 0, 0, 0, 0, 0, b'm']);
-        assert_eq!(&bytes[21..], &[1, 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&bytes[21..30], &[1, 1, 0, 0, 0, 0, 0, 0, 0]);
+        // Option<u32>: a tag, then four bytes.
+        assert_eq!(&bytes[30..], &[1, 2, 0, 0, 0]);
     }
 
     #[test]

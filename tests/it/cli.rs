@@ -230,9 +230,11 @@ fn load_unload_models_and_pull() {
             ("HF_HOME", hf.path().to_str().unwrap()),
         ],
     );
-    let load = daemon.cli(&["load", m, "--keep-alive", "forever"]);
+    let load = daemon.cli(&["load", m, "--keep-alive", "forever", "--context", "2048"]);
     assert!(load.status.success(), "{}", stderr(&load));
     assert!(stdout(&load).contains("loaded"));
+    let zero = daemon.cli(&["load", m, "--context", "0"]);
+    assert_eq!(zero.status.code(), Some(2), "{}", stderr(&zero));
     let models = daemon.cli(&["models", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&models.stdout).unwrap();
     assert_eq!(list[0]["loaded"], true);
@@ -240,7 +242,13 @@ fn load_unload_models_and_pull() {
     let ps = daemon.cli(&["ps", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
     assert_eq!(status["models"][0]["workers"][0]["state"], "Idle");
+    assert_eq!(status["models"][0]["context"], 2048);
     assert!(status["memory_used_bytes"].as_u64().unwrap() > 0);
+    let table = stdout(&daemon.cli(&["ps"]));
+    assert!(
+        table.contains("CONTEXT") && table.contains("2048"),
+        "{table}"
+    );
 
     let unload = daemon.cli(&["unload", m]);
     assert!(unload.status.success(), "{}", stderr(&unload));

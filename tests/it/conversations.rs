@@ -124,6 +124,7 @@ fn load(c: &paraphym_protocol::client::Client, model: &str) {
         .call(Request::Load {
             model: model.into(),
             keep_alive_ms: None,
+            context: None,
         })
         .unwrap()
     {

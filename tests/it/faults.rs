@@ -287,6 +287,7 @@ fn sixty_four_clients_at_once() {
         .call(Request::Load {
             model: m.clone(),
             keep_alive_ms: None,
+            context: None,
         })
         .unwrap();
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(64));

@@ -462,3 +462,50 @@ fn tools_are_offered_through_the_template_or_refused() {
     assert!(status_line(&r).contains("400"), "{r}");
     drop(daemon);
 }
+
+/// Ollama's `num_ctx`: a load with it serves that many positions (`/api/ps`
+/// says so); a generation is held to a smaller one (`done_reason: length`)
+/// and a prompt past it is a 400; 0 is a 400.
+#[test]
+fn ollama_num_ctx_is_the_requests_context() {
+    let model = tiny(Arch::Qwen3);
+    let model = model.to_str().unwrap();
+    let (_daemon, port) = http_daemon(&["--context", "128"], &[]);
+    let json_body = |r: &str| -> serde_json::Value {
+        assert!(status_line(r).contains("200"), "{r}");
+        serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap())
+            .unwrap_or_else(|e| panic!("{e}: {r}"))
+    };
+    let r = post(
+        port,
+        "/api/generate",
+        &format!(r#"{{"model":"{model}","options":{{"num_ctx":2048}}}}"#),
+    );
+    json_body(&r);
+    let ps = json_body(&exchange(
+        port,
+        b"GET /api/ps HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ));
+    assert_eq!(ps["models"][0]["context_length"], 2048, "{ps}");
+
+    let generate = |num_ctx: i64, prompt_words: usize| {
+        post(
+            port,
+            "/api/generate",
+            &format!(
+                r#"{{"model":"{model}","prompt":"{}","raw":true,"stream":false,"options":{{"num_ctx":{num_ctx},"num_predict":100,"temperature":0}}}}"#,
+                vec!["word"; prompt_words].join(" ")
+            ),
+        )
+    };
+    let held = json_body(&generate(24, 4));
+    assert_eq!(held["done_reason"], "length", "{held}");
+    let used = held["prompt_eval_count"].as_u64().unwrap() + held["eval_count"].as_u64().unwrap();
+    assert!((24..=25).contains(&used), "{held}");
+    let over = generate(24, 40);
+    assert!(status_line(&over).contains("400"), "{over}");
+    assert!(over.contains("24"), "{over}");
+    let zero = generate(0, 4);
+    assert!(status_line(&zero).contains("400"), "{zero}");
+    assert!(zero.contains("num_ctx"), "{zero}");
+}

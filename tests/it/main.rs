@@ -1,6 +1,7 @@
 //! End-to-end tests against the real paraphymd (see tests/src/lib.rs).
 
 mod cli;
+mod context;
 mod conversations;
 mod faults;
 mod health;

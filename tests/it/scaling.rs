@@ -172,6 +172,7 @@ fn a_burst_scales_up_to_max_workers_and_idle_scales_back_down() {
         .call(Request::Load {
             model: m.clone(),
             keep_alive_ms: None,
+            context: None,
         })
         .unwrap();
     let streams: Vec<_> = (0..6)

@@ -129,6 +129,11 @@ pub struct RunArgs {
     pub logprobs: Option<u8>,
     #[arg(long)]
     pub max_tokens: Option<u32>,
+    /// Positions this request may use, prompt and reply (Ollama's num_ctx):
+    /// less than the model serves holds it to that; more makes the daemon
+    /// serve the model with more from then on [default: as served].
+    #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub context: Option<u32>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Stop when this text appears (repeatable); it is not printed.
@@ -350,6 +355,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode, CliError> {
             logprobs: a.logprobs,
             format: paraphym_protocol::message::Format::Text,
             tools: Vec::new(),
+            context: a.context,
         },
         keep_alive_ms,
         session: a.session.clone(),
@@ -514,24 +520,26 @@ pub fn ps(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
         println!("no models loaded");
     } else {
         println!(
-            "{:<32} {:>6} {:<9} {:>8} {:>8} {:>7}",
-            "MODEL", "WORKER", "STATE", "SERVED", "TOK/S", "QUEUED"
+            "{:<32} {:>6} {:<9} {:>8} {:>8} {:>7} {:>8}",
+            "MODEL", "WORKER", "STATE", "SERVED", "TOK/S", "QUEUED", "CONTEXT"
         );
         for m in &s.models {
             for (i, w) in m.workers.iter().enumerate() {
-                let queued = if i == 0 {
-                    m.queued.to_string()
+                // The model's own columns on its first row.
+                let (queued, context) = if i == 0 {
+                    (m.queued.to_string(), m.context.to_string())
                 } else {
-                    String::new()
+                    (String::new(), String::new())
                 };
                 println!(
-                    "{:<32} {:>6} {:<9} {:>8} {:>8.1} {:>7}",
+                    "{:<32} {:>6} {:<9} {:>8} {:>8.1} {:>7} {:>8}",
                     m.reference,
                     w.id,
                     format!("{:?}", w.state).to_lowercase(),
                     w.requests_served,
                     w.tokens_per_s,
-                    queued
+                    queued,
+                    context
                 );
             }
             if m.caches > 0 {
@@ -646,7 +654,12 @@ fn draw_bar(model: &str, done: u64, total: u64, elapsed: Duration) {
     eprint!("\r\x1b[2K{line}");
 }
 
-pub fn load(ctx: &Ctx, model: &str, keep_alive: Option<&str>) -> Result<ExitCode, CliError> {
+pub fn load(
+    ctx: &Ctx,
+    model: &str,
+    keep_alive: Option<&str>,
+    context: Option<u32>,
+) -> Result<ExitCode, CliError> {
     let keep_alive_ms = match keep_alive {
         Some(k) => Some(units::to_wire_ms(
             units::parse_duration(k).map_err(CliError::Usage)?,
@@ -657,6 +670,7 @@ pub fn load(ctx: &Ctx, model: &str, keep_alive: Option<&str>) -> Result<ExitCode
     match client.call(Request::Load {
         model: model.to_owned(),
         keep_alive_ms,
+        context,
     })? {
         Response::Loaded { model } => {
             println!("loaded {model}");

@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
                   TUI (F1 in it lists the keys). With one: scripting over the daemon's socket."
 )]
 struct Cli {
-    /// The daemon's socket [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v3/paraphymd.sock, else ~/.paraphym/paraphym-v3/paraphymd.sock]
+    /// The daemon's socket [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v4/paraphymd.sock, else ~/.paraphym/paraphym-v4/paraphymd.sock]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     #[command(flatten)]
@@ -105,6 +105,10 @@ enum Command {
         /// How long it stays loaded when idle (30s, 5m, 1h, forever).
         #[arg(long)]
         keep_alive: Option<String>,
+        /// Serve at least this many positions (capped at what the model
+        /// was trained for) [default: the daemon's --context].
+        #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u32).range(1..))]
+        context: Option<u32>,
     },
     /// Unload a model.
     Unload { model: String },
@@ -159,7 +163,11 @@ fn main() -> ExitCode {
         Command::Ps { json } => cli::ps(&ctx, json),
         Command::Models { json } => cli::models(&ctx, json),
         Command::Pull { model } => cli::pull(&ctx, &model),
-        Command::Load { model, keep_alive } => cli::load(&ctx, &model, keep_alive.as_deref()),
+        Command::Load {
+            model,
+            keep_alive,
+            context,
+        } => cli::load(&ctx, &model, keep_alive.as_deref(), context),
         Command::Unload { model } => cli::unload(&ctx, &model),
         Command::Show {
             model,

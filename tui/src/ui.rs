@@ -238,6 +238,7 @@ impl Ctx {
                     let request = Request::Load {
                         model: model.clone(),
                         keep_alive_ms: None,
+                        context: None,
                     };
                     if let Err(e) = client.call(request) {
                         let _ = tx.send(Msg::Notice {

@@ -73,11 +73,22 @@ struct ModelOptions {
     repeat_penalty: Option<f32>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    num_ctx: Option<i64>,
 }
 
 impl ModelOptions {
+    /// `num_ctx` as the protocol's context.
+    fn context(&self) -> Result<Option<u32>, String> {
+        match self.num_ctx {
+            Some(n) if n < 1 => Err(format!("num_ctx must be at least 1 (got {n})")),
+            Some(n) => Ok(Some(n.min(i64::from(u32::MAX)) as u32)),
+            None => Ok(None),
+        }
+    }
+
     fn options(self, logprobs: Option<u8>) -> Result<Options, String> {
         Ok(Options {
+            context: self.context()?,
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
@@ -342,13 +353,19 @@ fn merge(into: &mut Value, from: Value) {
     }
 }
 
-/// An empty request loads the model (or, with `keep_alive: 0`, unloads it).
+/// An empty request loads the model (with its `num_ctx`), or with
+/// `keep_alive: 0` unloads it.
 async fn load_or_unload(
     ctx: &Ctx,
     model: &str,
     keep_alive_ms: Option<u64>,
+    options: &Option<ModelOptions>,
     chat: bool,
 ) -> Response<Out> {
+    let context = match options.as_ref().map(ModelOptions::context).transpose() {
+        Ok(c) => c.flatten(),
+        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    };
     let unload = keep_alive_ms == Some(0);
     let request = if unload {
         WireRequest::Unload {
@@ -358,6 +375,7 @@ async fn load_or_unload(
         WireRequest::Load {
             model: model.into(),
             keep_alive_ms,
+            context,
         }
     };
     match call(ctx, request).await {
@@ -401,18 +419,32 @@ fn keep_alive(k: &Option<KeepAlive>) -> Result<Option<u64>, String> {
         .map_err(|e| format!("keep_alive: {e}"))
 }
 
+/// What `/api/generate` and `/api/chat` check alike: a model, the output
+/// format and the keep-alive.
+#[allow(clippy::result_large_err)] // the error is the response to send
+fn prologue(
+    model: &str,
+    format: &Option<Value>,
+    keep_alive_field: &Option<KeepAlive>,
+) -> Result<(Format, Option<u64>), Response<Out>> {
+    if model.is_empty() {
+        return Err(error(StatusCode::BAD_REQUEST, "model is required"));
+    }
+    let format = format_of(format).map_err(|m| error(StatusCode::BAD_REQUEST, &m))?;
+    let keep_alive_ms =
+        keep_alive(keep_alive_field).map_err(|m| error(StatusCode::BAD_REQUEST, &m))?;
+    Ok((format, keep_alive_ms))
+}
+
 pub(super) async fn generate(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out> {
     let started = Instant::now();
     let r: GenerateRequest = match read_json(&ctx, req, error).await {
         Ok(r) => r,
         Err(res) => return res,
     };
-    if r.model.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "model is required");
-    }
-    let format = match format_of(&r.format) {
-        Ok(f) => f,
-        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    let (format, keep_alive_ms) = match prologue(&r.model, &r.format, &r.keep_alive) {
+        Ok(p) => p,
+        Err(res) => return res,
     };
     if !r.images.is_empty() {
         return error(StatusCode::BAD_REQUEST, "images are not supported");
@@ -426,12 +458,8 @@ pub(super) async fn generate(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<
     if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return error(StatusCode::BAD_REQUEST, "suffix is not supported");
     }
-    let keep_alive_ms = match keep_alive(&r.keep_alive) {
-        Ok(k) => k,
-        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
-    };
     if r.prompt.is_empty() {
-        return load_or_unload(&ctx, &r.model, keep_alive_ms, false).await;
+        return load_or_unload(&ctx, &r.model, keep_alive_ms, &r.options, false).await;
     }
     let logprobs = r.logprobs.then(|| r.top_logprobs.unwrap_or(0));
     let options = match r.options.unwrap_or_default().options(logprobs) {
@@ -476,23 +504,16 @@ pub(super) async fn chat(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Out>
         Ok(r) => r,
         Err(res) => return res,
     };
-    if r.model.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "model is required");
-    }
-    let format = match format_of(&r.format) {
-        Ok(f) => f,
-        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
+    let (format, keep_alive_ms) = match prologue(&r.model, &r.format, &r.keep_alive) {
+        Ok(p) => p,
+        Err(res) => return res,
     };
     let tools = match super::openai::offered(r.tools.unwrap_or_default()) {
         Ok(t) => t,
         Err(m) => return error(StatusCode::BAD_REQUEST, &m),
     };
-    let keep_alive_ms = match keep_alive(&r.keep_alive) {
-        Ok(k) => k,
-        Err(m) => return error(StatusCode::BAD_REQUEST, &m),
-    };
     if r.messages.is_empty() {
-        return load_or_unload(&ctx, &r.model, keep_alive_ms, true).await;
+        return load_or_unload(&ctx, &r.model, keep_alive_ms, &r.options, true).await;
     }
     let mut messages = Vec::with_capacity(r.messages.len());
     for m in r.messages {
@@ -674,6 +695,7 @@ pub(super) fn ps(ctx: &Ctx) -> Response<Out> {
                 "details": details(path, arch),
                 "expires_at": rfc3339(now + expires),
                 "size_vram": if on_gpu { m.memory_bytes } else { 0 },
+                "context_length": m.context,
             })
         })
         .collect();

@@ -261,7 +261,18 @@ fn dispatch(msg: ClientMsg, received: Instant, conn: &Arc<Conn>, daemon: &Arc<Da
         Request::Load {
             model,
             keep_alive_ms,
-        } => daemon.pools.load(&model, keep_alive_ms, reply),
+            context,
+        } => match context {
+            Some(0) => {
+                reply.error(
+                    ErrorKind::BadRequest,
+                    "context (num_ctx) must be at least 1",
+                );
+            }
+            _ => daemon
+                .pools
+                .load(&model, keep_alive_ms, context.map(|c| c as usize), reply),
+        },
         Request::Unload { model } => daemon.pools.unload(&model, reply),
         Request::Health => {
             let models = daemon.pools.health();

@@ -144,6 +144,9 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
     if o.max_tokens == Some(0) {
         return Err(bad("max_tokens must be at least 1"));
     }
+    if o.context == Some(0) {
+        return Err(bad("context (num_ctx) must be at least 1"));
+    }
     if o.logprobs
         .is_some_and(|n| usize::from(n) > crate::engine::MAX_TOP_LOGPROBS)
     {
@@ -180,6 +183,7 @@ pub fn generation(g: &Generate) -> Result<GenRequest, WireError> {
             ignore_eos: o.ignore_eos,
             logprobs: o.logprobs.map(usize::from),
             json,
+            context: o.context.map(|c| c as usize),
             ..defaults
         },
     })

@@ -159,6 +159,62 @@ fn tiny_models_are_consistent_across_chunking() {
     }
 }
 
+/// A model set to serve a longer context (what the daemon does when a
+/// request asks for more than a model is loaded with) answers exactly as one
+/// loaded with that context: its cache is kept where the rotation is the same
+/// (every architecture but Phi-3 crossing its original context, which
+/// switches to the long LongRoPE factors and starts over), positions past the
+/// old context work, and an instance that shares the grown tables agrees.
+#[test]
+fn a_model_set_to_a_longer_context_answers_as_one_loaded_with_it() {
+    let gpl = util::gpl3();
+    for arch in ARCHS {
+        let path = tiny(arch);
+        let gguf = GgufFile::open(&path).unwrap();
+        let mut tokens = Tokenizer::from_gguf(&gguf)
+            .unwrap()
+            .encode(&gpl, true)
+            .unwrap();
+        tokens.truncate(300);
+        let logits = |m: &mut models::Model, t: &[u32]| {
+            m.forward(t, LogitsFor::Last)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let mut loaded = load(&path, 2048, Weights::Quantized);
+        logits(&mut loaded, &tokens[..200]);
+        let want = logits(&mut loaded, &tokens[200..]);
+
+        let mut grown = load(&path, 256, Weights::Quantized);
+        assert_eq!(grown.context(), 256);
+        logits(&mut grown, &tokens[..200]);
+        let dropped = grown.set_context(2048).unwrap();
+        assert_eq!(grown.context(), 2048);
+        // The tiny Phi-3 was trained on 1,024 positions: 2,048 are long.
+        assert_eq!(dropped, arch == Arch::Phi3, "{}", arch.name());
+        assert_eq!(grown.kv_len(), if dropped { 0 } else { 200 });
+        if dropped {
+            logits(&mut grown, &tokens[..200]);
+        }
+        // 200..300 runs past the 256 positions it was loaded with.
+        let got = logits(&mut grown, &tokens[200..]);
+        assert!(got == want, "{}: grown differs from loaded", arch.name());
+
+        let mut sharing = load(&path, 256, Weights::Quantized);
+        sharing.share_context(&grown);
+        assert_eq!(sharing.context(), 2048);
+        logits(&mut sharing, &tokens[..200]);
+        let got = logits(&mut sharing, &tokens[200..]);
+        assert!(got == want, "{}: sharing differs from loaded", arch.name());
+        // Asking for more than the model was trained for serves its maximum.
+        grown.set_context(usize::MAX).unwrap();
+        assert_eq!(grown.context(), 4096);
+    }
+}
+
 #[test]
 fn byte_level_bpe_from_metadata_matches_tokenizer_json() {
     let gpl = util::gpl3();

@@ -71,6 +71,7 @@ impl Daemon {
         match self.client.call(Request::Load {
             model: model.display().to_string(),
             keep_alive_ms: None,
+            context: None,
         })? {
             Response::Loaded { .. } => Ok(()),
             other => bail!("unexpected answer to Load: {other:?}"),

@@ -46,6 +46,8 @@ pub struct Spec {
     pub rope: RopeSpec,
     /// RoPE of sliding-window layers, when it differs (Gemma 3).
     pub rope_local: Option<RopeSpec>,
+    /// Phi-3's LongRoPE: `rope` depends on the context served.
+    pub long_rope: Option<LongRope>,
     /// Sliding window per layer (`None`: full attention).
     pub windows: Vec<Option<usize>>,
     pub qk_norm: bool,
@@ -55,7 +57,25 @@ pub struct Spec {
     pub attn_scale: f64,
 }
 
+/// RoPE that depends on the context served (Phi-3's LongRoPE): the short
+/// factors up to the original training context, the long ones past it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LongRope {
+    pub original: usize,
+    pub short: RopeSpec,
+    pub long: RopeSpec,
+}
+
 impl Spec {
+    /// The full-attention RoPE for `context` positions.
+    pub fn rope_for(&self, context: usize) -> &RopeSpec {
+        match &self.long_rope {
+            Some(l) if context.min(self.max_context) > l.original => &l.long,
+            Some(l) => &l.short,
+            None => &self.rope,
+        }
+    }
+
     /// The hyper-parameters every family stores under the same `{arch}.*` keys,
     /// with the plain decoder's defaults for the rest (NeoX RoPE, SiLU, no extra
     /// norms, full attention): a family overrides what differs.
@@ -86,6 +106,7 @@ impl Spec {
                 )
             },
             rope_local: None,
+            long_rope: None,
             windows: vec![None; layers],
             qk_norm: false,
             sandwich_norms: false,
@@ -93,6 +114,15 @@ impl Spec {
             embed_scale: None,
             attn_scale: 1.0 / (head_dim as f64).sqrt(),
         })
+    }
+
+    /// The RoPE tables (full attention, sliding window) for `context` positions.
+    fn rope_tables(&self, context: usize, dev: &Device) -> Result<(Rope, Option<Rope>)> {
+        let rope = |r: &RopeSpec| Rope::new(self.rot_dim, r, self.rope_style, context, dev);
+        Ok((
+            rope(&self.rope)?,
+            self.rope_local.as_ref().map(rope).transpose()?,
+        ))
     }
 
     /// Consistency checks shared by every family.
@@ -220,6 +250,8 @@ impl Model {
     ) -> Result<Self> {
         spec.validate(g)?;
         let context = context.min(spec.max_context).max(1);
+        let mut spec = spec;
+        spec.rope = spec.rope_for(context).clone();
         let (h, hd) = (spec.hidden, spec.head_dim);
         let (q_dim, kv_dim) = (spec.heads * hd, spec.kv_heads * hd);
         let embed = Embedding::load(g, "token_embd.weight", spec.vocab, h, dev)?;
@@ -269,18 +301,57 @@ impl Model {
             });
             progress(i + 1, spec.layers);
         }
-        let rope = |r: &RopeSpec| Rope::new(spec.rot_dim, r, spec.rope_style, context, dev);
+        let (rope, rope_local) = spec.rope_tables(context, dev)?;
+        let norm = norm("output_norm.weight", h)?;
         Ok(Self {
             embed,
             layers,
-            norm: norm("output_norm.weight", h)?,
+            norm,
             output,
-            rope: rope(&spec.rope)?,
-            rope_local: spec.rope_local.as_ref().map(rope).transpose()?,
+            rope,
+            rope_local,
             context,
             device: dev.clone(),
             spec,
         })
+    }
+
+    /// Serve `context` positions (capped at the model's maximum) from now
+    /// on: new RoPE tables, weights untouched. The cache survives unless the
+    /// rotation itself changed (LongRoPE crossing its original context);
+    /// `true` when it was dropped.
+    pub fn set_context(&mut self, context: usize) -> Result<bool> {
+        let context = context.min(self.spec.max_context).max(1);
+        if context == self.context {
+            return Ok(false);
+        }
+        let rope = self.spec.rope_for(context).clone();
+        let changed = rope != self.spec.rope || self.kv_len() > context;
+        self.spec.rope = rope;
+        (self.rope, self.rope_local) = self.spec.rope_tables(context, &self.device)?;
+        self.context = context;
+        if changed {
+            self.clear_kv();
+        }
+        Ok(changed)
+    }
+
+    /// Take `other`'s context and RoPE tables (another instance of the same
+    /// weights that was set to a new context): the tables are shared, not
+    /// rebuilt. `true` when the cache was dropped (as [`Model::set_context`]).
+    pub fn share_context(&mut self, other: &Model) -> bool {
+        if other.context == self.context {
+            return false;
+        }
+        let changed = other.spec.rope != self.spec.rope || self.kv_len() > other.context;
+        self.spec.rope = other.spec.rope.clone();
+        self.rope = other.rope.clone();
+        self.rope_local = other.rope_local.clone();
+        self.context = other.context;
+        if changed {
+            self.clear_kv();
+        }
+        changed
     }
 
     pub fn spec(&self) -> &Spec {

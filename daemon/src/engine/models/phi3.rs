@@ -12,7 +12,7 @@
 use candle_core::Device;
 
 use super::common::Result;
-use super::decoder::Spec;
+use super::decoder::{LongRope, Spec};
 use crate::engine::gguf::GgufFile;
 
 pub fn spec(g: &GgufFile, context: usize) -> Result<Spec> {
@@ -20,20 +20,26 @@ pub fn spec(g: &GgufFile, context: usize) -> Result<Spec> {
     let original = g
         .get_usize("phi3.rope.scaling.original_context_length")
         .unwrap_or(spec.max_context);
-    let name = if context.min(spec.max_context) > original {
-        "rope_factors_long.weight"
-    } else {
-        "rope_factors_short.weight"
-    };
-    if g.tensor_info(name).is_some() {
-        let factors = g
-            .tensor(name, Some(&[spec.rot_dim / 2]), &Device::Cpu)?
-            .dequantize(&Device::Cpu)?
-            .to_vec1::<f32>()?;
-        spec.rope.freq_factors = Some(factors.into_iter().map(f64::from).collect());
-    }
     if let Ok(f) = g.get_f64("phi3.rope.scaling.attn_factor") {
         spec.rope.mscale = f;
     }
+    let with = |name: &str| -> Result<_> {
+        let mut rope = spec.rope.clone();
+        if g.tensor_info(name).is_some() {
+            let factors = g
+                .tensor(name, Some(&[spec.rot_dim / 2]), &Device::Cpu)?
+                .dequantize(&Device::Cpu)?
+                .to_vec1::<f32>()?;
+            rope.freq_factors = Some(factors.into_iter().map(f64::from).collect());
+        }
+        Ok(rope)
+    };
+    let long_rope = LongRope {
+        original,
+        short: with("rope_factors_short.weight")?,
+        long: with("rope_factors_long.weight")?,
+    };
+    spec.long_rope = Some(long_rope);
+    spec.rope = spec.rope_for(context).clone();
     Ok(spec)
 }
