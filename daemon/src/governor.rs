@@ -375,7 +375,10 @@ mod tests {
                 budget: 150
             }
         );
-        assert_eq!(plan_grow(170, std::slice::from_ref(&a), &"a", grown), Plan::Fits);
+        assert_eq!(
+            plan_grow(170, std::slice::from_ref(&a), &"a", grown),
+            Plan::Fits
+        );
         let mut busy_b = b;
         busy_b.idle = false;
         assert_eq!(
