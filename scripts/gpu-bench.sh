@@ -15,7 +15,10 @@
 #   5. the sampling routes and the memory budget on this GPU (section
 #      "routes", not run by default; needs python3);
 #   6. the daemon's aggregate tokens/s at 1, 2, 3, 4, 8 concurrent streams,
-#      once for each way workers on one GPU take turns (--gpu-turns).
+#      once for each way workers on one GPU take turns (--gpu-turns);
+#   7. batched decoding at the model level: aggregate tokens/s of 1..16
+#      sequences in one forward pass per step (section "batch", not run by
+#      default).
 #
 #   dist/gpu/gpu-bench.sh [WORK_DIR] [SHAPES]
 #
@@ -111,6 +114,13 @@ for shape in $shapes; do
   if has decode; then
     "$bench" decode --model "$model" --device cuda --prompt-tokens 128 --gen-tokens 128 \
       --reps "${REPS:-3}"
+  fi
+
+  if has batch; then
+    # Batched decoding at the model level (issue 11): B sequences, one
+    # forward pass per step, next to one sequence alone.
+    "$bench" batch --model "$model" --device cuda --streams 1,2,4,8,16 --prompt-tokens 64 \
+      --gen-tokens 64 --reps "${REPS:-3}"
   fi
 
   if has check; then

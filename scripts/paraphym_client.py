@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 
-MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 3, 16 << 20
+MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 4, 16 << 20
 GEN_ID = 1  # our Generate's request id
 STOPS = ["end_of_generation", "max_tokens", "stop_string", "context_full", "cancelled"]
 KINDS = ["bad_request", "unknown_model", "context_overflow", "busy", "model_failed",
@@ -82,7 +82,8 @@ def generate_msg(a):
                + option(None, None) + option(None, None)        # presence, frequency penalty
                + option(None, None)                             # logprobs
                + u32(0)                                         # format: Text
-               + vec([], None))                                 # tools: none
+               + vec([], None)                                  # tools: none
+               + option(a.context, u32))                        # context (num_ctx)
     generate = (option(a.model, string) + prompt + options + option(a.keep_alive_ms, u64)
                 + option(a.session, string))
     return u64(GEN_ID) + u32(0) + generate                      # Request::Generate
@@ -203,7 +204,7 @@ def parse_args():
     p.add_argument("--system", help="a system message (chat only)")
     for name in ("--temperature", "--top-p", "--min-p", "--repeat-penalty"):
         p.add_argument(name, type=float)
-    for name, bits in (("--top-k", 32), ("--max-tokens", 32), ("--seed", 64)):
+    for name, bits in (("--top-k", 32), ("--max-tokens", 32), ("--seed", 64), ("--context", 32)):
         p.add_argument(name, type=uint(bits))
     p.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
     p.add_argument("--keep-alive-ms", type=uint(64), help="how long the model stays loaded")

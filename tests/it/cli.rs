@@ -224,7 +224,7 @@ fn load_unload_models_and_pull() {
     let hf = TempDir::new("hf");
     // Downloads go nowhere: a refused endpoint is "offline", said clearly.
     let daemon = TestDaemon::start_with_env(
-        &[],
+        &["--context", "512"],
         &[
             ("HF_ENDPOINT", "http://127.0.0.1:9"),
             ("HF_HOME", hf.path().to_str().unwrap()),

@@ -5,6 +5,7 @@
 mod util;
 
 mod bad_files;
+mod batch;
 mod gemma3;
 mod reuse;
 mod synthetic;

@@ -4,6 +4,7 @@
 //! `load-child`) that only loads the model and runs the warm-up pass, and
 //! reports the load time and the child's peak RSS (VmHWM).
 
+mod batch;
 mod chats;
 mod via_daemon;
 
@@ -166,6 +167,23 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         workers: usize,
     },
+    /// Batched decoding at the model level: aggregate tokens/s of B
+    /// sequences decoded in one forward pass per step, next to one sequence
+    /// alone, in one run.
+    Batch {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        streams: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Perplexity of a text file by llama-perplexity's method.
     Perplexity {
         #[arg(long)]
@@ -301,6 +319,22 @@ fn main() -> Result<()> {
             workers,
         } => chats::run(
             &model, &device, chats, turns, user_words, gen_tokens, workers,
+        ),
+        Cmd::Batch {
+            model,
+            device,
+            streams,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+        } => batch::bench(
+            &model,
+            &parse_device(&device)?,
+            &format!("{device}; {}", cpu_features()),
+            &streams,
+            prompt_tokens,
+            gen_tokens,
+            reps,
         ),
         Cmd::Perplexity {
             model,

@@ -7,6 +7,8 @@
 //! the MLP activation, an embedding scale, RoPE layout and bases, and per-layer
 //! sliding windows.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor};
 
 pub use super::common::RopeSpec;
@@ -167,7 +169,6 @@ struct Layer {
     down: Linear,
     post_ffn_norm: Option<RmsNorm>,
     window: Option<usize>,
-    cache: Cache,
 }
 
 /// The Q, K and V projections: three tensors, or one (Phi-3's `attn_qkv`,
@@ -223,18 +224,38 @@ impl Cache {
     }
 }
 
-/// A loaded model: weights, RoPE tables and the KV cache.
-#[derive(Debug, Clone)]
-pub struct Model {
-    spec: Spec,
+/// The weights, shared by every instance of a model (a clone shares them).
+#[derive(Debug)]
+struct Shared {
     embed: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Linear,
+}
+
+/// A loaded model: shared weights, RoPE tables and its own KV cache.
+#[derive(Debug, Clone)]
+pub struct Model {
+    spec: Spec,
+    shared: Arc<Shared>,
+    /// One cache per layer.
+    kv: Vec<Cache>,
     rope: Rope,
     rope_local: Option<Rope>,
     context: usize,
     device: Device,
+}
+
+/// One sequence of a forward pass: its cache, where its tokens go, and the
+/// rows they take in the batch (`offset..offset + len`).
+struct Seq<'a> {
+    kv: &'a mut [Cache],
+    pos: usize,
+    offset: usize,
+    len: usize,
+    rope: &'a Rope,
+    rope_local: Option<&'a Rope>,
+    context: usize,
 }
 
 impl Model {
@@ -297,17 +318,19 @@ impl Model {
                 down: linear(&p("ffn_down"), [h, spec.ffn])?,
                 post_ffn_norm: sandwich("post_ffw_norm")?,
                 window,
-                cache: Cache::new(dev),
             });
             progress(i + 1, spec.layers);
         }
         let (rope, rope_local) = spec.rope_tables(context, dev)?;
         let norm = norm("output_norm.weight", h)?;
         Ok(Self {
-            embed,
-            layers,
-            norm,
-            output,
+            shared: Arc::new(Shared {
+                embed,
+                layers,
+                norm,
+                output,
+            }),
+            kv: (0..spec.layers).map(|_| Cache::new(dev)).collect(),
             rope,
             rope_local,
             context,
@@ -374,26 +397,26 @@ impl Model {
 
     /// Positions held in the KV cache.
     pub fn kv_len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.cache.len())
+        self.kv.first().map_or(0, Cache::len)
     }
 
     /// Keep only the first `len` cached positions.
     pub fn truncate_kv(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.cache.truncate(len);
+        for c in &mut self.kv {
+            c.truncate(len);
         }
     }
 
     /// Bytes the KV cache's buffers hold (their capacity, not just the
     /// cached positions).
     pub fn kv_bytes(&self) -> u64 {
-        self.layers.iter().map(|l| l.cache.bytes() as u64).sum()
+        self.kv.iter().map(|c| c.bytes() as u64).sum()
     }
 
     /// Drop the KV cache and its buffers.
     pub fn clear_kv(&mut self) {
-        for l in &mut self.layers {
-            l.cache.clear();
+        for c in &mut self.kv {
+            c.clear();
         }
     }
 
@@ -410,108 +433,242 @@ impl Model {
     }
 
     fn forward_at(&mut self, pos: usize, tokens: &[u32], which: LogitsFor) -> Result<Tensor> {
-        let seq = tokens.len();
         check_tokens(tokens, self.spec.vocab)?;
-        if seq == 0 || pos + seq > self.context {
+        let Model {
+            spec,
+            shared,
+            kv,
+            rope,
+            rope_local,
+            context,
+            device,
+        } = self;
+        let mut seqs = [Seq {
+            kv,
+            pos,
+            offset: 0,
+            len: tokens.len(),
+            rope,
+            rope_local: rope_local.as_ref(),
+            context: *context,
+        }];
+        let x = layers(shared, spec, device, tokens, &mut seqs)?;
+        let x = which.select(&x)?;
+        let x = shared.norm.forward(&x)?;
+        Ok(shared.output.forward_output(&x)?)
+    }
+
+    /// One forward pass over several sequences at once: `tokens[i]` runs at
+    /// positions `kv_len()..` of `models[i]` and is appended to its cache.
+    /// Returns F32 logits (sequences, vocab) of each sequence's last token.
+    /// The models must share their weights (replicas of one load); the
+    /// projections and MLPs run once over every sequence's rows, attention
+    /// per sequence against its own cache and positions. Decode steps (one
+    /// token each) and prefill chunks can share a pass. On the CPU each
+    /// sequence's logits are bitwise those of [`Model::forward`] alone.
+    pub fn forward_batch(models: &mut [&mut Model], tokens: &[&[u32]]) -> Result<Tensor> {
+        if models.is_empty() || models.len() != tokens.len() || tokens.iter().any(|t| t.is_empty())
+        {
+            return Err(EngineError::InvalidParams(format!(
+                "a batch needs one non-empty token run per sequence ({} sequences, {} runs)",
+                models.len(),
+                tokens.len()
+            )));
+        }
+        let shared = models[0].shared.clone();
+        let spec = models[0].spec.clone();
+        let device = models[0].device.clone();
+        if models.iter().any(|m| !Arc::ptr_eq(&m.shared, &shared)) {
+            return Err(EngineError::InvalidParams(
+                "a batch's sequences must share one model's weights".into(),
+            ));
+        }
+        for t in tokens {
+            check_tokens(t, spec.vocab)?;
+        }
+        let starts: Vec<usize> = models.iter().map(|m| m.kv_len()).collect();
+        let flat: Vec<u32> = tokens.concat();
+        let out = {
+            let mut offset = 0;
+            let mut seqs: Vec<Seq<'_>> = Vec::with_capacity(models.len());
+            for ((m, t), &pos) in models.iter_mut().zip(tokens).zip(&starts) {
+                let m: &mut Model = m;
+                seqs.push(Seq {
+                    kv: &mut m.kv,
+                    pos,
+                    offset,
+                    len: t.len(),
+                    rope: &m.rope,
+                    rope_local: m.rope_local.as_ref(),
+                    context: m.context,
+                });
+                offset += t.len();
+            }
+            layers(&shared, &spec, &device, &flat, &mut seqs).and_then(|x| {
+                let x = x.squeeze(0)?;
+                let last: Vec<Tensor> = seqs
+                    .iter()
+                    .map(|s| x.narrow(0, s.offset + s.len - 1, 1))
+                    .collect::<candle_core::Result<_>>()?;
+                let x = Tensor::cat(&last, 0)?;
+                let x = shared.norm.forward(&x)?;
+                Ok(shared.output.forward_output(&x)?)
+            })
+        };
+        if out.is_err() {
+            for (m, &pos) in models.iter_mut().zip(&starts) {
+                m.truncate_kv(pos);
+            }
+        }
+        out
+    }
+}
+
+/// The tensor path's attention mask of one sequence and window: the key
+/// positions visible (`keys.0..keys.1`) and the mask over them, if needed.
+struct Mask {
+    seq: usize,
+    window: Option<usize>,
+    keys: (usize, usize),
+    mask: Option<Tensor>,
+}
+
+/// The layers over a batch of sequences: `tokens` holds each sequence's
+/// tokens in turn (rows `offset..offset + len`). Row-wise work (norms,
+/// projections, MLP) runs once over all rows; RoPE and attention per
+/// sequence. Returns the hidden states (1, rows, hidden) before the final norm.
+fn layers(
+    w: &Shared,
+    s: &Spec,
+    dev: &Device,
+    tokens: &[u32],
+    seqs: &mut [Seq<'_>],
+) -> Result<Tensor> {
+    for q in seqs.iter() {
+        if q.len == 0 || q.pos + q.len > q.context {
             return Err(EngineError::PromptTooLong {
-                tokens: pos + seq,
-                context: self.context,
+                tokens: q.pos + q.len,
+                context: q.context,
             });
         }
-        let dev = &self.device;
-        let s = &self.spec;
-        let mut x = self.embed.forward(tokens, dev)?;
-        if let Some(scale) = s.embed_scale {
-            x = (x * scale)?;
+    }
+    let rows = tokens.len();
+    let mut x = w.embed.forward(tokens, dev)?;
+    if let Some(scale) = s.embed_scale {
+        x = (x * scale)?;
+    }
+    // Tensor path: one mask per sequence and distinct window per call,
+    // shared by the layers.
+    let mut masks: Vec<Mask> = Vec::new();
+    for (i, layer) in w.layers.iter().enumerate() {
+        let win = layer.window;
+        let residual = &x;
+        let h = layer.attn_norm.forward(&x)?;
+        let shape = |heads| (1, rows, heads, s.head_dim);
+        let (q, k, v) = match &layer.qkv {
+            Qkv::Split { q, k, v } => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
+            Qkv::Fused(qkv) => {
+                let qkv = qkv.forward(&h)?;
+                let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+                (
+                    qkv.narrow(2, 0, qd)?,
+                    qkv.narrow(2, qd, kvd)?,
+                    qkv.narrow(2, qd + kvd, kvd)?,
+                )
+            }
+        };
+        let mut q = q.reshape(shape(s.heads))?;
+        let mut k = k.reshape(shape(s.kv_heads))?;
+        let v = v.reshape(shape(s.kv_heads))?;
+        if let Some((qn, kn)) = &layer.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
         }
-
-        // Tensor path: one mask per distinct window per call, shared by the layers.
-        let mut masks: Vec<(Option<usize>, usize, usize, Option<Tensor>)> = Vec::new();
-        for layer in &mut self.layers {
-            let w = layer.window;
-            let rope = match (w, &self.rope_local) {
+        let mut parts = Vec::with_capacity(seqs.len());
+        for (n, sq) in seqs.iter_mut().enumerate() {
+            let rope = match (win, sq.rope_local) {
                 (Some(_), Some(local)) => local,
-                _ => &self.rope,
+                _ => sq.rope,
             };
-
-            let residual = &x;
-            let h = layer.attn_norm.forward(&x)?;
-            let shape = |heads| (1, seq, heads, s.head_dim);
-            let (q, k, v) = match &layer.qkv {
-                Qkv::Split { q, k, v } => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
-                Qkv::Fused(qkv) => {
-                    let qkv = qkv.forward(&h)?;
-                    let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-                    (
-                        qkv.narrow(2, 0, qd)?,
-                        qkv.narrow(2, qd, kvd)?,
-                        qkv.narrow(2, qd + kvd, kvd)?,
-                    )
+            let rows_of = |t: &Tensor| -> candle_core::Result<Tensor> {
+                if sq.len == rows {
+                    Ok(t.clone())
+                } else {
+                    t.narrow(1, sq.offset, sq.len)
                 }
             };
-            let mut q = q.reshape(shape(s.heads))?;
-            let mut k = k.reshape(shape(s.kv_heads))?;
-            let v = v.reshape(shape(s.kv_heads))?;
-            if let Some((qn, kn)) = &layer.qk_norm {
-                q = qn.forward(&q)?;
-                k = kn.forward(&k)?;
-            }
-            let q = rope.apply(&q, pos)?;
-            let k = rope.apply(&k, pos)?;
-            let attended = match &mut layer.cache {
+            let (pos, len) = (sq.pos, sq.len);
+            let q = rope.apply(&rows_of(&q)?, pos)?;
+            let k = rope.apply(&rows_of(&k)?, pos)?;
+            let v = rows_of(&v)?;
+            let attended = match &mut sq.kv[i] {
                 Cache::Cpu(cache) => {
                     let shape = cpu_attention::Shape {
                         heads: s.heads,
                         kv_heads: s.kv_heads,
                         head_dim: s.head_dim,
                         scale: s.attn_scale as f32,
-                        window: w,
-                        context: self.context,
+                        window: win,
+                        context: sq.context,
                     };
                     cpu_attention::attend(cache, &q, &k, &v, pos, shape)?
                 }
                 Cache::Tensor(cache) => {
-                    if !masks.iter().any(|m| m.0 == w) {
+                    if !masks.iter().any(|m| m.seq == n && m.window == win) {
                         // Exact key views: a decode step needs no mask.
-                        let (k_start, k_end) = (first_visible_key(pos, w), pos + seq);
-                        let mask = attention_mask(pos, seq, k_start, k_end, w, dev)?;
-                        masks.push((w, k_start, k_end, mask));
+                        let (k_start, k_end) = (first_visible_key(pos, win), pos + len);
+                        masks.push(Mask {
+                            seq: n,
+                            window: win,
+                            keys: (k_start, k_end),
+                            mask: attention_mask(pos, len, k_start, k_end, win, dev)?,
+                        });
                     }
-                    let (_, k_start, k_end, mask) = masks.iter().find(|m| m.0 == w).unwrap();
+                    let m = masks
+                        .iter()
+                        .find(|m| m.seq == n && m.window == win)
+                        .expect("made above");
                     let q = (q.transpose(1, 2)? * s.attn_scale)?;
-                    let (k, v) =
-                        cache.append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, *k_start, *k_end)?;
-                    attention(&q, &k, &v, mask.as_ref())?
+                    let (k, v) = cache.append(
+                        &k.transpose(1, 2)?,
+                        &v.transpose(1, 2)?,
+                        m.keys.0,
+                        m.keys.1,
+                    )?;
+                    attention(&q, &k, &v, m.mask.as_ref())?
                 }
             };
-            let mut a = layer.o.forward(&attended)?;
-            if let Some(n) = &layer.post_attn_norm {
-                a = n.forward(&a)?;
-            }
-            let x1 = (a + residual)?;
-
-            let h = layer.ffn_norm.forward(&x1)?;
-            let (g, u) = match &layer.gate {
-                Some(gate) => (gate.forward(&h)?, layer.up.forward(&h)?),
-                None => {
-                    let gu = layer.up.forward(&h)?;
-                    (gu.narrow(2, 0, s.ffn)?, gu.narrow(2, s.ffn, s.ffn)?)
-                }
-            };
-            let g = match s.activation {
-                Activation::Silu => candle_nn::ops::silu(&g)?,
-                Activation::GeluTanh => g.gelu()?,
-            };
-            let mut m = layer.down.forward(&(g * u)?)?;
-            if let Some(n) = &layer.post_ffn_norm {
-                m = n.forward(&m)?;
-            }
-            x = (m + x1)?;
+            parts.push(attended);
         }
-        let x = which.select(&x)?;
-        let x = self.norm.forward(&x)?;
-        Ok(self.output.forward_output(&x)?)
+        let attended = match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(&parts, 1)?,
+        };
+        let mut a = layer.o.forward(&attended)?;
+        if let Some(n) = &layer.post_attn_norm {
+            a = n.forward(&a)?;
+        }
+        let x1 = (a + residual)?;
+
+        let h = layer.ffn_norm.forward(&x1)?;
+        let (g, u) = match &layer.gate {
+            Some(gate) => (gate.forward(&h)?, layer.up.forward(&h)?),
+            None => {
+                let gu = layer.up.forward(&h)?;
+                (gu.narrow(2, 0, s.ffn)?, gu.narrow(2, s.ffn, s.ffn)?)
+            }
+        };
+        let g = match s.activation {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let mut m = layer.down.forward(&(g * u)?)?;
+        if let Some(n) = &layer.post_ffn_norm {
+            m = n.forward(&m)?;
+        }
+        x = (m + x1)?;
     }
+    Ok(x)
 }
 
 /// `{arch}.{key}` as an unsigned integer, or `default` when absent.

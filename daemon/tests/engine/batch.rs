@@ -1,0 +1,196 @@
+//! Batched forward passes (issue 11): several sequences at different
+//! positions in one pass (`Model::forward_batch`) give what each gives alone.
+//! Synthetic models of every architecture: logits within 1e-3 of the largest
+//! (f32 activations; bitwise but for the output projection's one-row kernel)
+//! while sequences join with a prefill chunk, decode together and leave. The
+//! Gemma file: greedy tokens identical for 5 prompts × 64 tokens, sequences
+//! of different lengths joining and leaving mid-flight, one cancelled.
+
+use std::collections::BTreeMap;
+
+use candle_core::Device;
+use paraphym_daemon::engine::gguf::GgufFile;
+use paraphym_daemon::engine::{models, LogitsFor, Tokenizer, Weights};
+use paraphym_daemon::synth::Arch;
+
+use crate::synthetic::tiny;
+use crate::util;
+
+const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Llama, Arch::Gemma3, Arch::Phi3];
+
+fn row(t: &candle_core::Tensor, i: usize) -> Vec<f32> {
+    t.get(i).unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0 as u32
+}
+
+/// Greedy decoding of `prompt` alone: the logits of every step.
+fn alone(model: &models::Model, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut m = model.clone();
+    m.clear_kv();
+    let mut out = vec![row(&m.forward(prompt, LogitsFor::Last).unwrap(), 0)];
+    for _ in 1..steps {
+        let next = argmax(out.last().unwrap());
+        out.push(row(&m.forward(&[next], LogitsFor::Last).unwrap(), 0));
+    }
+    out
+}
+
+/// A scripted batch: `joins[step]` are the sequences that start (with their
+/// whole prompt as one chunk) in that pass, next to the others' decode
+/// steps; a sequence leaves after `steps` logits or at `cancel`.
+struct Script<'a> {
+    prompts: &'a [Vec<u32>],
+    joins: BTreeMap<usize, Vec<usize>>,
+    steps: usize,
+    cancel: Option<(usize, usize)>,
+}
+
+/// Run the script; the logits each sequence got, in order.
+fn batched(model: &models::Model, script: &Script<'_>) -> Vec<Vec<Vec<f32>>> {
+    let n = script.prompts.len();
+    let mut engines: Vec<models::Model> = (0..n)
+        .map(|_| {
+            let mut m = model.clone();
+            m.clear_kv();
+            m
+        })
+        .collect();
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); n];
+    let mut active: Vec<usize> = Vec::new();
+    let mut pass = 0;
+    loop {
+        for &j in script.joins.get(&pass).into_iter().flatten() {
+            active.push(j);
+        }
+        // In index order, as the engines are taken below.
+        active.sort_unstable();
+        if active.is_empty() && script.joins.keys().all(|&k| k < pass) {
+            break;
+        }
+        if !active.is_empty() {
+            let runs: Vec<Vec<u32>> = active
+                .iter()
+                .map(|&i| match got[i].last() {
+                    None => script.prompts[i].clone(),
+                    Some(l) => vec![argmax(l)],
+                })
+                .collect();
+            let runs: Vec<&[u32]> = runs.iter().map(Vec::as_slice).collect();
+            let mut refs: Vec<&mut models::Model> = engines
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| active.contains(i))
+                .map(|(_, m)| m)
+                .collect();
+            let logits = models::Model::forward_batch(&mut refs, &runs).unwrap();
+            for (r, &i) in active.iter().enumerate() {
+                got[i].push(row(&logits, r));
+            }
+        }
+        active.retain(|&i| {
+            let cancelled = script
+                .cancel
+                .is_some_and(|(c, at)| c == i && got[i].len() >= at);
+            got[i].len() < script.steps && !cancelled
+        });
+        pass += 1;
+    }
+    got
+}
+
+#[test]
+fn batched_sequences_match_each_alone_on_every_architecture() {
+    let gpl = util::gpl3();
+    for arch in ARCHS {
+        let path = tiny(arch);
+        let gguf = GgufFile::open(&path).unwrap();
+        let all = Tokenizer::from_gguf(&gguf)
+            .unwrap()
+            .encode(&gpl, true)
+            .unwrap();
+        let model = models::load(&gguf, 1024, Weights::Quantized, &Device::Cpu).unwrap();
+        let prompts: Vec<Vec<u32>> = [(0, 37), (100, 5), (300, 120), (50, 60)]
+            .iter()
+            .map(|&(from, len)| all[from..from + len].to_vec())
+            .collect();
+        let steps = 12;
+        let script = Script {
+            prompts: &prompts,
+            // Three start together (prefills sharing a pass), one joins
+            // while the others decode.
+            joins: BTreeMap::from([(0, vec![0, 1, 2]), (5, vec![3])]),
+            steps,
+            cancel: Some((1, 4)),
+        };
+        let got = batched(&model, &script);
+        for (i, p) in prompts.iter().enumerate() {
+            let want = alone(&model, p, steps);
+            let expected = if i == 1 { 4 } else { steps };
+            assert_eq!(got[i].len(), expected, "{} sequence {i}", arch.name());
+            let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+            for (step, (a, b)) in got[i].iter().zip(&want).enumerate() {
+                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(
+                    diff <= 1e-3 * scale,
+                    "{} sequence {i} step {step}: {diff} of {scale}",
+                    arch.name()
+                );
+                assert_eq!(
+                    argmax(a),
+                    argmax(b),
+                    "{} sequence {i} step {step}",
+                    arch.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_greedy_tokens_are_those_of_each_prompt_alone_on_the_gemma_file() {
+    let gguf = GgufFile::open(&util::gemma_path()).unwrap();
+    let tok = Tokenizer::from_gguf(&gguf).unwrap();
+    let model = models::load(&gguf, 1024, Weights::Quantized, &Device::Cpu).unwrap();
+    let texts = [
+        "The capital of France is",
+        "Write a haiku about the sea.\n",
+        "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+        "Once upon a time, in a small village at the edge of a great forest, there lived",
+        "Q: What is 12 times 7?\nA:",
+    ];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, true).unwrap()).collect();
+    let steps = 64;
+    let script = Script {
+        prompts: &prompts,
+        joins: BTreeMap::from([(0, vec![0, 1]), (3, vec![2]), (20, vec![3]), (40, vec![4])]),
+        steps,
+        // The third is cancelled mid-batch.
+        cancel: Some((2, 30)),
+    };
+    let got = batched(&model, &script);
+    for (i, p) in prompts.iter().enumerate() {
+        let want: Vec<u32> = alone(&model, p, steps).iter().map(|l| argmax(l)).collect();
+        let tokens: Vec<u32> = got[i].iter().map(|l| argmax(l)).collect();
+        let n = tokens.len();
+        assert_eq!(n, if i == 2 { 30 } else { steps }, "prompt {i}");
+        assert_eq!(
+            tokens,
+            want[..n],
+            "prompt {i}: {:?} / {:?}",
+            tok.decode(&tokens).unwrap(),
+            tok.decode(&want[..n]).unwrap()
+        );
+    }
+}
