@@ -34,6 +34,14 @@ fn run(c: &paraphym_protocol::client::Client, g: Generate) -> (String, GenStats)
     c.generate(g).unwrap().collect_text().unwrap()
 }
 
+/// The error a generation ends with.
+fn refused(
+    c: &paraphym_protocol::client::Client,
+    g: Generate,
+) -> paraphym_protocol::client::ClientError {
+    c.generate(g).unwrap().collect_text().unwrap_err()
+}
+
 #[test]
 fn requests_get_the_window_they_ask_for_and_a_longer_one_grows_the_model() {
     let model = tiny(Arch::Qwen3);
@@ -52,18 +60,10 @@ fn requests_get_the_window_they_ask_for_and_a_longer_one_grows_the_model() {
     let (short, e) = run(&c, tokens_gen(m, 100, 100, Some(110)));
     assert_eq!((e.stop, e.generated_tokens), (StopReason::ContextFull, 11));
     assert!(full.starts_with(&short), "{full:?} / {short:?}");
-    let err = c
-        .generate(tokens_gen(m, 100, 10, Some(64)))
-        .unwrap()
-        .collect_text()
-        .unwrap_err();
+    let err = refused(&c, tokens_gen(m, 100, 10, Some(64)));
     assert_eq!(err.kind(), Some(ErrorKind::ContextOverflow), "{err}");
     assert!(err.to_string().contains("64"), "{err}");
-    let zero = c
-        .generate(tokens_gen(m, 10, 10, Some(0)))
-        .unwrap()
-        .collect_text()
-        .unwrap_err();
+    let zero = refused(&c, tokens_gen(m, 10, 10, Some(0)));
     assert_eq!(zero.kind(), Some(ErrorKind::BadRequest), "{zero}");
     assert_eq!(served(&c), 128, "asking for less never shrinks the model");
 
@@ -119,11 +119,7 @@ fn a_longer_context_past_the_memory_budget_is_refused_and_others_are_served() {
     let (_, s) = run(&c, tokens_gen(m, 20, 5, None));
     assert_eq!(s.generated_tokens, 5);
 
-    let err = c
-        .generate(tokens_gen(m, 20, 5, Some(4096)))
-        .unwrap()
-        .collect_text()
-        .unwrap_err();
+    let err = refused(&c, tokens_gen(m, 20, 5, Some(4096)));
     assert_eq!(err.kind(), Some(ErrorKind::OutOfMemory), "{err}");
     assert!(
         err.to_string().contains("4096 positions") && err.to_string().contains("memory budget"),

@@ -13,7 +13,7 @@ use paraphym_daemon::engine::gguf::GgufFile;
 use paraphym_daemon::engine::{models, LogitsFor, Tokenizer, Weights};
 use paraphym_daemon::synth::Arch;
 
-use crate::synthetic::tiny;
+use crate::synthetic::{gpl_tokens, tiny};
 use crate::util;
 
 const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Llama, Arch::Gemma3, Arch::Phi3];
@@ -112,14 +112,10 @@ fn batched(model: &models::Model, script: &Script<'_>) -> Vec<Vec<Vec<f32>>> {
 
 #[test]
 fn batched_sequences_match_each_alone_on_every_architecture() {
-    let gpl = util::gpl3();
     for arch in ARCHS {
         let path = tiny(arch);
+        let all = gpl_tokens(&path, 420);
         let gguf = GgufFile::open(&path).unwrap();
-        let all = Tokenizer::from_gguf(&gguf)
-            .unwrap()
-            .encode(&gpl, true)
-            .unwrap();
         let model = models::load(&gguf, 1024, Weights::Quantized, &Device::Cpu).unwrap();
         let prompts: Vec<Vec<u32>> = [(0, 37), (100, 5), (300, 120), (50, 60)]
             .iter()

@@ -32,6 +32,18 @@ pub fn tiny(arch: Arch) -> PathBuf {
     path
 }
 
+/// The first `n` tokens of the GPL text in the vocabulary of the model at `path`.
+pub fn gpl_tokens(path: &Path, n: usize) -> Vec<u32> {
+    let gguf = GgufFile::open(path).unwrap();
+    let mut tokens = Tokenizer::from_gguf(&gguf)
+        .unwrap()
+        .encode(&util::gpl3(), true)
+        .unwrap();
+    assert!(tokens.len() >= n, "the GPL is {} tokens", tokens.len());
+    tokens.truncate(n);
+    tokens
+}
+
 fn load(path: &Path, context: usize, weights: Weights) -> models::Model {
     let g = GgufFile::open(path).unwrap();
     models::load(&g, context, weights, &Device::Cpu).unwrap()
@@ -121,15 +133,9 @@ fn tiny_models_match_the_reference_forward_pass() {
 
 #[test]
 fn tiny_models_are_consistent_across_chunking() {
-    let gpl = util::gpl3();
     for arch in ARCHS {
         let path = tiny(arch);
-        let gguf = GgufFile::open(&path).unwrap();
-        let mut tokens = Tokenizer::from_gguf(&gguf)
-            .unwrap()
-            .encode(&gpl, true)
-            .unwrap();
-        tokens.truncate(1500);
+        let tokens = gpl_tokens(&path, 1500);
         let mut model = load(&path, 2048, Weights::Quantized);
         let mut run = |chunks: &[usize]| {
             model.clear_kv();
@@ -167,15 +173,9 @@ fn tiny_models_are_consistent_across_chunking() {
 /// old context work, and an instance that shares the grown tables agrees.
 #[test]
 fn a_model_set_to_a_longer_context_answers_as_one_loaded_with_it() {
-    let gpl = util::gpl3();
     for arch in ARCHS {
         let path = tiny(arch);
-        let gguf = GgufFile::open(&path).unwrap();
-        let mut tokens = Tokenizer::from_gguf(&gguf)
-            .unwrap()
-            .encode(&gpl, true)
-            .unwrap();
-        tokens.truncate(300);
+        let tokens = gpl_tokens(&path, 300);
         let logits = |m: &mut models::Model, t: &[u32]| {
             m.forward(t, LogitsFor::Last)
                 .unwrap()
