@@ -563,13 +563,55 @@ impl Engine {
         mut on_event: impl FnMut(GenEvent<'_>),
     ) -> Result<Generation, EngineError> {
         let start = Instant::now();
+        let prompt_tokens = self.prompt_tokens(prompt)?;
+        let mut d = self.begin(prompt_tokens, params, start)?;
+        let turns = self.turns.clone();
+        let turn = || turns.as_ref().map(Turns::take);
+        let whole_step = turns.as_ref().is_some_and(|t| t.whole_step);
+        // A whole-step turn is kept until the step's token is on the host.
+        let mut held = None;
+        while !d.prefilled() {
+            if cancel.load(Ordering::Relaxed) {
+                return self.finish(d, FinishReason::Cancelled, &mut on_event);
+            }
+            drop(held.take());
+            let t = turn();
+            self.prefill_step(&mut d, &mut on_event)?;
+            held = t.filter(|_| whole_step);
+        }
+        let finish = loop {
+            let next = self.choose(&mut d, cancel, &mut on_event);
+            drop(held.take());
+            let token = match next? {
+                Step::Feed(t) => t,
+                Step::Done(f) => break f,
+            };
+            let t = turn();
+            d.logits = Some(self.model.forward(&[token], LogitsFor::Last)?);
+            held = t.filter(|_| whole_step);
+        };
+        drop(held);
+        self.finish(d, finish, &mut on_event)
+    }
+
+    /// Start a generation of `prompt_tokens`: checks, and the cache cut to
+    /// the longest prefix it shares with them (when `params.reuse_cache`).
+    /// Nothing runs yet: [`Engine::prefill_step`] until prefilled, then
+    /// [`Engine::choose`] and a forward pass per token, then
+    /// [`Engine::finish`]. `generate` is exactly that loop; a batching
+    /// caller runs several generations' forward passes as one.
+    pub fn begin(
+        &mut self,
+        prompt_tokens: Vec<u32>,
+        params: &GenParams,
+        start: Instant,
+    ) -> Result<Decoding, EngineError> {
         params.sampling.validate()?;
         if params.prefill_chunk == 0 {
             return Err(EngineError::InvalidParams(
                 "prefill_chunk must be at least 1".into(),
             ));
         }
-        let prompt_tokens = self.prompt_tokens(prompt)?;
         if prompt_tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -593,52 +635,13 @@ impl Engine {
             0
         };
         self.cached.truncate(reuse);
-        let mut out = Generation {
-            prompt_tokens: prompt_tokens.len(),
-            reused_tokens: reuse,
-            tokens: Vec::new(),
-            finish: FinishReason::Cancelled,
-            prefill_time: Duration::ZERO,
-            decode_time: Duration::ZERO,
-            time_to_first_token: Duration::ZERO,
-        };
-
-        // Prefill.
         if reuse == 0 {
             self.model.clear_kv();
         } else {
             self.model.truncate_kv(reuse);
         }
-        let turns = self.turns.clone();
-        let turn = || turns.as_ref().map(Turns::take);
-        let whole_step = turns.as_ref().is_some_and(|t| t.whole_step);
-        // A whole-step turn is kept until the step's token is on the host.
-        let mut held = None;
-        let mut logits = None;
-        let total = prompt_tokens.len();
-        for chunk in prompt_tokens[reuse..].chunks(params.prefill_chunk) {
-            if cancel.load(Ordering::Relaxed) {
-                out.prefill_time = start.elapsed();
-                self.cached = prompt_tokens[..self.model.kv_len()].to_vec();
-                self.prompt_len = prompt_tokens.len();
-                return Ok(out);
-            }
-            drop(held.take());
-            let t = turn();
-            logits = Some(self.model.forward(chunk, LogitsFor::Last)?);
-            held = t.filter(|_| whole_step);
-            on_event(GenEvent::Prefilled {
-                done: self.model.kv_len(),
-                total,
-            });
-        }
-        let mut logits = logits.expect("a non-empty prompt has a last chunk");
-
-        // Decode. The first token ends the prefill: on a GPU, choosing it is
-        // what waits for the queued prefill kernels.
-        let mut sampler = Sampler::new(params.sampling.clone());
+        let sampler = Sampler::new(params.sampling.clone());
         let route = pick::Route::new(&self.device, &sampler);
-        let mut cursor = params.json.clone().map(json::Cursor::new);
         // How many allowed tokens the sampler chooses among under a JSON
         // constraint: what its top-k would keep.
         let json_choices = match &params.sampling {
@@ -646,117 +649,244 @@ impl Engine {
             p if p.top_k > 0 => p.top_k,
             _ => 64,
         };
-        let mut history = prompt_tokens;
-        let mut detok = Detokenizer::default();
-        let mut stops = StopMatcher::new(&params.stop);
-        let mut decode_start = Instant::now();
-        let decode = |ids: &[u32]| self.tokenizer.decode(ids);
-        let finish = loop {
-            let (token, logprobs) = if params.logprobs.is_some() || cursor.is_some() {
-                // The whole row on the host: for the log-probabilities, or
-                // to mask what the JSON output cannot continue with.
-                let mut row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-                let scored = params
-                    .logprobs
-                    .map(|n| log_softmax_top(&row, n.min(MAX_TOP_LOGPROBS)));
-                // Masks and penalties change the row in place: keep the model's.
-                let raw = (scored.is_some() && (cursor.is_some() || sampler.params().penalizes()))
-                    .then(|| row.clone());
-                if let Some(c) = &cursor {
-                    json::mask(c, &mut row, &self.tokenizer, json_choices)?;
+        Ok(Decoding {
+            out: Generation {
+                prompt_tokens: prompt_tokens.len(),
+                reused_tokens: reuse,
+                tokens: Vec::new(),
+                finish: FinishReason::Cancelled,
+                prefill_time: Duration::ZERO,
+                decode_time: Duration::ZERO,
+                time_to_first_token: Duration::ZERO,
+            },
+            params: params.clone(),
+            start,
+            context,
+            sampler,
+            route,
+            cursor: params.json.clone().map(json::Cursor::new),
+            json_choices,
+            history: prompt_tokens,
+            detok: Detokenizer::default(),
+            stops: StopMatcher::new(&params.stop),
+            decode_start: start,
+            prefilled: false,
+            logits: None,
+        })
+    }
+
+    /// Prefill the next chunk of the prompt (`Prefilled` reports it).
+    pub fn prefill_step(
+        &mut self,
+        d: &mut Decoding,
+        on_event: &mut impl FnMut(GenEvent<'_>),
+    ) -> Result<(), EngineError> {
+        let done = self.model.kv_len();
+        let total = d.history.len();
+        let n = d.params.prefill_chunk.min(total - done);
+        let logits = self
+            .model
+            .forward(&d.history[done..done + n], LogitsFor::Last)?;
+        if done + n == total {
+            d.logits = Some(logits);
+            d.prefilled = true;
+        }
+        on_event(GenEvent::Prefilled {
+            done: self.model.kv_len(),
+            total,
+        });
+        Ok(())
+    }
+
+    /// Choose the next token from the logits the last forward pass left in
+    /// `d` (`d.logits`, or set them from a batched pass), report it, and say
+    /// whether the generation goes on (feed this token) or ends.
+    pub fn choose(
+        &mut self,
+        d: &mut Decoding,
+        cancel: &AtomicBool,
+        on_event: &mut impl FnMut(GenEvent<'_>),
+    ) -> Result<Step, EngineError> {
+        let logits = d
+            .logits
+            .take()
+            .ok_or_else(|| EngineError::InvalidParams("no logits to choose from".into()))?;
+        // The first token ends the prefill: on a GPU, choosing it is what
+        // waits for the queued prefill kernels.
+        let params = &d.params;
+        let (token, logprobs) = if params.logprobs.is_some() || d.cursor.is_some() {
+            // The whole row on the host: for the log-probabilities, or
+            // to mask what the JSON output cannot continue with.
+            let mut row: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let scored = params
+                .logprobs
+                .map(|n| log_softmax_top(&row, n.min(MAX_TOP_LOGPROBS)));
+            // Masks and penalties change the row in place: keep the model's.
+            let raw = (scored.is_some() && (d.cursor.is_some() || d.sampler.params().penalizes()))
+                .then(|| row.clone());
+            if let Some(c) = &d.cursor {
+                json::mask(c, &mut row, &self.tokenizer, d.json_choices)?;
+            }
+            let token = d.sampler.sample(&mut row, &d.history);
+            let logprobs = scored.map(|(lse, top)| {
+                let lp = |x: f32| (f64::from(x) - lse) as f32;
+                let logit = raw.as_ref().unwrap_or(&row).get(token as usize);
+                TokenLogprobs {
+                    token,
+                    bytes: self.tokenizer.token_bytes(token),
+                    logprob: logit.map_or(f32::NEG_INFINITY, |&x| lp(x)),
+                    top: top
+                        .into_iter()
+                        .map(|(t, x)| (t, self.tokenizer.token_bytes(t), lp(x)))
+                        .collect(),
                 }
-                let token = sampler.sample(&mut row, &history);
-                let logprobs = scored.map(|(lse, top)| {
-                    let lp = |x: f32| (f64::from(x) - lse) as f32;
-                    let logit = raw.as_ref().unwrap_or(&row).get(token as usize);
-                    TokenLogprobs {
-                        token,
-                        bytes: self.tokenizer.token_bytes(token),
-                        logprob: logit.map_or(f32::NEG_INFINITY, |&x| lp(x)),
-                        top: top
-                            .into_iter()
-                            .map(|(t, x)| (t, self.tokenizer.token_bytes(t), lp(x)))
-                            .collect(),
-                    }
-                });
-                (token, logprobs)
-            } else {
-                (
-                    pick::next_token(route, &logits, &mut sampler, &history, &mut self.top)?,
-                    None,
-                )
-            };
-            let json_done = cursor.as_ref().is_some_and(json::Cursor::complete);
-            if let Some(c) = &mut cursor {
-                if !self.tokenizer.is_eog(token) && !c.feed(&self.tokenizer.token_bytes(token)) {
-                    return Err(EngineError::InvalidParams(
-                        "the JSON constraint lost its place (a token it allowed did not fit)"
-                            .into(),
-                    ));
-                }
-            }
-            drop(held.take());
-            if out.tokens.is_empty() {
-                out.time_to_first_token = start.elapsed();
-                out.prefill_time = out.time_to_first_token;
-                decode_start = Instant::now();
-            }
-            if (!params.ignore_eos || json_done) && self.tokenizer.is_eog(token) {
-                break FinishReason::EndOfGeneration;
-            }
-            out.tokens.push(token);
-            history.push(token);
-            if let Some(lp) = &logprobs {
-                on_event(GenEvent::Logprobs(lp));
-            }
-            on_event(GenEvent::Token(token));
-            if let Some(piece) = detok.push(token, decode)? {
-                match stops.push(&piece) {
-                    StopCheck::Continue(text) => {
-                        if !text.is_empty() {
-                            on_event(GenEvent::Text(&text));
-                        }
-                    }
-                    StopCheck::Stop(text, i) => {
-                        if !text.is_empty() {
-                            on_event(GenEvent::Text(&text));
-                        }
-                        break FinishReason::StopString(i);
-                    }
-                }
-            }
-            if out.tokens.len() >= params.max_tokens {
-                break FinishReason::MaxTokens;
-            }
-            if self.model.kv_len() >= context {
-                break FinishReason::ContextFull;
-            }
-            if cancel.load(Ordering::Relaxed) {
-                break FinishReason::Cancelled;
-            }
-            let t = turn();
-            logits = self.model.forward(&[token], LogitsFor::Last)?;
-            held = t.filter(|_| whole_step);
+            });
+            (token, logprobs)
+        } else {
+            (
+                pick::next_token(d.route, &logits, &mut d.sampler, &d.history, &mut self.top)?,
+                None,
+            )
         };
-        drop(held);
+        let json_done = d.cursor.as_ref().is_some_and(json::Cursor::complete);
+        if let Some(c) = &mut d.cursor {
+            if !self.tokenizer.is_eog(token) && !c.feed(&self.tokenizer.token_bytes(token)) {
+                return Err(EngineError::InvalidParams(
+                    "the JSON constraint lost its place (a token it allowed did not fit)".into(),
+                ));
+            }
+        }
+        if d.out.tokens.is_empty() {
+            d.out.time_to_first_token = d.start.elapsed();
+            d.out.prefill_time = d.out.time_to_first_token;
+            d.decode_start = Instant::now();
+        }
+        if (!params.ignore_eos || json_done) && self.tokenizer.is_eog(token) {
+            return Ok(Step::Done(FinishReason::EndOfGeneration));
+        }
+        d.out.tokens.push(token);
+        d.history.push(token);
+        if let Some(lp) = &logprobs {
+            on_event(GenEvent::Logprobs(lp));
+        }
+        on_event(GenEvent::Token(token));
+        let decode = |ids: &[u32]| self.tokenizer.decode(ids);
+        if let Some(piece) = d.detok.push(token, decode)? {
+            match d.stops.push(&piece) {
+                StopCheck::Continue(text) => {
+                    if !text.is_empty() {
+                        on_event(GenEvent::Text(&text));
+                    }
+                }
+                StopCheck::Stop(text, i) => {
+                    if !text.is_empty() {
+                        on_event(GenEvent::Text(&text));
+                    }
+                    return Ok(Step::Done(FinishReason::StopString(i)));
+                }
+            }
+        }
+        if d.out.tokens.len() >= params.max_tokens {
+            return Ok(Step::Done(FinishReason::MaxTokens));
+        }
+        if self.model.kv_len() >= d.context {
+            return Ok(Step::Done(FinishReason::ContextFull));
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(Step::Done(FinishReason::Cancelled));
+        }
+        Ok(Step::Feed(token))
+    }
+
+    /// End a generation: the text still held back, the statistics, and the
+    /// cache's bookkeeping (what it holds, for the next turn).
+    pub fn finish(
+        &mut self,
+        mut d: Decoding,
+        finish: FinishReason,
+        on_event: &mut impl FnMut(GenEvent<'_>),
+    ) -> Result<Generation, EngineError> {
+        if !d.prefilled {
+            // Cancelled while prefilling: keep what was prefilled.
+            d.out.prefill_time = d.start.elapsed();
+            self.cached = d.history[..self.model.kv_len()].to_vec();
+            self.prompt_len = d.out.prompt_tokens;
+            d.out.finish = FinishReason::Cancelled;
+            return Ok(d.out);
+        }
         if !matches!(finish, FinishReason::StopString(_)) {
-            let mut tail = detok.finish(decode)?.unwrap_or_default();
-            match stops.push(&tail) {
+            let decode = |ids: &[u32]| self.tokenizer.decode(ids);
+            let mut tail = d.detok.finish(decode)?.unwrap_or_default();
+            match d.stops.push(&tail) {
                 StopCheck::Continue(t) | StopCheck::Stop(t, _) => tail = t,
             }
-            tail.push_str(&stops.flush());
+            tail.push_str(&d.stops.flush());
             if !tail.is_empty() {
                 on_event(GenEvent::Text(&tail));
             }
         }
-        out.finish = finish;
-        out.decode_time = decode_start.elapsed();
+        d.out.finish = finish;
+        d.out.decode_time = d.decode_start.elapsed();
         // The last token chosen was never fed back: the cache holds the rest.
-        history.truncate(self.model.kv_len());
-        self.cached = history;
-        self.prompt_len = out.prompt_tokens;
-        Ok(out)
+        d.history.truncate(self.model.kv_len());
+        self.cached = d.history;
+        self.prompt_len = d.out.prompt_tokens;
+        Ok(d.out)
     }
+}
+
+/// One decode step of several generations at once: each engine's token runs
+/// through the weights they share in one pass (`Model::forward_batch`) and
+/// its logits go to its generation, for [`Engine::choose`]. The engines must
+/// be replicas of one load.
+pub fn step_batch(batch: &mut [(&mut Engine, &mut Decoding, u32)]) -> Result<(), EngineError> {
+    let tokens: Vec<[u32; 1]> = batch.iter().map(|(_, _, t)| [*t]).collect();
+    let runs: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
+    let logits = {
+        let mut models: Vec<&mut Model> = batch.iter_mut().map(|(e, _, _)| &mut e.model).collect();
+        Model::forward_batch(&mut models, &runs)?
+    };
+    for (i, (_, d, _)) in batch.iter_mut().enumerate() {
+        d.logits = Some(logits.narrow(0, i, 1)?);
+    }
+    Ok(())
+}
+
+/// A generation in progress on an engine (see [`Engine::begin`]).
+#[derive(Debug)]
+pub struct Decoding {
+    out: Generation,
+    params: GenParams,
+    start: Instant,
+    /// The positions it may use.
+    context: usize,
+    sampler: Sampler,
+    route: pick::Route,
+    cursor: Option<json::Cursor>,
+    json_choices: usize,
+    /// The prompt, then the tokens generated.
+    history: Vec<u32>,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    decode_start: Instant,
+    prefilled: bool,
+    /// The logits the next token is chosen from.
+    pub logits: Option<candle_core::Tensor>,
+}
+
+impl Decoding {
+    /// Is the whole prompt in the cache?
+    pub fn prefilled(&self) -> bool {
+        self.prefilled
+    }
+}
+
+/// What [`Engine::choose`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Run this token through the model; its logits choose the next.
+    Feed(u32),
+    Done(FinishReason),
 }
 
 /// The indices of a chat's oldest turn: its first message that is neither a

@@ -190,3 +190,152 @@ fn batched_greedy_tokens_are_those_of_each_prompt_alone_on_the_gemma_file() {
         );
     }
 }
+
+/// The engine's steps driven as a batching worker will drive them (each
+/// generation prefilled on its own, then one `step_batch` pass per token for
+/// all, each leaving when it ends) give what `Engine::generate` gives alone:
+/// the same text, tokens and finish reasons, with a stop string, a token
+/// limit and end of generation among them.
+#[test]
+fn engines_stepped_together_generate_what_each_generates_alone() {
+    use paraphym_daemon::engine::{
+        json, step_batch, ChatOptions, Decoding, Engine, GenEvent, GenParams, Generation, Message,
+        Prompt, SamplingParams, Step,
+    };
+    use std::sync::atomic::AtomicBool;
+
+    let proto = util::gemma().replica();
+    let never = AtomicBool::new(false);
+    let chat = |text: &str| {
+        proto
+            .prompt_tokens(Prompt::Chat(
+                &[Message::new("user", text)],
+                &ChatOptions {
+                    add_generation_prompt: true,
+                    ..ChatOptions::default()
+                },
+            ))
+            .unwrap()
+    };
+    let greedy = |max_tokens, stop: &[&str], prefill_chunk| GenParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: stop.iter().map(|s| s.to_string()).collect(),
+        prefill_chunk,
+        ..GenParams::default()
+    };
+    let cases: Vec<(Vec<u32>, GenParams)> = vec![
+        (
+            proto
+                .prompt_tokens(Prompt::Text("The capital of France is"))
+                .unwrap(),
+            greedy(24, &[], 512),
+        ),
+        (
+            chat("List three colours, one per line."),
+            greedy(64, &["\n"], 4),
+        ),
+        // JSON-constrained, with log-probabilities: it ends with the value.
+        (
+            chat("Describe a cat as a JSON object."),
+            GenParams {
+                json: Some(std::sync::Arc::new(
+                    json::Shape::from_schema(&serde_json::json!({
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "maxLength": 12},
+                            "indoor": {"type": "boolean"}
+                        },
+                        "required": ["name", "indoor"],
+                        "additionalProperties": false
+                    }))
+                    .unwrap(),
+                )),
+                logprobs: Some(3),
+                ..greedy(200, &[], 512)
+            },
+        ),
+    ];
+    let want: Vec<(String, Generation)> = cases
+        .iter()
+        .map(|(p, params)| {
+            let mut e = proto.replica();
+            let mut text = String::new();
+            let g = e
+                .generate(Prompt::Tokens(p), params, &never, |ev| {
+                    if let GenEvent::Text(t) = ev {
+                        text.push_str(t);
+                    }
+                })
+                .unwrap();
+            (text, g)
+        })
+        .collect();
+
+    let mut engines: Vec<Engine> = cases.iter().map(|_| proto.replica()).collect();
+    let mut texts = vec![String::new(); cases.len()];
+    let mut got: Vec<Option<Generation>> = vec![None; cases.len()];
+    let mut live: Vec<(usize, Decoding)> = Vec::new();
+    for (i, ((p, params), e)) in cases.iter().zip(engines.iter_mut()).enumerate() {
+        let mut d = e
+            .begin(p.clone(), params, std::time::Instant::now())
+            .unwrap();
+        while !d.prefilled() {
+            e.prefill_step(&mut d, &mut |_| {}).unwrap();
+        }
+        live.push((i, d));
+    }
+    while !live.is_empty() {
+        let mut feed = Vec::new();
+        let mut still = Vec::new();
+        for (i, mut d) in live {
+            let e = &mut engines[i];
+            let text = &mut texts[i];
+            let mut on = |ev: GenEvent<'_>| {
+                if let GenEvent::Text(t) = ev {
+                    text.push_str(t);
+                }
+            };
+            match e.choose(&mut d, &never, &mut on).unwrap() {
+                Step::Feed(t) => {
+                    feed.push(t);
+                    still.push((i, d));
+                }
+                Step::Done(f) => got[i] = Some(e.finish(d, f, &mut on).unwrap()),
+            }
+        }
+        if !still.is_empty() {
+            let idx: Vec<usize> = still.iter().map(|(i, _)| *i).collect();
+            let mut mine: Vec<&mut Engine> = engines
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| idx.contains(i))
+                .map(|(_, e)| e)
+                .collect();
+            let mut batch: Vec<(&mut Engine, &mut Decoding, u32)> = mine
+                .iter_mut()
+                .zip(still.iter_mut())
+                .zip(&feed)
+                .map(|((e, (_, d)), &t)| (&mut **e, d, t))
+                .collect();
+            step_batch(&mut batch).unwrap();
+        }
+        live = still;
+    }
+    for (i, (text, g)) in want.iter().enumerate() {
+        let b = got[i].as_ref().unwrap();
+        assert_eq!(&texts[i], text, "case {i}");
+        assert_eq!(b.tokens, g.tokens, "case {i}");
+        assert_eq!(b.finish, g.finish, "case {i}");
+    }
+    // The cases end differently: a token limit, a stop string, the model's end.
+    let finishes: Vec<String> = want
+        .iter()
+        .map(|(_, g)| format!("{:?}", g.finish))
+        .collect();
+    assert_eq!(
+        finishes,
+        ["MaxTokens", "StopString(0)", "EndOfGeneration"],
+        "{want:?}"
+    );
+}
