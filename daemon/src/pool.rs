@@ -992,9 +992,11 @@ impl Pools {
             Plan::NoRoom { need, free } => Err(WireError {
                 kind: ErrorKind::OutOfMemory,
                 message: format!(
-                    "{reference}{what} needs about {:.2} GiB more; {:.2} GiB of the budget is free \
+                    "{reference}{what} needs about {:.2} GiB{}; {:.2} GiB of the budget is free \
                      and the other models are busy; try again when they are idle",
                     gib(need),
+                    // A loaded model's growth needs its increase only.
+                    if what.is_empty() { "" } else { " more" },
                     gib(free)
                 ),
             }),
