@@ -19,6 +19,9 @@ pub struct DaemonConfig {
     pub default_model: String,
     /// Prompt tokens per prefill chunk: a cancel lands within one chunk.
     pub prefill_chunk: usize,
+    /// Sequences a worker decodes together in one batched pass at most
+    /// (the memory budget may hold it to fewer).
+    pub batch: usize,
     /// Workers a cold model starts with.
     pub prewarm: usize,
     /// Workers kept per loaded model however idle.
@@ -70,6 +73,9 @@ impl DaemonConfig {
     pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
     pub const DEFAULT_IDLE_PERIOD: Duration = Duration::from_secs(60);
     pub const DEFAULT_CONVERSATION_CACHES: usize = 4;
+    /// Sequences per batched pass: enough to keep a GPU's weights reads
+    /// shared by many streams; the memory budget bounds it further.
+    pub const DEFAULT_BATCH: usize = 8;
 
     pub fn new(socket: PathBuf, default_model: String) -> Self {
         Self {
@@ -77,6 +83,7 @@ impl DaemonConfig {
             owns_socket_dir: false,
             default_model,
             prefill_chunk: 256,
+            batch: Self::DEFAULT_BATCH,
             prewarm: 2,
             min_workers: 1,
             max_workers: default_max_workers(),

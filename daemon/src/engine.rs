@@ -79,7 +79,7 @@ impl Turns {
         }
     }
 
-    fn take(&self) -> MutexGuard<'_, ()> {
+    pub fn take(&self) -> MutexGuard<'_, ()> {
         // The lock guards no data: a panic while it was held leaves nothing broken.
         self.lock.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -545,14 +545,25 @@ impl Engine {
         on_event: impl FnMut(GenEvent<'_>),
     ) -> Result<Generation, EngineError> {
         let out = self.run(prompt, params, cancel, on_event);
+        self.settle()?;
+        out
+    }
+
+    /// Wait for this engine's queued device work. The daemon hands idle
+    /// engines to whichever worker thread is free, and each thread has its
+    /// own GPU stream: nothing of a generation may still be in flight when
+    /// another thread takes over its cache (a cancel or an error can leave
+    /// kernels queued).
+    pub fn settle(&self) -> Result<(), EngineError> {
         if !self.device.is_cpu() {
-            // The daemon hands idle engines to whichever worker thread is
-            // free, and each thread has its own GPU stream: nothing of this
-            // generation may still be in flight when another thread takes
-            // over its cache (a cancel or an error can leave kernels queued).
             self.device.synchronize()?;
         }
-        out
+        Ok(())
+    }
+
+    /// How this engine takes turns with others on its device, if it does.
+    pub fn turns(&self) -> Option<&Turns> {
+        self.turns.as_ref()
     }
 
     fn run(
@@ -835,18 +846,45 @@ impl Engine {
     }
 }
 
-/// One decode step of several generations at once: each engine's token runs
-/// through the weights they share in one pass (`Model::forward_batch`) and
-/// its logits go to its generation, for [`Engine::choose`]. The engines must
-/// be replicas of one load.
-pub fn step_batch(batch: &mut [(&mut Engine, &mut Decoding, u32)]) -> Result<(), EngineError> {
-    let tokens: Vec<[u32; 1]> = batch.iter().map(|(_, _, t)| [*t]).collect();
-    let runs: Vec<&[u32]> = tokens.iter().map(|t| t.as_slice()).collect();
+/// What a generation runs in a batched pass ([`step_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// The next chunk of its prompt (`prefill_chunk` tokens at most).
+    Prompt,
+    /// The token [`Engine::choose`] chose.
+    Token(u32),
+}
+
+/// One pass of several generations at once: each engine's tokens (a chosen
+/// token, or its prompt's next chunk) run through the weights they share in
+/// one `Model::forward_batch`, and the logits of each generation that has
+/// its whole prompt in the cache go to it, for [`Engine::choose`]. A
+/// batching worker prefills newcomers this way between decode steps, so a
+/// long prompt holds the others up for one chunk per pass. The engines must
+/// be replicas of one load; their generations' `Prefilled` progress is
+/// [`Decoding::prefill_progress`].
+pub fn step_batch(batch: &mut [(&mut Engine, &mut Decoding, Feed)]) -> Result<(), EngineError> {
+    let tokens: Vec<Vec<u32>> = batch
+        .iter()
+        .map(|(e, d, feed)| match feed {
+            Feed::Token(t) => vec![*t],
+            Feed::Prompt => {
+                let done = e.model.kv_len();
+                let n = d.params.prefill_chunk.min(d.history.len() - done);
+                d.history[done..done + n].to_vec()
+            }
+        })
+        .collect();
+    let runs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
     let logits = {
         let mut models: Vec<&mut Model> = batch.iter_mut().map(|(e, _, _)| &mut e.model).collect();
         Model::forward_batch(&mut models, &runs)?
     };
-    for (i, (_, d, _)) in batch.iter_mut().enumerate() {
+    for (i, (e, d, feed)) in batch.iter_mut().enumerate() {
+        if *feed == Feed::Prompt && e.model.kv_len() < d.history.len() {
+            continue;
+        }
+        d.prefilled = true;
         d.logits = Some(logits.narrow(0, i, 1)?);
     }
     Ok(())
@@ -878,6 +916,17 @@ impl Decoding {
     /// Is the whole prompt in the cache?
     pub fn prefilled(&self) -> bool {
         self.prefilled
+    }
+
+    /// The prompt's tokens in `engine`'s cache, of how many (what
+    /// `GenEvent::Prefilled` reports).
+    pub fn prefill_progress(&self, engine: &Engine) -> (usize, usize) {
+        (engine.model.kv_len(), self.out.prompt_tokens)
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.out.tokens.len()
     }
 }
 

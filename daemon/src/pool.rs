@@ -28,7 +28,7 @@ use paraphym_protocol::message::{
 
 use crate::breaker::{self, Breaker};
 use crate::config::{self, DaemonConfig, FOREVER};
-use crate::engine::{Engine, GenEvent, LoadOptions};
+use crate::engine::{Decoding, Engine, Feed, FinishReason, GenEvent, LoadOptions};
 use crate::events::Events;
 use crate::governor::{self, Cost, Plan, Resident};
 use crate::pull::Hub;
@@ -81,8 +81,8 @@ struct WorkerCell {
     retire: AtomicBool,
     /// Last sign of life while busy (a prefill chunk or a token).
     progress: Mutex<Instant>,
-    /// The job it runs, for the supervisor to answer if it gets stuck.
-    current: Mutex<Option<(Arc<JobControl>, Reply)>>,
+    /// The jobs it runs, for the supervisor to answer if it gets stuck.
+    current: Mutex<Vec<(Arc<JobControl>, Reply)>>,
     /// Tokens generated, ever, and at the last metrics sample.
     tokens: AtomicU64,
     sampled: AtomicU64,
@@ -145,6 +145,15 @@ pub struct Pool {
     created: Instant,
     /// Engines not running a job, and their conversation caches.
     parked: Mutex<Parked>,
+    /// Sequences workers run beyond their first (each reserved with the
+    /// governor as a worker's KV cache is).
+    extra: AtomicUsize,
+    /// Free places in busy workers' batches: while there are any, idle
+    /// workers leave the queue to them (one batched pass decodes several
+    /// sequences for little more than one; another worker on the same
+    /// device only shares its time).
+    room: Mutex<usize>,
+    room_changed: Condvar,
 }
 
 /// A model's engines that are not running a job. A worker takes the one
@@ -226,7 +235,7 @@ impl Pool {
             since: Mutex::new(Instant::now()),
             retire: AtomicBool::new(false),
             progress: Mutex::new(Instant::now()),
-            current: Mutex::new(None),
+            current: Mutex::default(),
             tokens: AtomicU64::new(0),
             sampled: AtomicU64::new(0),
         });
@@ -265,6 +274,7 @@ impl Pool {
             let workers = lock(&self.workers);
             let mut v = scaler::View {
                 queued: self.rx.len(),
+                room: *lock(&self.room),
                 ..scaler::View::default()
             };
             for w in workers.iter() {
@@ -314,6 +324,12 @@ impl Pool {
             .count()
     }
 
+    /// Sequences the memory governor reserves for: one per live worker,
+    /// and each further sequence a worker's batch holds.
+    fn slots(&self) -> usize {
+        self.live_workers() + self.extra.load(Ordering::Acquire)
+    }
+
     /// The governor's clock: milliseconds since the daemon started.
     fn clock(&self, at: Instant) -> u64 {
         at.saturating_duration_since(self.created).as_millis() as u64
@@ -334,7 +350,7 @@ impl Pool {
         Resident {
             key: self.path.clone(),
             cost: *lock(&self.cost),
-            workers: self.live_workers(),
+            workers: self.slots(),
             idle: !self.busy() && self.is_ready(),
             last_used: self.clock(*lock(&self.last_used)),
             caches,
@@ -502,7 +518,7 @@ impl Pool {
                 worker: lock(&w.snapshot).clone(),
             });
             self.record(Outcome::Failure("a worker got stuck".into()));
-            if let Some((control, reply)) = lock(&w.current).take() {
+            for (control, reply) in std::mem::take(&mut *lock(&w.current)) {
                 control.cancel(CancelReason::Stuck);
                 if control.finish_once() {
                     reply.finish();
@@ -564,7 +580,7 @@ impl Pool {
             reference: self.reference.clone(),
             workers,
             queued: self.rx.len() as u32,
-            memory_bytes: lock(&self.cost).with_workers(self.live_workers()) + cache_bytes,
+            memory_bytes: lock(&self.cost).with_workers(self.slots()) + cache_bytes,
             caches,
             cache_bytes,
             expires_in_ms: self.expires_in_ms(),
@@ -602,7 +618,7 @@ impl Pool {
     /// else a fresh one while the model has room for another cache, else the
     /// least recently used. It serves `proto`'s context.
     fn take_engine(&self, tokens: &[u32], session: Option<&str>, proto: &Engine) -> Engine {
-        let cap = self.live_workers() + self.settings.conversation_caches;
+        let cap = self.slots() + self.settings.conversation_caches;
         let mut engine = {
             let mut parked = lock(&self.parked);
             let theirs = parked
@@ -676,7 +692,7 @@ impl Pool {
     /// At most one engine per live worker plus `conversation_caches`: empty
     /// engines go first, then the least recently used caches.
     fn trim(&self) {
-        let cap = self.live_workers() + self.settings.conversation_caches;
+        let cap = self.slots() + self.settings.conversation_caches;
         let mut parked = lock(&self.parked);
         while parked.idle.len() + parked.out > cap && !parked.idle.is_empty() {
             let i = parked.idle.iter().position(|e| e.bytes == 0).unwrap_or(0);
@@ -697,6 +713,8 @@ struct Settings {
     hooks: crate::hooks::Hooks,
     memory_budget: u64,
     prefill_chunk: usize,
+    /// Sequences a worker decodes together at most.
+    batch: usize,
     breaker_failures: u32,
     breaker_cooldown: Duration,
     stuck_timeout: Duration,
@@ -745,6 +763,7 @@ impl Pools {
                 hooks: config.hooks.clone(),
                 memory_budget: config.memory_budget_bytes,
                 prefill_chunk: config.prefill_chunk.max(1),
+                batch: config.batch.max(1),
                 breaker_failures: config.breaker_failures,
                 breaker_cooldown: config.breaker_cooldown,
                 stuck_timeout: config.stuck_timeout,
@@ -854,6 +873,9 @@ impl Pools {
             cost: Mutex::new(cost),
             context: AtomicUsize::new(served),
             created: self.created,
+            extra: AtomicUsize::new(0),
+            room: Mutex::new(0),
+            room_changed: Condvar::new(),
         });
         tracing::info!(model = reference, path = %path.display(), prewarm, "loading");
         if !pool.spawn_worker(true) {
@@ -1818,6 +1840,46 @@ struct Worker {
 /// How often an idle worker looks at its retire flag.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 
+/// Where a job's frames go, and what they wait for.
+struct Sink {
+    control: Arc<JobControl>,
+    reply: Reply,
+    last_token: Option<Instant>,
+    /// Log-probabilities wait for the text frame their tokens complete.
+    logprobs: Vec<TokenLogprob>,
+    /// Test hook: hang at the first token.
+    stall: bool,
+}
+
+/// A job's bookkeeping for its last frame.
+struct Meta {
+    /// When the daemon read the request, and when this worker took it.
+    received: Instant,
+    started: Instant,
+    trial: bool,
+    session: Option<String>,
+    /// Chat messages left out to fit the context.
+    dropped: usize,
+}
+
+/// A job in a worker's batch.
+struct Running {
+    sink: Sink,
+    meta: Meta,
+    engine: Engine,
+    d: Decoding,
+    /// What it runs in the next pass.
+    feed: Feed,
+}
+
+/// How a job ended.
+enum End {
+    Done(crate::engine::Generation),
+    Error(WireError),
+    /// A panic went through its engine (what it said).
+    Crash(String),
+}
+
 impl Worker {
     fn publish(&self) {
         let snap = lock(&self.cell.snapshot).clone();
@@ -1833,6 +1895,10 @@ impl Worker {
         self.publish();
     }
 
+    fn retiring(&self) -> bool {
+        self.cell.retire.load(Ordering::Relaxed)
+    }
+
     fn main(self) {
         let engine = if self.loader {
             self.load()
@@ -1844,25 +1910,133 @@ impl Worker {
             if !self.loader {
                 self.set_state(WorkerState::Idle);
             }
-            loop {
-                match self.pool.rx.recv_timeout(IDLE_POLL) {
-                    Ok(job) => {
-                        self.run(job);
-                        self.pool.touch(None);
-                    }
-                    Err(flume::RecvTimeoutError::Timeout) => {}
-                    Err(flume::RecvTimeoutError::Disconnected) => break,
-                }
-                if self.cell.retire.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
+            self.serve();
             self.set_state(WorkerState::Stopping);
         }
         self.set_state(WorkerState::Stopped);
         lock(&self.pool.workers).retain(|w| !Arc::ptr_eq(w, &self.cell));
         // One worker fewer: one engine fewer may stay parked.
         self.pool.trim();
+    }
+
+    /// Take jobs and run them together, up to the batch size, one batched
+    /// pass at a time: each pass decodes a token of every generation whose
+    /// prompt is in and prefills the next chunk of newcomers' prompts.
+    /// Between passes the worker takes what the queue holds, while its
+    /// batch and the memory budget have room. It returns when the queue is
+    /// closed or it is retired, once its batch is done.
+    fn serve(&self) {
+        let mut batch: Vec<Running> = Vec::new();
+        // Places in its batch this worker offers the queue (`Pool::room`).
+        let mut offered = 0;
+        // Sequences beyond the first reserved with the governor (`Pool::extra`).
+        let mut reserved = 0;
+        // The budget refused a sequence at this batch size: wait until one
+        // leaves before asking again.
+        let mut refused_at = usize::MAX;
+        let mut open = true;
+        loop {
+            if batch.is_empty() {
+                if !open || self.retiring() {
+                    break;
+                }
+                match self.wait_for_job() {
+                    Ok(Some(job)) => {
+                        self.set_state(WorkerState::Busy);
+                        batch.extend(self.admit(job));
+                        if batch.is_empty() && !self.retiring() {
+                            self.set_state(WorkerState::Idle);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(()) => open = false,
+                }
+            } else {
+                while open
+                    && !self.retiring()
+                    && batch.len() < self.pool.settings.batch
+                    && batch.len() < refused_at
+                    && !self.pool.rx.is_empty()
+                {
+                    if reserved < batch.len() {
+                        if !self.pool.may_add_worker() {
+                            refused_at = batch.len();
+                            break;
+                        }
+                        self.pool.extra.fetch_add(1, Ordering::AcqRel);
+                        reserved += 1;
+                    }
+                    match self.pool.rx.try_recv() {
+                        Ok(job) => batch.extend(self.admit(job)),
+                        Err(flume::TryRecvError::Empty) => break,
+                        Err(flume::TryRecvError::Disconnected) => open = false,
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                self.pass(&mut batch);
+                if batch.is_empty() {
+                    self.pool.touch(None);
+                    if !self.retiring() {
+                        self.set_state(WorkerState::Idle);
+                    }
+                }
+            }
+            // Sequences that left give back their reservations.
+            let keep = batch.len().saturating_sub(1);
+            if reserved > keep {
+                self.pool.extra.fetch_sub(reserved - keep, Ordering::AcqRel);
+                reserved = keep;
+            }
+            if batch.len() < refused_at {
+                refused_at = usize::MAX;
+            }
+            let offer = if batch.is_empty() || !open || self.retiring() {
+                0
+            } else {
+                self.pool
+                    .settings
+                    .batch
+                    .min(refused_at)
+                    .saturating_sub(batch.len())
+            };
+            self.offer(&mut offered, offer);
+        }
+        self.offer(&mut offered, 0);
+    }
+
+    /// Change this worker's share of the pool's free batch places.
+    fn offer(&self, offered: &mut usize, now: usize) {
+        if *offered == now {
+            return;
+        }
+        let mut room = lock(&self.pool.room);
+        *room = *room + now - *offered;
+        *offered = now;
+        drop(room);
+        self.pool.room_changed.notify_all();
+    }
+
+    /// An idle worker's wait: jobs go to busy workers' batches while they
+    /// have room; otherwise the next job in the queue. `Err` once the queue
+    /// is closed.
+    fn wait_for_job(&self) -> Result<Option<Job>, ()> {
+        {
+            let room = lock(&self.pool.room);
+            let (room, _) = self
+                .pool
+                .room_changed
+                .wait_timeout_while(room, IDLE_POLL, |r| *r > 0)
+                .unwrap_or_else(|e| e.into_inner());
+            if *room > 0 {
+                return Ok(None);
+            }
+        }
+        match self.pool.rx.recv_timeout(IDLE_POLL) {
+            Ok(job) => Ok(Some(job)),
+            Err(flume::RecvTimeoutError::Timeout) => Ok(None),
+            Err(flume::RecvTimeoutError::Disconnected) => Err(()),
+        }
     }
 
     /// The loader: read the weights, publish the prototype, answer `Load`s.
@@ -1930,10 +2104,11 @@ impl Worker {
         }
     }
 
-    /// Run one job and park its engine again before the client hears the
-    /// end (its next turn must find this cache). An engine a panic went
-    /// through is dropped instead, and a fresh worker replaces this one.
-    fn run(&self, job: Job) {
+    /// Start a job: its tokens, an engine (the one holding its
+    /// conversation, if free) and its generation, prefilled by the passes
+    /// to come. `None` when it ended here (cancelled while queued, an
+    /// error, a panic), answered.
+    fn admit(&self, job: Job) -> Option<Running> {
         let Job {
             mut request,
             control,
@@ -1949,7 +2124,7 @@ impl Worker {
             if trial {
                 self.pool.record(Outcome::Neutral);
             }
-            return;
+            return None;
         }
         if control.is_cancelled() {
             // Cancelled while queued (a disconnect, or shutdown).
@@ -1960,24 +2135,32 @@ impl Worker {
             if trial {
                 self.pool.record(Outcome::Neutral);
             }
-            return;
+            return None;
         }
-        *lock(&self.cell.progress) = Instant::now();
-        *lock(&self.cell.current) = Some((control.clone(), reply.clone()));
-        self.set_state(WorkerState::Busy);
         let started = Instant::now();
-        let events = &self.pool.events;
+        *lock(&self.cell.progress) = started;
+        lock(&self.cell.current).push((control.clone(), reply.clone()));
         let hooks = &self.pool.settings.hooks;
         let text = request.prompt.text_for_hooks();
+        let sink = Sink {
+            control,
+            reply,
+            last_token: None,
+            logprobs: Vec::new(),
+            stall: crate::hooks::Hooks::matches(&hooks.stall_prompt, &text),
+        };
+        let mut meta = Meta {
+            received,
+            started,
+            trial,
+            session: request.session.clone(),
+            dropped: 0,
+        };
         let mut engine = None;
-        let mut dropped = 0;
-        let mut last_token: Option<Instant> = None;
-        // Log-probabilities wait for the text frame their tokens complete.
-        let mut logprobs: Vec<TokenLogprob> = Vec::new();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let begun = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let proto = self.pool.proto()?;
             let (tokens, left_out) = self.pool.prepare(&request, &proto)?;
-            dropped = left_out;
+            meta.dropped = left_out;
             let engine = engine.insert(self.pool.take_engine(
                 &tokens,
                 request.session.as_deref(),
@@ -1992,58 +2175,256 @@ impl Worker {
             if crate::hooks::Hooks::matches(&hooks.panic_prompt, &text) {
                 panic!("injected panic (test hook)");
             }
-            let stall = crate::hooks::Hooks::matches(&hooks.stall_prompt, &text);
-            engine.generate(
-                crate::engine::Prompt::Tokens(&tokens),
-                &request.params,
-                &control.flag,
-                |ev| {
-                    *lock(&self.cell.progress) = Instant::now();
-                    match ev {
-                        GenEvent::Token(_) => {
-                            events.count_token();
-                            let now = Instant::now();
-                            if let Some(t) = last_token.replace(now) {
-                                events.inter_token.observe(now - t);
-                            }
-                            self.cell.tokens.fetch_add(1, Ordering::Relaxed);
-                            if stall {
-                                // A hung kernel: no progress, no end.
-                                std::thread::sleep(Duration::from_secs(3600));
-                            }
-                            if let Some(d) = hooks.token_delay {
-                                std::thread::sleep(d);
-                            }
-                        }
-                        GenEvent::Text(t) => {
-                            if !logprobs.is_empty() {
-                                reply.send(Response::Logprobs(std::mem::take(&mut logprobs)));
-                            }
-                            if !reply.send(Response::Token { text: t.to_owned() }) {
-                                control.cancel(CancelReason::Disconnected);
-                            }
-                        }
-                        GenEvent::Logprobs(lp) => logprobs.push(convert::logprobs(lp)),
-                        GenEvent::Prefilled { done, total } => {
-                            let stage = |s| reply.send(Response::Stage(s));
-                            stage(Stage::Prefill {
-                                done: done as u32,
-                                total: total as u32,
-                            });
-                            if done >= total {
-                                stage(Stage::Generating);
-                            }
-                        }
-                    }
-                },
-            )
+            engine.begin(tokens, &request.params, started)
         }));
+        match begun {
+            Ok(Ok(d)) => Some(Running {
+                sink,
+                meta,
+                engine: engine.expect("taken before begin"),
+                d,
+                feed: Feed::Prompt,
+            }),
+            Ok(Err(e)) => {
+                self.close(sink, meta, engine, End::Error(convert::engine_error(&e)), true);
+                None
+            }
+            Err(panic) => {
+                let what = panic_text(&*panic).to_owned();
+                self.close(sink, meta, engine, End::Crash(what), true);
+                self.replace();
+                None
+            }
+        }
+    }
+
+    /// One batched pass over the batch, then each generation's next token:
+    /// those that end are answered and leave the batch.
+    fn pass(&self, batch: &mut Vec<Running>) {
+        // Cancelled while prefilling: ends before the pass (a decoding
+        // generation sees its cancel when it chooses).
+        for r in std::mem::take(batch) {
+            if r.feed == Feed::Prompt && r.sink.control.is_cancelled() {
+                let Running {
+                    mut sink,
+                    meta,
+                    mut engine,
+                    d,
+                    ..
+                } = r;
+                let end = self.generation_end(&mut engine, d, FinishReason::Cancelled, &mut sink);
+                self.close(sink, meta, Some(engine), end, true);
+            } else {
+                batch.push(r);
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        // Every decoding generation runs; prompts share one chunk's worth of
+        // tokens per pass (the oldest always gets its chunk), so a long
+        // prompt holds the others up by one chunk a pass.
+        let budget = self.pool.settings.prefill_chunk;
+        let mut prompt_tokens = 0;
+        let runs: Vec<bool> = batch
+            .iter()
+            .map(|r| match r.feed {
+                Feed::Token(_) => true,
+                Feed::Prompt => {
+                    let (done, total) = r.d.prefill_progress(&r.engine);
+                    let n = (total - done).min(budget);
+                    let fits = prompt_tokens == 0 || prompt_tokens + n <= budget;
+                    if fits {
+                        prompt_tokens += n;
+                    }
+                    fits
+                }
+            })
+            .collect();
+        let turns = batch[0].engine.turns().cloned();
+        let turn = turns.as_ref().map(crate::engine::Turns::take);
+        let whole_step = turns.as_ref().is_some_and(|t| t.whole_step);
+        let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut items: Vec<(&mut Engine, &mut Decoding, Feed)> = batch
+                .iter_mut()
+                .zip(&runs)
+                .filter(|(_, run)| **run)
+                .map(|(r, _)| (&mut r.engine, &mut r.d, r.feed))
+                .collect();
+            crate::engine::step_batch(&mut items)
+        }));
+        // The turn covers the launches; with `whole_step`, the tokens' copies
+        // to the host too.
+        let turn = turn.filter(|_| whole_step);
+        let failure = match stepped {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(End::Error(convert::engine_error(&e))),
+            Err(panic) => Some(End::Crash(panic_text(&*panic).to_owned())),
+        };
+        if let Some(end) = failure {
+            // The pass failed every generation in it: one fault, one verdict.
+            let crashed = matches!(end, End::Crash(_));
+            let mut first = true;
+            for r in std::mem::take(batch) {
+                let end = match &end {
+                    End::Crash(what) => End::Crash(what.clone()),
+                    End::Error(e) => End::Error(e.clone()),
+                    End::Done(_) => unreachable!(),
+                };
+                let trial = r.meta.trial;
+                self.close(r.sink, r.meta, Some(r.engine), end, first || trial);
+                first = false;
+            }
+            drop(turn);
+            if crashed {
+                self.replace();
+            }
+            return;
+        }
+        *lock(&self.cell.progress) = Instant::now();
+        let mut crashed = false;
+        for (r, ran) in std::mem::take(batch).into_iter().zip(runs) {
+            let Running {
+                mut sink,
+                meta,
+                mut engine,
+                mut d,
+                feed,
+            } = r;
+            if ran && feed == Feed::Prompt {
+                let (done, total) = d.prefill_progress(&engine);
+                let stage = |s| sink.reply.send(Response::Stage(s));
+                stage(Stage::Prefill {
+                    done: done as u32,
+                    total: total as u32,
+                });
+                if d.prefilled() {
+                    stage(Stage::Generating);
+                }
+            }
+            if !ran || !d.prefilled() {
+                batch.push(Running {
+                    sink,
+                    meta,
+                    engine,
+                    d,
+                    feed,
+                });
+                continue;
+            }
+            let chosen = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let control = sink.control.clone();
+                let mut on = |ev: GenEvent<'_>| self.event(&mut sink, ev);
+                match engine.choose(&mut d, &control.flag, &mut on) {
+                    Ok(crate::engine::Step::Feed(t)) => Ok(Ok((t, d))),
+                    Ok(crate::engine::Step::Done(f)) => Ok(Err((f, d))),
+                    Err(e) => Err(e),
+                }
+            }));
+            match chosen {
+                Ok(Ok(Ok((t, d)))) => batch.push(Running {
+                    sink,
+                    meta,
+                    engine,
+                    d,
+                    feed: Feed::Token(t),
+                }),
+                Ok(Ok(Err((f, d)))) => {
+                    let end = self.generation_end(&mut engine, d, f, &mut sink);
+                    self.close(sink, meta, Some(engine), end, true);
+                }
+                Ok(Err(e)) => {
+                    let end = End::Error(convert::engine_error(&e));
+                    self.close(sink, meta, Some(engine), end, true);
+                }
+                Err(panic) => {
+                    let end = End::Crash(panic_text(&*panic).to_owned());
+                    self.close(sink, meta, Some(engine), end, true);
+                    crashed = true;
+                }
+            }
+        }
+        drop(turn);
+        if crashed {
+            self.replace();
+        }
+    }
+
+    /// A generation's end (its held-back text, its statistics).
+    fn generation_end(
+        &self,
+        engine: &mut Engine,
+        d: Decoding,
+        finish: FinishReason,
+        sink: &mut Sink,
+    ) -> End {
+        let mut on = |ev: GenEvent<'_>| self.event(sink, ev);
+        match engine.finish(d, finish, &mut on) {
+            Ok(g) => End::Done(g),
+            Err(e) => End::Error(convert::engine_error(&e)),
+        }
+    }
+
+    /// A generation's event, to its client.
+    fn event(&self, sink: &mut Sink, ev: GenEvent<'_>) {
+        let hooks = &self.pool.settings.hooks;
+        *lock(&self.cell.progress) = Instant::now();
+        match ev {
+            GenEvent::Token(_) => {
+                self.pool.events.count_token();
+                let now = Instant::now();
+                if let Some(t) = sink.last_token.replace(now) {
+                    self.pool.events.inter_token.observe(now - t);
+                }
+                self.cell.tokens.fetch_add(1, Ordering::Relaxed);
+                if sink.stall {
+                    // A hung kernel: no progress, no end.
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+                if let Some(d) = hooks.token_delay {
+                    std::thread::sleep(d);
+                }
+            }
+            GenEvent::Text(t) => {
+                if !sink.logprobs.is_empty() {
+                    sink.reply
+                        .send(Response::Logprobs(std::mem::take(&mut sink.logprobs)));
+                }
+                if !sink.reply.send(Response::Token { text: t.to_owned() }) {
+                    sink.control.cancel(CancelReason::Disconnected);
+                }
+            }
+            GenEvent::Logprobs(lp) => sink.logprobs.push(convert::logprobs(lp)),
+            GenEvent::Prefilled { .. } => {}
+        }
+    }
+
+    /// A panic went through this worker: a fresh replica takes its place,
+    /// and this one leaves once the rest of its batch is done.
+    fn replace(&self) {
+        tracing::error!(model = self.pool.reference, "worker panicked; replacing it");
+        self.set_state(WorkerState::Unhealthy);
+        self.cell.retire.store(true, Ordering::Relaxed);
+        self.pool.spawn_worker(false);
+    }
+
+    /// Answer a job that ended and park its engine again before the client
+    /// hears the end (its next turn must find this cache); an engine a
+    /// panic went through is dropped instead. The breaker hears the outcome
+    /// when `record` (a failed pass counts once however many it failed).
+    fn close(&self, sink: Sink, meta: Meta, engine: Option<Engine>, end: End, record: bool) {
+        let Sink {
+            control,
+            reply,
+            logprobs,
+            ..
+        } = sink;
         if !logprobs.is_empty() {
             // Tokens whose text never came (withheld by a stop string, or
             // an incomplete character at the end).
             reply.send(Response::Logprobs(logprobs));
         }
-        lock(&self.cell.current).take();
+        lock(&self.cell.current).retain(|(c, _)| !Arc::ptr_eq(c, &control));
         // Forget the job before its last frame, so the client may reuse its
         // id as soon as it sees that frame.
         reply.finish();
@@ -2054,10 +2435,10 @@ impl Worker {
             Error(WireError),
             Crash(WireError),
         }
-        let (outcome, last, replace) = match result {
-            Ok(Ok(g)) => {
-                let ttft = started.duration_since(received) + g.time_to_first_token;
-                let stats = convert::stats(&g, ttft.as_micros() as u64, dropped);
+        let (outcome, last) = match end {
+            End::Done(g) => {
+                let ttft = meta.started.duration_since(meta.received) + g.time_to_first_token;
+                let stats = convert::stats(&g, ttft.as_micros() as u64, meta.dropped);
                 if !g.tokens.is_empty() {
                     self.pool.events.time_to_first_token.observe(ttft);
                 }
@@ -2069,45 +2450,44 @@ impl Worker {
                         s.tokens_per_s = g.decode_tps() as f32;
                     }
                 }
-                let outcome = if g.finish == crate::engine::FinishReason::Cancelled {
+                let outcome = if g.finish == FinishReason::Cancelled {
                     Outcome::Neutral
                 } else {
                     Outcome::Success
                 };
-                (outcome, Last::Done(stats), false)
+                (outcome, Last::Done(stats))
             }
-            Ok(Err(e)) => {
-                let wire = convert::engine_error(&e);
+            End::Error(wire) => {
                 let outcome = match wire.kind {
                     ErrorKind::Internal | ErrorKind::ModelFailed => {
                         Outcome::Failure(wire.message.clone())
                     }
                     _ => Outcome::Neutral,
                 };
-                (outcome, Last::Error(wire), false)
+                (outcome, Last::Error(wire))
             }
-            Err(panic) => {
-                let what = panic_text(&*panic).to_owned();
-                tracing::error!(
-                    model = self.pool.reference,
-                    "worker panicked: {what}; replacing it"
-                );
+            End::Crash(what) => {
+                tracing::error!(model = self.pool.reference, "worker panicked: {what}");
                 let wire = WireError {
                     kind: ErrorKind::Internal,
                     message: format!("the worker failed ({what}); it was replaced"),
                 };
-                let outcome = Outcome::Failure(format!("a worker panicked: {what}"));
-                (outcome, Last::Crash(wire), true)
+                (
+                    Outcome::Failure(format!("a worker panicked: {what}")),
+                    Last::Crash(wire),
+                )
             }
         };
-        if trial || outcome != Outcome::Neutral {
+        if record && (meta.trial || outcome != Outcome::Neutral) {
             self.pool.record(outcome);
         }
         if let Some(engine) = engine {
-            if replace {
+            // Nothing of it may still run on the device when another
+            // worker takes it over.
+            if matches!(last, Last::Crash(_)) || engine.settle().is_err() {
                 self.pool.discard(engine);
             } else {
-                self.pool.park(engine, request.session.clone(), true);
+                self.pool.park(engine, meta.session, true);
             }
         }
         if control.finish_once() {
@@ -2120,14 +2500,6 @@ impl Worker {
                     reply.post(Response::Error(e));
                 }
             }
-        }
-        if replace {
-            // A fresh replica takes its place; this one leaves.
-            self.set_state(WorkerState::Unhealthy);
-            self.cell.retire.store(true, Ordering::Relaxed);
-            self.pool.spawn_worker(false);
-        } else if !self.cell.retire.load(Ordering::Relaxed) {
-            self.set_state(WorkerState::Idle);
         }
     }
 }

@@ -31,6 +31,11 @@ struct Args {
     /// Prompt tokens per prefill chunk (a cancel lands within one chunk).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
+    /// Sequences a worker decodes together in one batched pass at most;
+    /// more workers start only when batches are full (1: one request per
+    /// worker).
+    #[arg(long, default_value_t = DaemonConfig::DEFAULT_BATCH)]
+    batch: usize,
     /// Workers a model starts with on first use.
     #[arg(long, default_value_t = 2)]
     prewarm: usize,
@@ -177,6 +182,7 @@ fn run(args: Args) -> Result<ExitCode> {
     config.owns_socket_dir = owns_dir;
     config.prewarm = args.prewarm.max(1);
     config.prefill_chunk = args.prefill_chunk.max(1);
+    config.batch = args.batch.max(1);
     config.min_workers = args.min_workers;
     if let Some(m) = args.max_workers {
         config.max_workers = m.max(1);

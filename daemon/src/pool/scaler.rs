@@ -1,5 +1,7 @@
-//! How many workers a model should have: more while requests queue (up to
-//! `max`), fewer after workers sit idle (down to `min`). Pure: the caller
+//! How many workers a model should have: more while requests queue that no
+//! busy worker's batch has room for (up to `max`), fewer after workers sit
+//! idle (down to `min`). Batches fill first: on one device another worker
+//! only shares the time a batched pass would use better. Pure: the caller
 //! passes what it sees, the memory governor has the last word on spawning.
 
 use std::time::Duration;
@@ -20,6 +22,9 @@ pub struct View {
     /// Workers being created (not yet taking jobs).
     pub starting: usize,
     pub busy: usize,
+    /// Free places in busy workers' batches (they take queued jobs between
+    /// passes).
+    pub room: usize,
     /// Idle workers: (id, how long idle).
     pub idle: Vec<(u32, Duration)>,
 }
@@ -39,8 +44,11 @@ pub fn decide(v: &View, l: &Limits) -> Decision {
     if total < min {
         return Decision::Spawn(min - total);
     }
-    // Jobs that neither an idle worker nor one on its way will take.
-    let uncovered = v.queued.saturating_sub(v.idle.len() + v.starting);
+    // Jobs that neither a batch with room, an idle worker nor one on its
+    // way will take.
+    let uncovered = v
+        .queued
+        .saturating_sub(v.room + v.idle.len() + v.starting);
     if uncovered > 0 && total < max {
         return Decision::Spawn(uncovered.min(max - total));
     }
@@ -95,6 +103,17 @@ mod tests {
             ..View::default()
         };
         assert_eq!(decide(&v, &L), Decision::Hold, "at max: the job waits");
+        let v = View {
+            queued: 3,
+            busy: 1,
+            room: 2,
+            ..View::default()
+        };
+        assert_eq!(
+            decide(&v, &L),
+            Decision::Spawn(1),
+            "the batch takes two, a worker the third"
+        );
         assert_eq!(
             decide(&View::default(), &L),
             Decision::Spawn(1),

@@ -191,16 +191,17 @@ fn batched_greedy_tokens_are_those_of_each_prompt_alone_on_the_gemma_file() {
     }
 }
 
-/// The engine's steps driven as a batching worker will drive them (each
-/// generation prefilled on its own, then one `step_batch` pass per token for
-/// all, each leaving when it ends) give what `Engine::generate` gives alone:
-/// the same text, tokens and finish reasons, with a stop string, a token
-/// limit and end of generation among them.
+/// The engine's steps driven as a batching worker drives them (one
+/// `step_batch` pass for all: the newcomer's prompt chunk beside the others'
+/// tokens, each joining a pass later than the one before and leaving when it
+/// ends) give what `Engine::generate` gives alone: the same text, tokens and
+/// finish reasons, with a stop string, a token limit and end of generation
+/// among them.
 #[test]
 fn engines_stepped_together_generate_what_each_generates_alone() {
     use paraphym_daemon::engine::{
-        json, step_batch, ChatOptions, Decoding, Engine, GenEvent, GenParams, Generation, Message,
-        Prompt, SamplingParams, Step,
+        json, step_batch, ChatOptions, Decoding, Engine, Feed, GenEvent, GenParams, Generation,
+        Message, Prompt, SamplingParams, Step,
     };
     use std::sync::atomic::AtomicBool;
 
@@ -275,21 +276,42 @@ fn engines_stepped_together_generate_what_each_generates_alone() {
     let mut engines: Vec<Engine> = cases.iter().map(|_| proto.replica()).collect();
     let mut texts = vec![String::new(); cases.len()];
     let mut got: Vec<Option<Generation>> = vec![None; cases.len()];
-    let mut live: Vec<(usize, Decoding)> = Vec::new();
-    for (i, ((p, params), e)) in cases.iter().zip(engines.iter_mut()).enumerate() {
-        let mut d = e
-            .begin(p.clone(), params, std::time::Instant::now())
-            .unwrap();
-        while !d.prefilled() {
-            e.prefill_step(&mut d, &mut |_| {}).unwrap();
+    // (case, its generation, what it runs in the next pass)
+    let mut live: Vec<(usize, Decoding, Feed)> = Vec::new();
+    let mut joined = 0;
+    let mut prefilled = vec![0; cases.len()];
+    while joined < cases.len() || !live.is_empty() {
+        if joined < cases.len() {
+            let (p, params) = &cases[joined];
+            let d = engines[joined]
+                .begin(p.clone(), params, std::time::Instant::now())
+                .unwrap();
+            live.push((joined, d, Feed::Prompt));
+            joined += 1;
         }
-        live.push((i, d));
-    }
-    while !live.is_empty() {
-        let mut feed = Vec::new();
+        let idx: Vec<usize> = live.iter().map(|(i, _, _)| *i).collect();
+        {
+            let mut mine: Vec<&mut Engine> = engines
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| idx.contains(i))
+                .map(|(_, e)| e)
+                .collect();
+            let mut batch: Vec<(&mut Engine, &mut Decoding, Feed)> = mine
+                .iter_mut()
+                .zip(live.iter_mut())
+                .map(|(e, (_, d, feed))| (&mut **e, d, *feed))
+                .collect();
+            step_batch(&mut batch).unwrap();
+        }
         let mut still = Vec::new();
-        for (i, mut d) in live {
+        for (i, mut d, _) in live {
             let e = &mut engines[i];
+            if !d.prefilled() {
+                prefilled[i] += 1;
+                still.push((i, d, Feed::Prompt));
+                continue;
+            }
             let text = &mut texts[i];
             let mut on = |ev: GenEvent<'_>| {
                 if let GenEvent::Text(t) = ev {
@@ -297,31 +319,15 @@ fn engines_stepped_together_generate_what_each_generates_alone() {
                 }
             };
             match e.choose(&mut d, &never, &mut on).unwrap() {
-                Step::Feed(t) => {
-                    feed.push(t);
-                    still.push((i, d));
-                }
+                Step::Feed(t) => still.push((i, d, Feed::Token(t))),
                 Step::Done(f) => got[i] = Some(e.finish(d, f, &mut on).unwrap()),
             }
         }
-        if !still.is_empty() {
-            let idx: Vec<usize> = still.iter().map(|(i, _)| *i).collect();
-            let mut mine: Vec<&mut Engine> = engines
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| idx.contains(i))
-                .map(|(_, e)| e)
-                .collect();
-            let mut batch: Vec<(&mut Engine, &mut Decoding, u32)> = mine
-                .iter_mut()
-                .zip(still.iter_mut())
-                .zip(&feed)
-                .map(|((e, (_, d)), &t)| (&mut **e, d, t))
-                .collect();
-            step_batch(&mut batch).unwrap();
-        }
         live = still;
     }
+    // The chat prompt, 4 tokens a chunk, took several passes beside the
+    // others' decode steps.
+    assert!(prefilled[1] > 3, "{prefilled:?}");
     for (i, (text, g)) in want.iter().enumerate() {
         let b = got[i].as_ref().unwrap();
         assert_eq!(&texts[i], text, "case {i}");
