@@ -20,7 +20,7 @@ import socket
 import struct
 import sys
 
-MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 4, 16 << 20
+MAGIC, VERSION, MAX_FRAME = b"PARAPHYM", 5, 16 << 20
 GEN_ID = 1  # our Generate's request id
 STOPS = ["end_of_generation", "max_tokens", "stop_string", "context_full", "cancelled"]
 KINDS = ["bad_request", "unknown_model", "context_overflow", "busy", "model_failed",

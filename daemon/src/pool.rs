@@ -231,6 +231,8 @@ impl Pool {
                 },
                 requests_served: 0,
                 tokens_per_s: 0.0,
+                sequences: 0,
+                batch: self.settings.batch as u32,
             }),
             since: Mutex::new(Instant::now()),
             retire: AtomicBool::new(false),
@@ -1583,14 +1585,16 @@ impl Pools {
                         let total = w.tokens.load(Ordering::Relaxed);
                         let before = w.sampled.swap(total, Ordering::Relaxed);
                         // One lock, released before anything else is taken.
-                        let (id, state) = {
+                        let (id, state, sequences, batch) = {
                             let s = lock(&w.snapshot);
-                            (s.id, s.state)
+                            (s.id, s.state, s.sequences, s.batch)
                         };
                         WorkerMetrics {
                             id,
                             state,
                             tokens_per_s: (total - before) as f32 / secs.max(1e-3) as f32,
+                            sequences,
+                            batch,
                         }
                     })
                     .collect();
@@ -1974,6 +1978,7 @@ impl Worker {
                 }
             }
             if !batch.is_empty() {
+                self.show_batch(batch.len(), self.pool.settings.batch.min(refused_at));
                 self.pass(&mut batch);
                 if batch.is_empty() {
                     self.pool.touch(None);
@@ -1987,10 +1992,13 @@ impl Worker {
             if reserved > keep {
                 self.pool.extra.fetch_sub(reserved - keep, Ordering::AcqRel);
                 reserved = keep;
+                // Fewer slots: fewer engines may stay parked.
+                self.pool.trim();
             }
             if batch.len() < refused_at {
                 refused_at = usize::MAX;
             }
+            self.show_batch(batch.len(), self.pool.settings.batch.min(refused_at));
             let offer = if batch.is_empty() || !open || self.retiring() {
                 0
             } else {
@@ -2003,6 +2011,19 @@ impl Worker {
             self.offer(&mut offered, offer);
         }
         self.offer(&mut offered, 0);
+    }
+
+    /// Its batch as the status and events show it (published on change).
+    fn show_batch(&self, sequences: usize, most: usize) {
+        {
+            let mut snap = lock(&self.cell.snapshot);
+            let now = (sequences as u32, most as u32);
+            if (snap.sequences, snap.batch) == now {
+                return;
+            }
+            (snap.sequences, snap.batch) = now;
+        }
+        self.publish();
     }
 
     /// Change this worker's share of the pool's free batch places.
@@ -2186,7 +2207,13 @@ impl Worker {
                 feed: Feed::Prompt,
             }),
             Ok(Err(e)) => {
-                self.close(sink, meta, engine, End::Error(convert::engine_error(&e)), true);
+                self.close(
+                    sink,
+                    meta,
+                    engine,
+                    End::Error(convert::engine_error(&e)),
+                    true,
+                );
                 None
             }
             Err(panic) => {

@@ -15,7 +15,7 @@ pub mod units;
 
 /// The protocol version, sent in the handshake outside bincode, so a peer of
 /// any version can read it and answer "incompatible" rather than fail to decode.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The first bytes of every connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"PARAPHYM";

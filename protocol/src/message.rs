@@ -435,6 +435,13 @@ pub struct WorkerSnapshot {
     pub state: WorkerState,
     pub requests_served: u64,
     pub tokens_per_s: f32,
+    /// Requests it decodes now, together in one batched pass. Since
+    /// protocol version 5.
+    pub sequences: u32,
+    /// The most it takes now: the daemon's `--batch`, fewer while the
+    /// memory budget has no room for another sequence. Since protocol
+    /// version 5.
+    pub batch: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -526,6 +533,10 @@ pub struct WorkerMetrics {
     pub state: WorkerState,
     /// Tokens per second over the last interval.
     pub tokens_per_s: f32,
+    /// Requests it decodes now, and the most it takes (as in
+    /// `WorkerSnapshot`). Since protocol version 5.
+    pub sequences: u32,
+    pub batch: u32,
 }
 
 #[cfg(test)]
@@ -596,6 +607,8 @@ mod tests {
             state: WorkerState::Busy,
             requests_served: 9,
             tokens_per_s: 31.5,
+            sequences: 3,
+            batch: 8,
         };
         for response in [
             Response::Token {
@@ -682,6 +695,8 @@ mod tests {
                         id: 0,
                         state: WorkerState::Busy,
                         tokens_per_s: 30.0,
+                        sequences: 2,
+                        batch: 8,
                     }],
                 }],
             })),

@@ -17,8 +17,8 @@ pub fn versioned_dir_name() -> String {
 }
 
 /// The socket path: `$PARAPHYM_SOCKET`, else
-/// `$XDG_RUNTIME_DIR/paraphym-v4/paraphymd.sock`, else
-/// `~/.paraphym/paraphym-v4/paraphymd.sock`.
+/// `$XDG_RUNTIME_DIR/paraphym-v5/paraphymd.sock`, else
+/// `~/.paraphym/paraphym-v5/paraphymd.sock`.
 pub fn default_socket() -> Option<PathBuf> {
     socket_from(&|k| std::env::var_os(k).filter(|v| !v.is_empty()))
 }

@@ -1,5 +1,6 @@
 //! End-to-end tests against the real paraphymd (see tests/src/lib.rs).
 
+mod batching;
 mod cli;
 mod context;
 mod conversations;

@@ -520,8 +520,8 @@ pub fn ps(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
         println!("no models loaded");
     } else {
         println!(
-            "{:<32} {:>6} {:<9} {:>8} {:>8} {:>7} {:>8}",
-            "MODEL", "WORKER", "STATE", "SERVED", "TOK/S", "QUEUED", "CONTEXT"
+            "{:<32} {:>6} {:<9} {:>6} {:>8} {:>8} {:>7} {:>8}",
+            "MODEL", "WORKER", "STATE", "BATCH", "SERVED", "TOK/S", "QUEUED", "CONTEXT"
         );
         for m in &s.models {
             for (i, w) in m.workers.iter().enumerate() {
@@ -532,10 +532,12 @@ pub fn ps(ctx: &Ctx, json: bool) -> Result<ExitCode, CliError> {
                     (String::new(), String::new())
                 };
                 println!(
-                    "{:<32} {:>6} {:<9} {:>8} {:>8.1} {:>7} {:>8}",
+                    "{:<32} {:>6} {:<9} {:>6} {:>8} {:>8.1} {:>7} {:>8}",
                     m.reference,
                     w.id,
                     format!("{:?}", w.state).to_lowercase(),
+                    // Requests it decodes together now, of the most it takes.
+                    format!("{}/{}", w.sequences, w.batch),
                     w.requests_served,
                     w.tokens_per_s,
                     queued,

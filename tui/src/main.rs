@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
                   TUI (F1 in it lists the keys). With one: scripting over the daemon's socket."
 )]
 struct Cli {
-    /// The daemon's socket [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v4/paraphymd.sock, else ~/.paraphym/paraphym-v4/paraphymd.sock]
+    /// The daemon's socket [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v5/paraphymd.sock, else ~/.paraphym/paraphym-v5/paraphymd.sock]
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     #[command(flatten)]

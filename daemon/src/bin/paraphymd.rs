@@ -22,7 +22,7 @@ use tracing_subscriber::prelude::*;
     about = "paraphym's daemon: warm models on a Unix socket"
 )]
 struct Args {
-    /// Socket path [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v4/paraphymd.sock, else ~/.paraphym/paraphym-v4/paraphymd.sock]
+    /// Socket path [default: $PARAPHYM_SOCKET, else $XDG_RUNTIME_DIR/paraphym-v5/paraphymd.sock, else ~/.paraphym/paraphym-v5/paraphymd.sock]
     #[arg(long)]
     socket: Option<PathBuf>,
     /// The model for requests that name none [default: $PARAPHYM_MODEL, the config file's default_model, qwen3:1.7b]

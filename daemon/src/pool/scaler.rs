@@ -46,9 +46,7 @@ pub fn decide(v: &View, l: &Limits) -> Decision {
     }
     // Jobs that neither a batch with room, an idle worker nor one on its
     // way will take.
-    let uncovered = v
-        .queued
-        .saturating_sub(v.room + v.idle.len() + v.starting);
+    let uncovered = v.queued.saturating_sub(v.room + v.idle.len() + v.starting);
     if uncovered > 0 && total < max {
         return Decision::Spawn(uncovered.min(max - total));
     }

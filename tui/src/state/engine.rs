@@ -20,6 +20,9 @@ pub struct WorkerView {
     pub state: WorkerState,
     pub tokens_per_s: f32,
     pub served: u64,
+    /// Requests it decodes together now, of the most it takes.
+    pub sequences: u32,
+    pub batch: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +62,8 @@ impl ModelView {
                 v.state = w.state;
                 v.tokens_per_s = w.tokens_per_s;
                 v.served = w.requests_served;
+                v.sequences = w.sequences;
+                v.batch = w.batch;
             }
             None => {
                 self.workers.push(WorkerView {
@@ -66,6 +71,8 @@ impl ModelView {
                     state: w.state,
                     tokens_per_s: w.tokens_per_s,
                     served: w.requests_served,
+                    sequences: w.sequences,
+                    batch: w.batch,
                 });
                 self.workers.sort_by_key(|v| v.id);
             }
@@ -202,12 +209,16 @@ impl EngineState {
                     Some(x) => {
                         x.state = w.state;
                         x.tokens_per_s = w.tokens_per_s;
+                        x.sequences = w.sequences;
+                        x.batch = w.batch;
                     }
                     None => v.workers.push(WorkerView {
                         id: w.id,
                         state: w.state,
                         tokens_per_s: w.tokens_per_s,
                         served: 0,
+                        sequences: w.sequences,
+                        batch: w.batch,
                     }),
                 }
             }
@@ -243,6 +254,8 @@ mod tests {
             state,
             requests_served: 0,
             tokens_per_s: 0.0,
+            sequences: u32::from(state == WorkerState::Busy),
+            batch: 8,
         }
     }
 
@@ -262,6 +275,8 @@ mod tests {
                         id,
                         state,
                         tokens_per_s: tps,
+                        sequences: u32::from(state == WorkerState::Busy),
+                        batch: 8,
                     })
                     .collect(),
             }],

@@ -81,8 +81,10 @@ pub fn text_lines(e: &EngineState, width: usize) -> Vec<Line<'static>> {
         let mut line: Vec<Span<'static>> = vec![Span::raw(" ")];
         let mut used = 1;
         for w in &m.workers {
+            // The two scaling dials: the chips are the workers; a busy one
+            // shows the requests in its batch, of the most it takes.
             let speed = if w.state == WorkerState::Busy {
-                format!(" {:.0}", w.tokens_per_s)
+                format!(" {}/{} {:.0}", w.sequences, w.batch, w.tokens_per_s)
             } else {
                 String::new()
             };

@@ -74,6 +74,8 @@ fn metrics(at_s: u64, workers: &[(u32, WorkerState, f32)]) -> Msg {
                     id,
                     state,
                     tokens_per_s: t,
+                    sequences: u32::from(state == WorkerState::Busy),
+                    batch: 8,
                 })
                 .collect(),
         }],
@@ -92,6 +94,8 @@ fn worker(app: &mut App, id: u32, state: WorkerState) {
             state,
             requests_served: 0,
             tokens_per_s: 0.0,
+            sequences: u32::from(state == WorkerState::Busy),
+            batch: 8,
         },
     }));
 }
