@@ -115,3 +115,59 @@ fn requests_batched_on_one_worker_get_the_tokens_each_gets_alone() {
         "the worker's batch held {most} sequences at most"
     );
 }
+
+/// The memory budget bounds a batch as it bounds workers: each sequence
+/// past a worker's first reserves its KV cache. With room for two, four
+/// requests on one worker run two at a time, all complete, and the worker
+/// says it takes two.
+#[test]
+fn the_memory_budget_holds_a_batch_to_what_fits() {
+    let q = paraphym_tests::tiny(paraphym_daemon::synth::Arch::Qwen3);
+    let m = q.to_str().unwrap();
+    let e = paraphym_daemon::engine::memory_estimate(&q, Some(512), 256, &candle_core::Device::Cpu)
+        .unwrap();
+    let budget = (e.weights + e.per_worker * 2 + e.per_worker / 2).to_string();
+    let daemon = TestDaemon::start(&[
+        "--context",
+        "512",
+        "--prewarm",
+        "1",
+        "--max-workers",
+        "1",
+        "--batch",
+        "8",
+        "--memory-budget",
+        &budget,
+    ]);
+    let c = daemon.client();
+    // Loaded and idle before the events are read.
+    assert_eq!(
+        c.generate(raw_gen(m, "Hi", 2))
+            .unwrap()
+            .collect_text()
+            .unwrap()
+            .1
+            .generated_tokens,
+        2
+    );
+    let events = c.subscribe().unwrap();
+    let streams: Vec<_> = (0..4)
+        .map(|_| c.generate(raw_gen(m, "Tell me", 200)).unwrap())
+        .collect();
+    for s in streams {
+        assert_eq!(s.collect_text().unwrap().1.generated_tokens, 200);
+    }
+    let (mut most, mut held) = (0, u32::MAX);
+    while let Ok(Some(e)) = events.next_timeout(Duration::from_millis(20)) {
+        if let Event::Worker { worker, .. } = e {
+            most = most.max(worker.sequences);
+            if worker.state == WorkerState::Busy {
+                held = held.min(worker.batch);
+            }
+        }
+    }
+    assert_eq!(most, 2, "two sequences at once, never more");
+    assert_eq!(held, 2, "the worker showed its batch held to two");
+    let s = status(&c);
+    assert!(s.memory_estimated_bytes <= s.memory_budget_bytes, "{s:?}");
+}

@@ -93,6 +93,7 @@ mod tests {
             busy: 1,
             starting: 1,
             idle: vec![(0, secs(1))],
+            room: 0,
         };
         assert_eq!(decide(&v, &L), Decision::Spawn(1));
         let v = View {

@@ -98,8 +98,9 @@ enum Cmd {
         #[arg(long)]
         max_median_ms: Option<f64>,
     },
-    /// Aggregate tokens/s of N concurrent streams through the daemon, next
-    /// to one stream of the bare Candle loop.
+    /// Aggregate tokens/s of N concurrent streams through the daemon, one
+    /// worker batching them and N replica workers side by side, next to one
+    /// stream of the bare Candle loop.
     Concurrent {
         #[arg(long)]
         model: PathBuf,
@@ -680,21 +681,48 @@ fn concurrent(
     .median;
     let prompt = bench::prompt_tokens(model, prompt_tokens)?;
     let most = streams.iter().copied().max().unwrap_or(1).max(1);
-    let extra: Vec<String> = [
-        "--max-workers".to_string(),
-        most.to_string(),
-        "--prewarm".to_string(),
-        most.to_string(),
-        "--max-queue".to_string(),
-        (4 * most).to_string(),
-    ]
-    .into_iter()
-    .chain(daemon_args.iter().cloned())
-    .collect();
-    let d = via_daemon::Daemon::start_with(device, prompt_tokens + gen + 64, &extra)?;
-    d.load(model)?;
-    // Warm every worker once.
-    run_streams(&d.socket(), model, &prompt, 8, most)?;
+    let most_s = most.to_string();
+    // The two ways a daemon serves N streams: one worker decoding them in
+    // one batched pass (the default: batches fill before workers are
+    // added), and N replica workers of one request each (`--batch 1`).
+    let setups: [(&str, [&str; 6]); 2] = [
+        (
+            "batched",
+            ["--prewarm", "1", "--max-workers", "1", "--batch", &most_s],
+        ),
+        (
+            "replicas",
+            [
+                "--prewarm",
+                &most_s,
+                "--max-workers",
+                &most_s,
+                "--batch",
+                "1",
+            ],
+        ),
+    ];
+    let mut table: Vec<Vec<f64>> = Vec::new();
+    for (_, flags) in &setups {
+        let extra: Vec<String> = flags
+            .iter()
+            .map(|f| f.to_string())
+            .chain(["--max-queue".to_string(), (4 * most).to_string()])
+            .chain(daemon_args.iter().cloned())
+            .collect();
+        let d = via_daemon::Daemon::start_with(device, prompt_tokens + gen + 64, &extra)?;
+        d.load(model)?;
+        // Warm every worker (every batch size) once.
+        run_streams(&d.socket(), model, &prompt, 8, most)?;
+        let mut column = Vec::new();
+        for &n in streams {
+            let runs: Vec<f64> = (0..reps)
+                .map(|_| run_streams(&d.socket(), model, &prompt, gen, n))
+                .collect::<Result<_>>()?;
+            column.push(Stats::of(&runs).median);
+        }
+        table.push(column);
+    }
     println!("model     {}", model.display());
     println!("device    {device}; {}", cpu_features());
     if !daemon_args.is_empty() {
@@ -705,26 +733,26 @@ fn concurrent(
          each stream its own connection; median of {reps}"
     );
     println!(
+        "setups    batched: --prewarm 1 --max-workers 1 --batch {most}; \
+         replicas: --prewarm {most} --max-workers {most} --batch 1"
+    );
+    println!(
         "bare      one stream, bare Candle loop: {bare:.2} tok/s decode, \
          {bare_e2e:.2} tok/s end to end (prefill included)"
     );
+    println!("aggregate tok/s end to end (prefill included), all streams");
     println!(
-        "{:>8} {:>16} {:>18} {:>16}",
-        "streams", "aggregate tok/s", "per stream tok/s", "aggregate/bare"
+        "{:>8} {:>10} {:>10} {:>14} {:>16} {:>14}",
+        "streams", "batched", "replicas", "batched/bare", "batched/1 stream", "batched/replicas"
     );
-    println!(
-        "{:>8} {:>16} {:>18} {:>16}",
-        "", "(end to end)", "", "(end to end)"
-    );
-    for &n in streams {
-        let runs: Vec<f64> = (0..reps)
-            .map(|_| run_streams(&d.socket(), model, &prompt, gen, n))
-            .collect::<Result<_>>()?;
-        let agg = Stats::of(&runs).median;
+    let one = streams.iter().position(|&n| n == 1).map(|i| table[0][i]);
+    for (i, &n) in streams.iter().enumerate() {
+        let (b, r) = (table[0][i], table[1][i]);
+        let per_one = one.map_or("-".to_string(), |o| format!("{:.3}", b / o));
         println!(
-            "{n:>8} {agg:>16.2} {:>18.2} {:>16.3}",
-            agg / n as f64,
-            agg / bare_e2e
+            "{n:>8} {b:>10.2} {r:>10.2} {:>14.3} {per_one:>16} {:>14.3}",
+            b / bare_e2e,
+            b / r
         );
     }
     Ok(())
