@@ -14,7 +14,8 @@
 #      by CUPTI (gpu-count.c, built here when a C compiler and CUPTI exist);
 #   5. the sampling routes and the memory budget on this GPU (section
 #      "routes", not run by default; needs python3);
-#   6. the daemon's aggregate tokens/s at 1, 2, 3, 4, 8 concurrent streams,
+#   6. the daemon's aggregate tokens/s at 1, 2, 4, 8, 16 concurrent streams
+#      (STREAMS), one worker batching them beside as many replica workers,
 #      once for each way workers on one GPU take turns (--gpu-turns);
 #   7. batched decoding at the model level: aggregate tokens/s of 1..16
 #      sequences in one forward pass per step (section "batch", not run by
@@ -193,7 +194,7 @@ for shape in $shapes; do
   if has concurrent; then
     for turns in ${TURNS:-off launch step}; do
       echo "-- concurrent streams, --gpu-turns $turns"
-      "$bench" concurrent --model "$model" --device cuda --streams 1,2,3,4,8 --prompt-tokens 32 \
+      "$bench" concurrent --model "$model" --device cuda --streams "${STREAMS:-1,2,4,8,16}" --prompt-tokens 32 \
         --gen-tokens 128 --reps 1 --daemon-arg=--gpu-turns="$turns"
     done
   fi

@@ -413,6 +413,7 @@ impl Pool {
             e.engine.clear_cache();
             e.bytes = 0;
             e.session = None;
+            RELEASED.store(true, Ordering::Relaxed);
         }
     }
 
@@ -699,6 +700,7 @@ impl Pool {
         while parked.idle.len() + parked.out > cap && !parked.idle.is_empty() {
             let i = parked.idle.iter().position(|e| e.bytes == 0).unwrap_or(0);
             parked.idle.remove(i);
+            RELEASED.store(true, Ordering::Relaxed);
         }
     }
 
@@ -1622,6 +1624,12 @@ impl Pools {
     }
 
     /// Supervise and scale every pool (housekeeping).
+    /// Is any model running or queueing a request?
+    fn busy(&self) -> bool {
+        let pools: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
+        pools.iter().any(|p| p.busy())
+    }
+
     fn rebalance_all(&self) {
         let pools: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
         for p in pools {
@@ -1982,6 +1990,8 @@ impl Worker {
                 self.pass(&mut batch);
                 if batch.is_empty() {
                     self.pool.touch(None);
+                    // Its batch is empty before it says Idle: one event.
+                    lock(&self.cell.snapshot).sequences = 0;
                     if !self.retiring() {
                         self.set_state(WorkerState::Idle);
                     }
@@ -2585,6 +2595,25 @@ fn forget(map: &Map, pool: &Pool) {
     }
 }
 
+/// Engines or caches were dropped since the allocator was last asked to
+/// give memory back.
+static RELEASED: AtomicBool = AtomicBool::new(false);
+
+/// Give freed memory back to the system once the daemon is idle. A batch
+/// of many sequences leaves, after a burst, KV buffers freed in the middle
+/// of the worker threads' malloc arenas, where glibc keeps them (resident)
+/// until asked; the budget counts what is in use, and so should the RSS.
+fn release_memory(pools: &Pools) {
+    if pools.busy() || !RELEASED.swap(false, Ordering::Relaxed) {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The daemon's housekeeping thread: idle eviction and throughput samples.
 pub struct Housekeeping {
     stop: flume::Sender<()>,
@@ -2612,6 +2641,7 @@ pub fn start_housekeeping(daemon: Arc<Daemon>) -> Housekeeping {
             {
                 daemon.pools.evict_idle();
                 daemon.pools.rebalance_all();
+                release_memory(&daemon.pools);
                 let now = Instant::now();
                 if now.duration_since(last.0) >= SAMPLE_EVERY {
                     let total = daemon.events.tokens_total();

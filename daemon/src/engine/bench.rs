@@ -6,7 +6,12 @@
 //! * `stock` — Candle's own model (`candle-transformers` quantized_qwen3 /
 //!   quantized_gemma3 / quantized_llama) in the candle-examples loop;
 //! * `bare` — the same loop over our model (`models::Model::forward`);
-//! * `engine` — `Engine::generate`, the path the daemon serves.
+//! * `engine` — `Engine::generate`, the path the daemon serves;
+//! * `static` — the fixed-shape decode step (`decoder::StaticDecoder`: static
+//!   KV cache, position on the device, greedy token chosen on the device),
+//!   run eagerly;
+//! * `graph` — the same step captured once as a CUDA graph and replayed per
+//!   token (eager where there is no CUDA).
 
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -47,6 +52,8 @@ pub enum Loop {
     Stock,
     Bare,
     Engine,
+    Static,
+    Graph,
 }
 
 impl Loop {
@@ -55,6 +62,8 @@ impl Loop {
             "stock" => Loop::Stock,
             "bare" => Loop::Bare,
             "engine" => Loop::Engine,
+            "static" => Loop::Static,
+            "graph" => Loop::Graph,
             _ => return None,
         })
     }
@@ -104,6 +113,8 @@ pub fn run(
         Loop::Stock => run_stock(path, prompt, gen, device),
         Loop::Bare => run_bare(path, prompt, gen, device),
         Loop::Engine => run_engine(path, prompt, gen, device),
+        Loop::Static => run_static(path, prompt, gen, device, false),
+        Loop::Graph => run_static(path, prompt, gen, device, true),
     }
 }
 
@@ -132,13 +143,14 @@ fn greedy_loop(
     Ok(())
 }
 
-fn run_bare(
+/// Our model, loaded and warmed up as the engine does (timed into `stats`).
+fn load_model(
     path: &std::path::Path,
     prompt: &[u32],
     gen: usize,
     device: &Device,
-) -> Result<RunStats, EngineError> {
-    let mut stats = RunStats::default();
+    stats: &mut RunStats,
+) -> Result<models::Model, EngineError> {
     let t = Instant::now();
     let gguf = super::gguf::GgufFile::open(path)?;
     let mut model = models::load(&gguf, context(prompt, gen), Weights::Quantized, device)?;
@@ -146,9 +158,57 @@ fn run_bare(
     let t = Instant::now();
     super::warm_up(&mut model, gguf.get_u64("tokenizer.ggml.bos_token_id").ok())?;
     stats.warmup = t.elapsed();
+    Ok(model)
+}
+
+fn run_bare(
+    path: &std::path::Path,
+    prompt: &[u32],
+    gen: usize,
+    device: &Device,
+) -> Result<RunStats, EngineError> {
+    let mut stats = RunStats::default();
+    let mut model = load_model(path, prompt, gen, device, &mut stats)?;
     greedy_loop(prompt, gen, &mut stats, |tokens, _pos| {
         model.forward(tokens, LogitsFor::Last)
     })?;
+    Ok(stats)
+}
+
+fn run_static(
+    path: &std::path::Path,
+    prompt: &[u32],
+    gen: usize,
+    device: &Device,
+    graph: bool,
+) -> Result<RunStats, EngineError> {
+    let mut stats = RunStats::default();
+    let mut model = load_model(path, prompt, gen, device, &mut stats)?;
+    let t = Instant::now();
+    // The decoder's buffers (and its captured graph) outlive a generation:
+    // a short one first, so the capture is not timed.
+    let mut fixed = models::decoder::StaticDecoder::new(&model, prompt.len() + gen + 1, graph)?;
+    fixed.start(&mut model, &prompt[..prompt.len().min(8)])?;
+    for _ in 0..3 {
+        fixed.step(&model, None)?;
+    }
+    fixed.token()?;
+    stats.warmup += t.elapsed();
+    let start = Instant::now();
+    fixed.start(&mut model, prompt)?;
+    let mut next = fixed.token()?;
+    stats.prefill = start.elapsed();
+    stats.first_token = stats.prefill;
+    stats.prompt_tokens = prompt.len();
+    let start = Instant::now();
+    stats.tokens.push(next);
+    while stats.tokens.len() < gen {
+        // The step leaves its greedy token on the device: only it comes back.
+        fixed.step(&model, None)?;
+        next = fixed.token()?;
+        stats.tokens.push(next);
+    }
+    stats.decode = start.elapsed();
     Ok(stats)
 }
 

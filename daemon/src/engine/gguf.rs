@@ -251,6 +251,43 @@ impl GgufFile {
         Ok(&self.map[info.offset..info.offset + info.size])
     }
 
+    /// The matrices `names` (each `[rows_i, cols]`, as `shapes` says) stacked
+    /// row-wise into one `[sum rows_i, cols]` tensor on `device`, when they
+    /// share a type: one matmul then does the work of several (a GGUF
+    /// matrix is stored row after row, so stacking is concatenating bytes).
+    /// `None` when a type differs; an error when one is missing or misshapen.
+    pub fn stacked(
+        &self,
+        names: &[&str],
+        shapes: &[[usize; 2]],
+        device: &Device,
+    ) -> Result<Option<QTensor>, EngineError> {
+        let mut bytes = Vec::new();
+        let mut dtype = None;
+        for (name, shape) in names.iter().zip(shapes) {
+            let info = self
+                .tensors
+                .get(*name)
+                .ok_or_else(|| self.error(ModelFileError::MissingTensor((*name).to_owned())))?;
+            if info.shape != shape {
+                return Err(self.error(ModelFileError::BadShape {
+                    name: (*name).to_owned(),
+                    expected: shape.to_vec(),
+                    found: info.shape.clone(),
+                }));
+            }
+            if dtype.is_some_and(|d| d != info.dtype) || shape[1] != shapes[0][1] {
+                return Ok(None);
+            }
+            dtype = Some(info.dtype);
+            bytes.extend_from_slice(&self.map[info.offset..info.offset + info.size]);
+        }
+        let Some(dtype) = dtype else { return Ok(None) };
+        let rows: usize = shapes.iter().map(|s| s[0]).sum();
+        let storage = QStorage::from_data(bytes.into(), device, dtype)?;
+        Ok(Some(QTensor::new(storage, (rows, shapes[0][1]))?))
+    }
+
     /// Load a tensor onto `device`, checking its shape when `expected` is given.
     pub fn tensor(
         &self,

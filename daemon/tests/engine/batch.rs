@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Device;
 use paraphym_daemon::engine::gguf::GgufFile;
+use paraphym_daemon::engine::sampling::argmax;
 use paraphym_daemon::engine::{models, LogitsFor, Tokenizer, Weights};
 use paraphym_daemon::synth::Arch;
 
@@ -20,19 +21,6 @@ const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Llama, Arch::Gemma3, Arch::Phi3];
 
 fn row(t: &candle_core::Tensor, i: usize) -> Vec<f32> {
     t.get(i).unwrap().to_vec1::<f32>().unwrap()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv {
-                (i, x)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0 as u32
 }
 
 /// Greedy decoding of `prompt` alone: the logits of every step.

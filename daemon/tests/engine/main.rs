@@ -8,6 +8,7 @@ mod bad_files;
 mod batch;
 mod gemma3;
 mod reuse;
+mod static_step;
 mod synthetic;
 mod template;
 mod tokenizer;

@@ -76,8 +76,9 @@ enum Cmd {
         gen_tokens: usize,
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        /// Loops to compare: stock, bare, engine, daemon (the engine through
-        /// paraphymd's socket).
+        /// Loops to compare: stock, bare, engine, static (the fixed-shape
+        /// step), graph (that step as a replayed CUDA graph), daemon (the
+        /// engine through paraphymd's socket).
         #[arg(
             long,
             value_delimiter = ',',
@@ -227,7 +228,8 @@ fn main() -> Result<()> {
             if which == "daemon" {
                 return daemon_child(&model, &device, &prompt, gen_tokens);
             }
-            let which = bench::Loop::parse(&which).context("--loop stock|bare|engine|daemon")?;
+            let which = bench::Loop::parse(&which)
+                .context("--loop stock|bare|engine|static|graph|daemon")?;
             let device = parse_device(&device)?;
             let r = bench::run(which, &model, &prompt, gen_tokens, &device)?;
             let ids: Vec<String> = r.tokens.iter().map(u32::to_string).collect();
@@ -582,6 +584,9 @@ fn decode(
     };
     ratio("engine", "bare", "decode_tps", "decode");
     ratio("daemon", "bare", "decode_tps", "decode");
+    ratio("static", "bare", "decode_tps", "decode");
+    ratio("graph", "bare", "decode_tps", "decode");
+    ratio("graph", "static", "decode_tps", "decode");
     ratio("bare", "stock", "decode_tps", "decode");
     ratio("bare", "bare'", "decode_tps", "decode");
     ratio("engine", "bare", "prefill_tps", "prefill");
@@ -609,6 +614,16 @@ fn decode(
             runs[d][0].get("pieces"),
             runs[d][0].get("generated")
         );
+    }
+    for fixed in ["static", "graph"] {
+        if let (Some(b), Some(f)) = (ids("bare"), ids(fixed)) {
+            let same = b.iter().zip(&f).take_while(|(x, y)| x == y).count();
+            println!("tokens    {fixed} agrees with bare on the first {same} of {gen} tokens");
+        }
+    }
+    if let (Some(s), Some(g)) = (ids("static"), ids("graph")) {
+        let same = s.iter().zip(&g).take_while(|(x, y)| x == y).count();
+        println!("tokens    graph agrees with static on the first {same} of {gen} tokens");
     }
     if let (Some(b), Some(s)) = (ids("bare"), ids("stock")) {
         let same = b.iter().zip(&s).take_while(|(x, y)| x == y).count();

@@ -176,19 +176,39 @@ impl Rope {
 
     /// Rotate `x` of shape (batch, seq, heads, head_dim) for positions `pos..pos+seq`.
     pub fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let (seq, head_dim) = (x.dim(1)?, x.dim(3)?);
+        let seq = x.dim(1)?;
+        self.rotate(
+            x,
+            &self.cos.narrow(0, pos, seq)?,
+            &self.sin.narrow(0, pos, seq)?,
+        )
+    }
+
+    /// The table's rows (cos, sin) for the position held by the device
+    /// tensor `pos` (u32, one element), for [`Rope::rotate`]: nothing of the
+    /// position reaches the host, so a captured step replays for any
+    /// position.
+    pub fn rows_at(&self, pos: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(pos, 0)?,
+            self.sin.index_select(pos, 0)?,
+        ))
+    }
+
+    /// Rotate `x` (batch, seq, heads, head_dim) by rows `cos`, `sin`
+    /// (seq, rot_dim / 2).
+    pub fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+        let head_dim = x.dim(3)?;
         if self.rot_dim < head_dim {
-            let rotated = self.apply(&x.narrow(3, 0, self.rot_dim)?, pos)?;
+            let rotated = self.rotate(&x.narrow(3, 0, self.rot_dim)?, cos, sin)?;
             let rest = x.narrow(3, self.rot_dim, head_dim - self.rot_dim)?;
             return Tensor::cat(&[&rotated, &rest], 3);
         }
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
         match self.style {
-            RopeStyle::Neox => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin),
+            RopeStyle::Neox => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin),
             RopeStyle::Interleaved => {
                 let x = x.transpose(1, 2)?.contiguous()?;
-                candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?.transpose(1, 2)
+                candle_nn::rotary_emb::rope_i(&x, cos, sin)?.transpose(1, 2)
             }
         }
     }
@@ -259,6 +279,15 @@ impl KvCache {
             .flatten()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
+    }
+
+    /// The cached keys and values, (1, kv_heads, len, head_dim) views.
+    pub fn cached(&self) -> Option<(Tensor, Tensor)> {
+        let (k, v) = (self.k.as_ref()?, self.v.as_ref()?);
+        Some((
+            k.narrow(2, 0, self.len).ok()?,
+            v.narrow(2, 0, self.len).ok()?,
+        ))
     }
 
     /// Append `k`, `v` (1, kv_heads, seq, head_dim) and return views of the

@@ -7,6 +7,8 @@
 //! the MLP activation, an embedding scale, RoPE layout and bases, and per-layer
 //! sliding windows.
 
+mod static_step;
+
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -19,6 +21,7 @@ use super::common::{
 use super::cpu_attention::{self, CpuKv};
 use crate::engine::error::EngineError;
 use crate::engine::gguf::GgufFile;
+pub use static_step::StaticDecoder;
 
 /// The MLP's gate activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,12 +174,71 @@ struct Layer {
     window: Option<usize>,
 }
 
-/// The Q, K and V projections: three tensors, or one (Phi-3's `attn_qkv`,
-/// rows Q then K then V).
+impl Layer {
+    /// The rest of the layer once attention is done: the output projection
+    /// (and Gemma's sandwich norm), the residual, then the MLP and its
+    /// residual.
+    fn finish(&self, s: &Spec, attended: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let mut a = self.o.forward(attended)?;
+        if let Some(n) = &self.post_attn_norm {
+            a = n.forward(&a)?;
+        }
+        let x1 = (a + residual)?;
+        let h = self.ffn_norm.forward(&x1)?;
+        let (g, u) = match &self.gate {
+            Some(gate) => (gate.forward(&h)?, self.up.forward(&h)?),
+            None => {
+                let gu = self.up.forward(&h)?;
+                (gu.narrow(2, 0, s.ffn)?, gu.narrow(2, s.ffn, s.ffn)?)
+            }
+        };
+        let g = match s.activation {
+            Activation::Silu => candle_nn::ops::silu(&g)?,
+            Activation::GeluTanh => g.gelu()?,
+        };
+        let mut m = self.down.forward(&(g * u)?)?;
+        if let Some(n) = &self.post_ffn_norm {
+            m = n.forward(&m)?;
+        }
+        Ok((m + x1)?)
+    }
+}
+
+/// The Q, K and V projections: one matrix (rows Q then K then V: Phi-3's
+/// `attn_qkv`, or the three stacked at load when they share a type), Q and
+/// K stacked beside V (Q4_K_M files keep V in Q6_K in some layers), or
+/// three. Fewer matrices, fewer kernel launches per token on a GPU.
 #[derive(Debug, Clone)]
 enum Qkv {
     Split { q: Linear, k: Linear, v: Linear },
+    QkV { qk: Linear, v: Linear },
     Fused(Linear),
+}
+
+impl Qkv {
+    /// Q, K and V of `h` (1, rows, hidden): (1, rows, q_dim) and twice
+    /// (1, rows, kv_dim). For one row the column slices stay contiguous.
+    fn project(&self, h: &Tensor, q_dim: usize, kv_dim: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok(match self {
+            Qkv::Split { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
+            Qkv::QkV { qk, v } => {
+                let qk = qk.forward(h)?;
+                (
+                    qk.narrow(2, 0, q_dim)?,
+                    qk.narrow(2, q_dim, kv_dim)?,
+                    v.forward(h)?,
+                )
+            }
+            Qkv::Fused(qkv) => {
+                let qkv = qkv.forward(h)?;
+                (
+                    qkv.narrow(2, 0, q_dim)?,
+                    qkv.narrow(2, q_dim, kv_dim)?,
+                    qkv.narrow(2, q_dim + kv_dim, kv_dim)?,
+                )
+            }
+        })
+    }
 }
 
 /// Where a layer keeps its keys and values: plain buffers read by the fused CPU
@@ -288,19 +350,42 @@ impl Model {
             let sandwich = |s: &str| -> Result<Option<RmsNorm>> {
                 spec.sandwich_norms.then(|| norm(&p(s), h)).transpose()
             };
+            let stack = |names: &[&str], shapes: &[[usize; 2]]| -> Result<Option<Linear>> {
+                let names: Vec<String> = names.iter().map(|n| p(n)).collect();
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                g.stacked(&names, shapes, dev)?
+                    .map(|t| Linear::from_arc(Arc::new(t), weights))
+                    .transpose()
+            };
+            let (qs, kvs) = ([q_dim, h], [kv_dim, h]);
             let qkv = match g.tensor_info(&p("attn_qkv")) {
                 Some(_) => Qkv::Fused(linear(&p("attn_qkv"), [q_dim + 2 * kv_dim, h])?),
-                None => Qkv::Split {
-                    q: linear(&p("attn_q"), [q_dim, h])?,
-                    k: linear(&p("attn_k"), [kv_dim, h])?,
-                    v: linear(&p("attn_v"), [kv_dim, h])?,
+                None => match stack(&["attn_q", "attn_k", "attn_v"], &[qs, kvs, kvs])? {
+                    Some(qkv) => Qkv::Fused(qkv),
+                    None => match stack(&["attn_q", "attn_k"], &[qs, kvs])? {
+                        Some(qk) => Qkv::QkV {
+                            qk,
+                            v: linear(&p("attn_v"), kvs)?,
+                        },
+                        None => Qkv::Split {
+                            q: linear(&p("attn_q"), qs)?,
+                            k: linear(&p("attn_k"), kvs)?,
+                            v: linear(&p("attn_v"), kvs)?,
+                        },
+                    },
                 },
             };
+            // The gate's rows then the up rows, as Phi-3 stores them, when
+            // the two share a type.
+            let ffs = [spec.ffn, h];
             let (gate, up) = match g.tensor_info(&p("ffn_gate")) {
-                Some(_) => (
-                    Some(linear(&p("ffn_gate"), [spec.ffn, h])?),
-                    linear(&p("ffn_up"), [spec.ffn, h])?,
-                ),
+                Some(_) => match stack(&["ffn_gate", "ffn_up"], &[ffs, ffs])? {
+                    Some(both) => (None, both),
+                    None => (
+                        Some(linear(&p("ffn_gate"), ffs)?),
+                        linear(&p("ffn_up"), ffs)?,
+                    ),
+                },
                 None => (None, linear(&p("ffn_up"), [2 * spec.ffn, h])?),
             };
             layers.push(Layer {
@@ -411,6 +496,15 @@ impl Model {
     /// cached positions).
     pub fn kv_bytes(&self) -> u64 {
         self.kv.iter().map(|c| c.bytes() as u64).sum()
+    }
+
+    /// Keep the KV cache as tensors and attend with tensor ops even on the
+    /// CPU: the path a GPU takes (the tests compare paths on the CPU). The
+    /// cache starts empty.
+    pub fn use_tensor_attention(&mut self) {
+        self.kv = (0..self.spec.layers)
+            .map(|_| Cache::Tensor(KvCache::default()))
+            .collect();
     }
 
     /// Drop the KV cache and its buffers.
@@ -565,18 +659,9 @@ fn layers(
         let residual = &x;
         let h = layer.attn_norm.forward(&x)?;
         let shape = |heads| (1, rows, heads, s.head_dim);
-        let (q, k, v) = match &layer.qkv {
-            Qkv::Split { q, k, v } => (q.forward(&h)?, k.forward(&h)?, v.forward(&h)?),
-            Qkv::Fused(qkv) => {
-                let qkv = qkv.forward(&h)?;
-                let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-                (
-                    qkv.narrow(2, 0, qd)?,
-                    qkv.narrow(2, qd, kvd)?,
-                    qkv.narrow(2, qd + kvd, kvd)?,
-                )
-            }
-        };
+        let (q, k, v) = layer
+            .qkv
+            .project(&h, s.heads * s.head_dim, s.kv_heads * s.head_dim)?;
         let mut q = q.reshape(shape(s.heads))?;
         let mut k = k.reshape(shape(s.kv_heads))?;
         let v = v.reshape(shape(s.kv_heads))?;
@@ -644,29 +729,7 @@ fn layers(
             1 => parts.pop().expect("one part"),
             _ => Tensor::cat(&parts, 1)?,
         };
-        let mut a = layer.o.forward(&attended)?;
-        if let Some(n) = &layer.post_attn_norm {
-            a = n.forward(&a)?;
-        }
-        let x1 = (a + residual)?;
-
-        let h = layer.ffn_norm.forward(&x1)?;
-        let (g, u) = match &layer.gate {
-            Some(gate) => (gate.forward(&h)?, layer.up.forward(&h)?),
-            None => {
-                let gu = layer.up.forward(&h)?;
-                (gu.narrow(2, 0, s.ffn)?, gu.narrow(2, s.ffn, s.ffn)?)
-            }
-        };
-        let g = match s.activation {
-            Activation::Silu => candle_nn::ops::silu(&g)?,
-            Activation::GeluTanh => g.gelu()?,
-        };
-        let mut m = layer.down.forward(&(g * u)?)?;
-        if let Some(n) = &layer.post_ffn_norm {
-            m = n.forward(&m)?;
-        }
-        x = (m + x1)?;
+        x = layer.finish(s, &attended, residual)?;
     }
     Ok(x)
 }
