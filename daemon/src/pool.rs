@@ -83,6 +83,12 @@ struct WorkerCell {
     progress: Mutex<Instant>,
     /// The jobs it runs, for the supervisor to answer if it gets stuck.
     current: Mutex<Vec<(Arc<JobControl>, Reply)>>,
+    /// Places in its batch it offers the queue (its share of `Pool::room`,
+    /// changed under that lock), and sequences past its first reserved with
+    /// the governor (its share of `Pool::extra`): kept here so that whoever
+    /// gives up on the worker (the supervisor, a panic) can take them back.
+    offered: AtomicUsize,
+    reserved: AtomicUsize,
     /// Tokens generated, ever, and at the last metrics sample.
     tokens: AtomicU64,
     sampled: AtomicU64,
@@ -206,7 +212,7 @@ impl Pool {
         !self.rx.is_empty()
             || lock(&self.workers)
                 .iter()
-                .any(|w| w.state() == WorkerState::Busy)
+                .any(|w| w.state() == WorkerState::Busy || !lock(&w.current).is_empty())
     }
 
     fn is_ready(&self) -> bool {
@@ -238,6 +244,8 @@ impl Pool {
             retire: AtomicBool::new(false),
             progress: Mutex::new(Instant::now()),
             current: Mutex::default(),
+            offered: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
             tokens: AtomicU64::new(0),
             sampled: AtomicU64::new(0),
         });
@@ -494,11 +502,12 @@ impl Pool {
 
     /// Give up on stuck workers: answer their requests, replace them.
     fn supervise(self: &Arc<Self>) {
+        // Any worker with jobs and no progress: a busy one, or one draining
+        // its batch before it leaves (retired, or replaced after a panic).
         let stuck: Vec<Arc<WorkerCell>> = lock(&self.workers)
             .iter()
             .filter(|w| {
-                w.state() == WorkerState::Busy
-                    && !w.retire.load(Ordering::Relaxed)
+                !lock(&w.current).is_empty()
                     && lock(&w.progress).elapsed() >= self.settings.stuck_timeout
             })
             .cloned()
@@ -511,7 +520,7 @@ impl Pool {
                 "no progress for {:?}: abandoning its request and replacing it",
                 self.settings.stuck_timeout
             );
-            w.retire.store(true, Ordering::Relaxed);
+            let replaced = w.retire.swap(true, Ordering::Relaxed);
             {
                 let mut snap = lock(&w.snapshot);
                 snap.state = WorkerState::Unhealthy;
@@ -521,20 +530,53 @@ impl Pool {
                 worker: lock(&w.snapshot).clone(),
             });
             self.record(Outcome::Failure("a worker got stuck".into()));
-            for (control, reply) in std::mem::take(&mut *lock(&w.current)) {
-                control.cancel(CancelReason::Stuck);
-                if control.finish_once() {
-                    reply.finish();
-                    reply.post(Response::Error(WireError {
-                        kind: ErrorKind::Internal,
-                        message: format!(
-                            "the worker made no progress for {} s; it was replaced, try again",
-                            self.settings.stuck_timeout.as_secs()
-                        ),
-                    }));
-                }
+            // Its batch takes no one else (it keeps its reservations: its
+            // engines still hold that memory).
+            self.withdraw_offer(&w);
+            self.abandon(
+                &w,
+                CancelReason::Stuck,
+                &format!(
+                    "the worker made no progress for {} s; it was replaced, try again",
+                    self.settings.stuck_timeout.as_secs()
+                ),
+            );
+            if !replaced {
+                self.spawn_worker(false);
             }
-            self.spawn_worker(false);
+        }
+    }
+
+    /// Answer every job of `w` with an internal error.
+    fn abandon(&self, w: &WorkerCell, reason: CancelReason, message: &str) {
+        for (control, reply) in std::mem::take(&mut *lock(&w.current)) {
+            control.cancel(reason);
+            if control.finish_once() {
+                reply.finish();
+                reply.post(Response::Error(WireError {
+                    kind: ErrorKind::Internal,
+                    message: message.to_owned(),
+                }));
+            }
+        }
+    }
+
+    /// Take `w`'s offered batch places out of the room idle workers defer to.
+    fn withdraw_offer(&self, w: &WorkerCell) {
+        let mut room = lock(&self.room);
+        *room -= w.offered.swap(0, Ordering::AcqRel);
+        drop(room);
+        self.room_changed.notify_all();
+    }
+
+    /// Give back `w`'s reservations beyond `keep`.
+    fn release_reserved(&self, w: &WorkerCell, keep: usize) {
+        let held = w.reserved.load(Ordering::Acquire);
+        if held > keep {
+            w.reserved.store(keep, Ordering::Release);
+            self.extra.fetch_sub(held - keep, Ordering::AcqRel);
+            // Fewer slots: fewer engines may stay parked.
+            self.trim();
         }
     }
 
@@ -1922,7 +1964,26 @@ impl Worker {
             if !self.loader {
                 self.set_state(WorkerState::Idle);
             }
-            self.serve();
+            let served = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve()));
+            if let Err(panic) = served {
+                // Past the per-job guards: its batch is lost.
+                let what = panic_text(&*panic).to_owned();
+                self.pool.abandon(
+                    &self.cell,
+                    CancelReason::Stuck,
+                    &format!("the worker failed ({what}); it was replaced"),
+                );
+                let lost = lock(&self.cell.snapshot).sequences as usize;
+                {
+                    let mut parked = lock(&self.pool.parked);
+                    parked.out = parked.out.saturating_sub(lost);
+                }
+                self.pool
+                    .record(Outcome::Failure(format!("a worker panicked: {what}")));
+                self.replace();
+            }
+            self.pool.withdraw_offer(&self.cell);
+            self.pool.release_reserved(&self.cell, 0);
             self.set_state(WorkerState::Stopping);
         }
         self.set_state(WorkerState::Stopped);
@@ -1939,10 +2000,6 @@ impl Worker {
     /// closed or it is retired, once its batch is done.
     fn serve(&self) {
         let mut batch: Vec<Running> = Vec::new();
-        // Places in its batch this worker offers the queue (`Pool::room`).
-        let mut offered = 0;
-        // Sequences beyond the first reserved with the governor (`Pool::extra`).
-        let mut reserved = 0;
         // The budget refused a sequence at this batch size: wait until one
         // leaves before asking again.
         let mut refused_at = usize::MAX;
@@ -1954,6 +2011,9 @@ impl Worker {
                 }
                 match self.wait_for_job() {
                     Ok(Some(job)) => {
+                        // Progress first: the supervisor must not judge the
+                        // idle time before this job.
+                        *lock(&self.cell.progress) = Instant::now();
                         self.set_state(WorkerState::Busy);
                         batch.extend(self.admit(job));
                         if batch.is_empty() && !self.retiring() {
@@ -1970,13 +2030,13 @@ impl Worker {
                     && batch.len() < refused_at
                     && !self.pool.rx.is_empty()
                 {
-                    if reserved < batch.len() {
+                    if self.cell.reserved.load(Ordering::Acquire) < batch.len() {
                         if !self.pool.may_add_worker() {
                             refused_at = batch.len();
                             break;
                         }
                         self.pool.extra.fetch_add(1, Ordering::AcqRel);
-                        reserved += 1;
+                        self.cell.reserved.fetch_add(1, Ordering::AcqRel);
                     }
                     match self.pool.rx.try_recv() {
                         Ok(job) => batch.extend(self.admit(job)),
@@ -1998,13 +2058,8 @@ impl Worker {
                 }
             }
             // Sequences that left give back their reservations.
-            let keep = batch.len().saturating_sub(1);
-            if reserved > keep {
-                self.pool.extra.fetch_sub(reserved - keep, Ordering::AcqRel);
-                reserved = keep;
-                // Fewer slots: fewer engines may stay parked.
-                self.pool.trim();
-            }
+            self.pool
+                .release_reserved(&self.cell, batch.len().saturating_sub(1));
             if batch.len() < refused_at {
                 refused_at = usize::MAX;
             }
@@ -2018,9 +2073,9 @@ impl Worker {
                     .min(refused_at)
                     .saturating_sub(batch.len())
             };
-            self.offer(&mut offered, offer);
+            self.offer(offer);
         }
-        self.offer(&mut offered, 0);
+        self.offer(0);
     }
 
     /// Its batch as the status and events show it (published on change).
@@ -2036,14 +2091,16 @@ impl Worker {
         self.publish();
     }
 
-    /// Change this worker's share of the pool's free batch places.
-    fn offer(&self, offered: &mut usize, now: usize) {
-        if *offered == now {
+    /// Change this worker's share of the pool's free batch places (none
+    /// once it has been given up on).
+    fn offer(&self, now: usize) {
+        let now = if self.retiring() { 0 } else { now };
+        let mut room = lock(&self.pool.room);
+        let before = self.cell.offered.swap(now, Ordering::AcqRel);
+        if before == now {
             return;
         }
-        let mut room = lock(&self.pool.room);
-        *room = *room + now - *offered;
-        *offered = now;
+        *room = *room + now - before;
         drop(room);
         self.pool.room_changed.notify_all();
     }
@@ -2300,9 +2357,14 @@ impl Worker {
         };
         if let Some(end) = failure {
             // The pass failed every generation in it: one fault, one verdict.
+            // Those that did not run (prompts waiting for room) go on.
             let crashed = matches!(end, End::Crash(_));
             let mut first = true;
-            for r in std::mem::take(batch) {
+            for (r, ran) in std::mem::take(batch).into_iter().zip(&runs) {
+                if !ran {
+                    batch.push(r);
+                    continue;
+                }
                 let end = match &end {
                     End::Crash(what) => End::Crash(what.clone()),
                     End::Error(e) => End::Error(e.clone()),
@@ -2349,31 +2411,31 @@ impl Worker {
                 });
                 continue;
             }
+            // The token, and the generation's end if it ends: a panic in
+            // either fails this job alone.
             let chosen = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let control = sink.control.clone();
-                let mut on = |ev: GenEvent<'_>| self.event(&mut sink, ev);
-                match engine.choose(&mut d, &control.flag, &mut on) {
-                    Ok(crate::engine::Step::Feed(t)) => Ok(Ok((t, d))),
-                    Ok(crate::engine::Step::Done(f)) => Ok(Err((f, d))),
-                    Err(e) => Err(e),
+                let step = {
+                    let mut on = |ev: GenEvent<'_>| self.event(&mut sink, ev);
+                    engine.choose(&mut d, &control.flag, &mut on)
+                };
+                match step {
+                    Ok(crate::engine::Step::Feed(t)) => Ok((t, d)),
+                    Ok(crate::engine::Step::Done(f)) => {
+                        Err(self.generation_end(&mut engine, d, f, &mut sink))
+                    }
+                    Err(e) => Err(End::Error(convert::engine_error(&e))),
                 }
             }));
             match chosen {
-                Ok(Ok(Ok((t, d)))) => batch.push(Running {
+                Ok(Ok((t, d))) => batch.push(Running {
                     sink,
                     meta,
                     engine,
                     d,
                     feed: Feed::Token(t),
                 }),
-                Ok(Ok(Err((f, d)))) => {
-                    let end = self.generation_end(&mut engine, d, f, &mut sink);
-                    self.close(sink, meta, Some(engine), end, true);
-                }
-                Ok(Err(e)) => {
-                    let end = End::Error(convert::engine_error(&e));
-                    self.close(sink, meta, Some(engine), end, true);
-                }
+                Ok(Err(end)) => self.close(sink, meta, Some(engine), end, true),
                 Err(panic) => {
                     let end = End::Crash(panic_text(&*panic).to_owned());
                     self.close(sink, meta, Some(engine), end, true);
@@ -2441,8 +2503,9 @@ impl Worker {
     fn replace(&self) {
         tracing::error!(model = self.pool.reference, "worker panicked; replacing it");
         self.set_state(WorkerState::Unhealthy);
-        self.cell.retire.store(true, Ordering::Relaxed);
-        self.pool.spawn_worker(false);
+        if !self.cell.retire.swap(true, Ordering::Relaxed) {
+            self.pool.spawn_worker(false);
+        }
     }
 
     /// Answer a job that ended and park its engine again before the client

@@ -89,8 +89,18 @@ fn exit_codes_tell_scripts_what_happened() {
 
     // Busy: one generation running, one waiting (a queue of 1), a third
     // refused with exit code 5. The running one is long and is cancelled
-    // afterwards, so the queue is still full when the third arrives.
-    let daemon = TestDaemon::start(&["--max-queue", "1", "--prewarm", "1", "--max-workers", "1"]);
+    // afterwards, so the queue is still full when the third arrives. One
+    // request per worker (`--batch 1`): a batch would take the second in.
+    let daemon = TestDaemon::start(&[
+        "--max-queue",
+        "1",
+        "--prewarm",
+        "1",
+        "--max-workers",
+        "1",
+        "--batch",
+        "1",
+    ]);
     let client = daemon.client();
     let gen = |max: u32| paraphym_protocol::message::Generate {
         model: Some(m.to_owned()),

@@ -354,7 +354,8 @@ fn past_the_connection_limit_a_client_is_told_busy() {
 fn cancelling_a_queued_request_answers_at_once() {
     let model = tiny(Arch::Llama);
     let m = model.to_str().unwrap();
-    let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1"]);
+    // One request per worker: the second waits in the queue, not a batch.
+    let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1", "--batch", "1"]);
     let client = daemon.client();
     let g = |prompt: &str, n: u32| {
         let Request::Generate(g) = generate(m, prompt, n) else {

@@ -13,7 +13,8 @@ use paraphym_tests::{gemma_path, raw_gen, tiny, TestDaemon};
 fn a_queued_request_sees_its_position_fall_then_loading_prefill_and_tokens() {
     let model = tiny(Arch::Qwen3);
     let m = model.to_str().unwrap();
-    let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1"]);
+    // One request per worker: the others wait in the queue, not a batch.
+    let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1", "--batch", "1"]);
     let client = daemon.client();
     // Three requests for a cold model, one worker.
     let a = client.generate(raw_gen(m, "First and long", 4000)).unwrap();
