@@ -22,6 +22,9 @@ pub struct DaemonConfig {
     /// Sequences a worker decodes together in one batched pass at most
     /// (the memory budget may hold it to fewer).
     pub batch: usize,
+    /// Decode through the fixed-shape step (CUDA graphs), or the plain
+    /// forward pass.
+    pub decode_step: DecodeStep,
     /// Workers a cold model starts with.
     pub prewarm: usize,
     /// Workers kept per loaded model however idle.
@@ -84,6 +87,7 @@ impl DaemonConfig {
             default_model,
             prefill_chunk: 256,
             batch: Self::DEFAULT_BATCH,
+            decode_step: DecodeStep::Auto,
             prewarm: 2,
             min_workers: 1,
             max_workers: default_max_workers(),
@@ -110,6 +114,39 @@ impl DaemonConfig {
 
 /// Half the cores, between 2 and 8: on the CPU every worker's matmuls use
 /// all cores, so more concurrent streams than that only contend.
+/// How workers decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeStep {
+    /// The fixed step on CUDA (replayed as graphs), the plain pass elsewhere.
+    #[default]
+    Auto,
+    /// The fixed-shape step everywhere (eager without CUDA; on the CPU the
+    /// engines keep tensor KV caches for it: slower there, for tests).
+    Fixed,
+    /// `Model::forward_batch`, every step shaped by its sequences.
+    Plain,
+}
+
+impl DecodeStep {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => DecodeStep::Auto,
+            "fixed" => DecodeStep::Fixed,
+            "plain" => DecodeStep::Plain,
+            _ => return None,
+        })
+    }
+
+    /// Whether workers on `device` use the fixed step.
+    pub fn fixed_on(self, device: &Device) -> bool {
+        match self {
+            DecodeStep::Auto => device.is_cuda(),
+            DecodeStep::Fixed => true,
+            DecodeStep::Plain => false,
+        }
+    }
+}
+
 pub fn default_max_workers() -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cores / 2).clamp(2, 8)

@@ -31,6 +31,7 @@ pub use sampling::SamplingParams;
 pub use template::{ChatOptions, ChatTemplate, Message};
 pub use tokenizer::Tokenizer;
 
+use models::decoder::StaticDecoder;
 use sampling::{Detokenizer, Sampler, StopCheck, StopMatcher};
 
 /// The context a model is loaded with unless asked otherwise (bounded by the
@@ -682,6 +683,7 @@ impl Engine {
             stops: StopMatcher::new(&params.stop),
             decode_start: start,
             prefilled: false,
+            adopted: false,
             logits: None,
         })
     }
@@ -800,13 +802,32 @@ impl Engine {
         if d.out.tokens.len() >= params.max_tokens {
             return Ok(Step::Done(FinishReason::MaxTokens));
         }
-        if self.model.kv_len() >= d.context {
+        // Positions in the cache: all but the token just chosen (the
+        // engine's own cache, or a fixed decoder's slot).
+        if d.history.len() - 1 >= d.context {
             return Ok(Step::Done(FinishReason::ContextFull));
         }
         if cancel.load(Ordering::Relaxed) {
             return Ok(Step::Done(FinishReason::Cancelled));
         }
         Ok(Step::Feed(token))
+    }
+
+    /// Take back the positions `d` decoded in `slot` of `fixed` (see
+    /// [`step_fixed`]) and free the slot; nothing to do for a generation
+    /// that never got there. Before [`Engine::finish`].
+    pub fn reclaim(
+        &mut self,
+        d: &mut Decoding,
+        fixed: &mut StaticDecoder,
+        slot: usize,
+    ) -> Result<(), EngineError> {
+        if std::mem::take(&mut d.adopted) {
+            let out = fixed.export(slot, &mut self.model);
+            fixed.free(slot);
+            out?;
+        }
+        Ok(())
     }
 
     /// End a generation: the text still held back, the statistics, and the
@@ -890,6 +911,71 @@ pub fn step_batch(batch: &mut [(&mut Engine, &mut Decoding, Feed)]) -> Result<()
     Ok(())
 }
 
+/// One pass of several generations through a fixed-shape decoder (the
+/// step a CUDA graph replays; see `decoder::StaticDecoder`), each its own
+/// slot (`batch[i].3`, distinct). A generation still prefilling runs its
+/// prompt's next chunk through its own engine's model, and when the prompt
+/// is in, its slot takes the cache over; every generation with a chosen
+/// token runs it in the slot, all of them in one step of the first slots
+/// (rounded up to a power of two, so a few graphs serve every batch).
+/// Logits go to each generation as in [`step_batch`]; before
+/// [`Engine::finish`], [`Engine::reclaim`] hands the slot's positions back
+/// to the engine's cache.
+pub fn step_fixed(
+    fixed: &mut StaticDecoder,
+    batch: &mut [(&mut Engine, &mut Decoding, Feed, usize)],
+) -> Result<(), EngineError> {
+    let mut feed: Vec<Option<u32>> = vec![None; fixed.slots()];
+    let mut rows = 0;
+    for (e, d, f, slot) in batch.iter_mut() {
+        match *f {
+            Feed::Prompt => {
+                let done = e.model.kv_len();
+                let n = d.params.prefill_chunk.min(d.history.len() - done);
+                let logits = e
+                    .model
+                    .forward(&d.history[done..done + n], LogitsFor::Last)?;
+                if done + n == d.history.len() {
+                    fixed.adopt(*slot, &e.model)?;
+                    // The slot holds it now: the engine's copy would only
+                    // double the memory until the generation ends (and
+                    // the engine claims no cached prefix meanwhile).
+                    e.model.clear_kv();
+                    e.cached.clear();
+                    d.adopted = true;
+                    d.prefilled = true;
+                    d.logits = Some(logits);
+                }
+            }
+            Feed::Token(t) => {
+                if !d.adopted {
+                    return Err(EngineError::InvalidParams(
+                        "a token for a slot that holds no prompt".into(),
+                    ));
+                }
+                feed[*slot] = Some(t);
+                rows = rows.max(*slot + 1);
+            }
+        }
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let rows = rows.next_power_of_two().min(fixed.slots());
+    let model = batch
+        .iter()
+        .find(|(_, _, f, _)| matches!(f, Feed::Token(_)))
+        .map(|(e, ..)| &e.model)
+        .expect("a token row");
+    let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
+    for (_, d, f, slot) in batch.iter_mut() {
+        if matches!(f, Feed::Token(_)) {
+            d.logits = Some(logits.narrow(0, *slot, 1)?);
+        }
+    }
+    Ok(())
+}
+
 /// A generation in progress on an engine (see [`Engine::begin`]).
 #[derive(Debug)]
 pub struct Decoding {
@@ -908,6 +994,8 @@ pub struct Decoding {
     stops: StopMatcher,
     decode_start: Instant,
     prefilled: bool,
+    /// Its cache lives in a fixed decoder's slot ([`step_fixed`]).
+    adopted: bool,
     /// The logits the next token is chosen from.
     pub logits: Option<candle_core::Tensor>,
 }

@@ -28,6 +28,7 @@ use paraphym_protocol::message::{
 
 use crate::breaker::{self, Breaker};
 use crate::config::{self, DaemonConfig, FOREVER};
+use crate::engine::models::decoder::StaticDecoder;
 use crate::engine::{Decoding, Engine, Feed, FinishReason, GenEvent, LoadOptions};
 use crate::events::Events;
 use crate::governor::{self, Cost, Plan, Resident};
@@ -761,6 +762,8 @@ struct Settings {
     prefill_chunk: usize,
     /// Sequences a worker decodes together at most.
     batch: usize,
+    /// Workers decode through a fixed-shape step (`StaticDecoder`).
+    fixed_step: bool,
     breaker_failures: u32,
     breaker_cooldown: Duration,
     stuck_timeout: Duration,
@@ -810,6 +813,7 @@ impl Pools {
                 memory_budget: config.memory_budget_bytes,
                 prefill_chunk: config.prefill_chunk.max(1),
                 batch: config.batch.max(1),
+                fixed_step: config.decode_step.fixed_on(&config.device),
                 breaker_failures: config.breaker_failures,
                 breaker_cooldown: config.breaker_cooldown,
                 stuck_timeout: config.stuck_timeout,
@@ -1924,7 +1928,11 @@ struct Running {
     d: Decoding,
     /// What it runs in the next pass.
     feed: Feed,
+    /// Its slot in the worker's fixed decoder (`UNSLOTTED` until a pass).
+    slot: usize,
 }
+
+const UNSLOTTED: usize = usize::MAX;
 
 /// How a job ended.
 enum End {
@@ -2000,6 +2008,9 @@ impl Worker {
     /// closed or it is retired, once its batch is done.
     fn serve(&self) {
         let mut batch: Vec<Running> = Vec::new();
+        // The fixed-shape decoder (its buffers and graphs), when the pool
+        // decodes that way: made at the first pass, grown with the batch.
+        let mut fixed: Option<StaticDecoder> = None;
         // The budget refused a sequence at this batch size: wait until one
         // leaves before asking again.
         let mut refused_at = usize::MAX;
@@ -2047,9 +2058,12 @@ impl Worker {
             }
             if !batch.is_empty() {
                 self.show_batch(batch.len(), self.pool.settings.batch.min(refused_at));
-                self.pass(&mut batch);
+                self.pass(&mut batch, &mut fixed);
                 if batch.is_empty() {
                     self.pool.touch(None);
+                    // The batch's KV buffers went back to this thread's
+                    // arena: worth a trim once everyone is idle.
+                    RELEASED.store(true, Ordering::Relaxed);
                     // Its batch is empty before it says Idle: one event.
                     lock(&self.cell.snapshot).sequences = 0;
                     if !self.retiring() {
@@ -2057,9 +2071,19 @@ impl Worker {
                     }
                 }
             }
-            // Sequences that left give back their reservations.
+            if batch.is_empty() && fixed.as_ref().is_some_and(|f| f.slots() > 1) {
+                // Idle, a worker keeps one slot: what its own KV covers.
+                fixed = None;
+            }
+            // Sequences that left give back their reservations; a fixed
+            // decoder's slots hold their buffers (and reservations) until
+            // the batch empties.
+            let held = fixed
+                .as_ref()
+                .map_or(0, StaticDecoder::slots)
+                .max(batch.len());
             self.pool
-                .release_reserved(&self.cell, batch.len().saturating_sub(1));
+                .release_reserved(&self.cell, held.saturating_sub(1));
             if batch.len() < refused_at {
                 refused_at = usize::MAX;
             }
@@ -2149,6 +2173,11 @@ impl Worker {
                 return None;
             }
         };
+        let mut engine = engine;
+        if pool.settings.fixed_step && pool.settings.load.device.is_cpu() {
+            // The fixed step takes tensor KV caches over; replicas keep the kind.
+            engine.model_mut().use_tensor_attention();
+        }
         *lock(&pool.architecture) = engine.model().architecture().to_owned();
         let waiters = {
             let mut state = lock(&pool.load);
@@ -2272,6 +2301,7 @@ impl Worker {
                 engine: engine.expect("taken before begin"),
                 d,
                 feed: Feed::Prompt,
+                slot: UNSLOTTED,
             }),
             Ok(Err(e)) => {
                 self.close(
@@ -2294,7 +2324,7 @@ impl Worker {
 
     /// One batched pass over the batch, then each generation's next token:
     /// those that end are answered and leave the batch.
-    fn pass(&self, batch: &mut Vec<Running>) {
+    fn pass(&self, batch: &mut Vec<Running>, fixed: &mut Option<StaticDecoder>) {
         // Cancelled while prefilling: ends before the pass (a decoding
         // generation sees its cancel when it chooses).
         for r in std::mem::take(batch) {
@@ -2304,9 +2334,17 @@ impl Worker {
                     meta,
                     mut engine,
                     d,
+                    slot,
                     ..
                 } = r;
-                let end = self.generation_end(&mut engine, d, FinishReason::Cancelled, &mut sink);
+                let slotted = fixed.as_mut().map(|f| (f, slot));
+                let end = self.generation_end(
+                    &mut engine,
+                    d,
+                    slotted,
+                    FinishReason::Cancelled,
+                    &mut sink,
+                );
                 self.close(sink, meta, Some(engine), end, true);
             } else {
                 batch.push(r);
@@ -2339,13 +2377,17 @@ impl Worker {
         let turn = turns.as_ref().map(crate::engine::Turns::take);
         let whole_step = turns.as_ref().is_some_and(|t| t.whole_step);
         let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut items: Vec<(&mut Engine, &mut Decoding, Feed)> = batch
-                .iter_mut()
-                .zip(&runs)
-                .filter(|(_, run)| **run)
-                .map(|(r, _)| (&mut r.engine, &mut r.d, r.feed))
-                .collect();
-            crate::engine::step_batch(&mut items)
+            if self.pool.settings.fixed_step {
+                self.fixed_pass(batch, &runs, fixed)
+            } else {
+                let mut items: Vec<(&mut Engine, &mut Decoding, Feed)> = batch
+                    .iter_mut()
+                    .zip(&runs)
+                    .filter(|(_, run)| **run)
+                    .map(|(r, _)| (&mut r.engine, &mut r.d, r.feed))
+                    .collect();
+                crate::engine::step_batch(&mut items)
+            }
         }));
         // The turn covers the launches; with `whole_step`, the tokens' copies
         // to the host too.
@@ -2389,6 +2431,7 @@ impl Worker {
                 mut engine,
                 mut d,
                 feed,
+                slot,
             } = r;
             if ran && feed == Feed::Prompt {
                 let (done, total) = d.prefill_progress(&engine);
@@ -2408,6 +2451,7 @@ impl Worker {
                     engine,
                     d,
                     feed,
+                    slot,
                 });
                 continue;
             }
@@ -2422,7 +2466,8 @@ impl Worker {
                 match step {
                     Ok(crate::engine::Step::Feed(t)) => Ok((t, d)),
                     Ok(crate::engine::Step::Done(f)) => {
-                        Err(self.generation_end(&mut engine, d, f, &mut sink))
+                        let slotted = fixed.as_mut().map(|x| (x, slot));
+                        Err(self.generation_end(&mut engine, d, slotted, f, &mut sink))
                     }
                     Err(e) => Err(End::Error(convert::engine_error(&e))),
                 }
@@ -2434,6 +2479,7 @@ impl Worker {
                     engine,
                     d,
                     feed: Feed::Token(t),
+                    slot,
                 }),
                 Ok(Err(end)) => self.close(sink, meta, Some(engine), end, true),
                 Err(panic) => {
@@ -2449,14 +2495,61 @@ impl Worker {
         }
     }
 
-    /// A generation's end (its held-back text, its statistics).
+    /// The pass through the worker's fixed decoder: every job that has
+    /// none gets the lowest free slot, the decoder grows to the batch (and
+    /// to a longer context), then `engine::step_fixed`.
+    fn fixed_pass(
+        &self,
+        batch: &mut [Running],
+        runs: &[bool],
+        fixed: &mut Option<StaticDecoder>,
+    ) -> Result<(), crate::engine::EngineError> {
+        for i in 0..batch.len() {
+            if batch[i].slot == UNSLOTTED {
+                let free = (0..)
+                    .find(|s| batch.iter().all(|r| r.slot != *s))
+                    .expect("a free slot");
+                batch[i].slot = free;
+            }
+        }
+        let slots = batch.iter().map(|r| r.slot + 1).max().unwrap_or(1);
+        let model = batch[0].engine.model();
+        if fixed.is_none() {
+            let graphs = !self.pool.settings.load.device.is_cpu();
+            *fixed = Some(StaticDecoder::new(model, model.context(), slots, graphs)?);
+        }
+        let decoder = fixed.as_mut().expect("made");
+        decoder.grow(model, slots, model.context())?;
+        // Slots of jobs that left (answered after an error, say) are free.
+        for s in 0..decoder.slots() {
+            if batch.iter().all(|r| r.slot != s) {
+                decoder.free(s);
+            }
+        }
+        let mut items: Vec<(&mut Engine, &mut Decoding, Feed, usize)> = batch
+            .iter_mut()
+            .zip(runs)
+            .filter(|(_, run)| **run)
+            .map(|(r, _)| (&mut r.engine, &mut r.d, r.feed, r.slot))
+            .collect();
+        crate::engine::step_fixed(decoder, &mut items)
+    }
+
+    /// A generation's end (its held-back text, its statistics); a fixed
+    /// decoder's slot hands its positions back to the engine first.
     fn generation_end(
         &self,
         engine: &mut Engine,
-        d: Decoding,
+        mut d: Decoding,
+        slotted: Option<(&mut StaticDecoder, usize)>,
         finish: FinishReason,
         sink: &mut Sink,
     ) -> End {
+        if let Some((f, slot)) = slotted.filter(|(_, s)| *s != UNSLOTTED) {
+            if let Err(e) = engine.reclaim(&mut d, f, slot) {
+                return End::Error(convert::engine_error(&e));
+            }
+        }
         let mut on = |ev: GenEvent<'_>| self.event(sink, ev);
         match engine.finish(d, finish, &mut on) {
             Ok(g) => End::Done(g),
@@ -2674,6 +2767,20 @@ fn release_memory(pools: &Pools) {
     // SAFETY: malloc_trim only walks glibc's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Large buffers (KV caches, logits, prefill activations) always come
+/// from their own mappings, given back when freed. glibc's default raises
+/// its mmap threshold to the size of each large buffer freed, so after a
+/// burst the next ones come from the worker threads' arenas, where freed
+/// KV buffers stay resident and fragment them: an idle daemon's memory
+/// then depends on how the last bursts fell. Linux/glibc only.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc's allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
 }
 

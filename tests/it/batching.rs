@@ -61,9 +61,31 @@ fn alone(c: &Client, model: &str, tokens: u32) -> Vec<String> {
 
 #[test]
 fn requests_batched_on_one_worker_get_the_tokens_each_gets_alone() {
-    let gemma = gemma_path();
-    let m = gemma.to_str().unwrap();
-    let daemon = TestDaemon::start(&["--prewarm", "1", "--max-workers", "1", "--batch", "8"]);
+    batched_is_alone(&gemma_path(), &[]);
+}
+
+/// The same through the fixed-shape step (what a GPU worker runs, eager
+/// here): requests in slots of one decoder, prefilled on the ordinary path
+/// and taken over, rows that join a step without advancing, slots freed
+/// and reused, caches handed back. A synthetic model: the CPU's tensor
+/// attention rounds a prompt's last position differently when a
+/// conversation cache supplies the rest (a one-row query), and the Gemma
+/// file's outlier activations can turn that into another token (see
+/// ARCHITECTURE, the fixed-shape step); the slots themselves change no
+/// bit (`static_step` engine tests).
+#[test]
+fn requests_in_fixed_step_slots_get_the_tokens_each_gets_alone() {
+    batched_is_alone(
+        &paraphym_tests::tiny(paraphym_daemon::synth::Arch::Qwen3),
+        &["--decode-step", "fixed"],
+    );
+}
+
+fn batched_is_alone(model: &std::path::Path, extra: &[&str]) {
+    let m = model.to_str().unwrap();
+    let mut args = vec!["--prewarm", "1", "--max-workers", "1", "--batch", "8"];
+    args.extend_from_slice(extra);
+    let daemon = TestDaemon::start(&args);
     let c = daemon.client();
     let want = alone(&c, m, 64);
     let events = c.subscribe().unwrap();

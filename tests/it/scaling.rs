@@ -167,6 +167,10 @@ fn a_burst_scales_up_to_max_workers_and_idle_scales_back_down() {
         "3",
         "--idle-period",
         "1s",
+        // Two sequences per worker: six requests fill three batches, so
+        // workers are added once batches are full.
+        "--batch",
+        "2",
     ]);
     let client = daemon.client();
     let events = client.subscribe().unwrap();

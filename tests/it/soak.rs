@@ -148,6 +148,21 @@ fn settled(c: &Client) -> bool {
         })
 }
 
+/// The daemon's resident memory once it stops falling (two readings a
+/// housekeeping tick apart within 1 MiB), after at most 10 s.
+fn steady_rss(c: &Client) -> u64 {
+    let mut last = status(c).memory_used_bytes;
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = status(c).memory_used_bytes;
+        if last.abs_diff(now) < 1 << 20 || start.elapsed() > Duration::from_secs(10) {
+            return now;
+        }
+        last = now;
+    }
+}
+
 #[test]
 fn fifty_clients_with_cancels_and_disconnects_leave_nothing_behind() {
     let model = tiny(Arch::Qwen3);
@@ -172,7 +187,7 @@ fn fifty_clients_with_cancels_and_disconnects_leave_nothing_behind() {
         "{:?}",
         status(&c)
     );
-    let idle_rss = status(&c).memory_used_bytes;
+    let idle_rss = steady_rss(&c);
 
     let t = soak(&daemon.socket, m, 50, 12, 1000);
     let (done, cancelled, busy, gone) = (
@@ -192,7 +207,9 @@ fn fifty_clients_with_cancels_and_disconnects_leave_nothing_behind() {
         "{:?}",
         status(&c)
     );
-    let end_rss = status(&c).memory_used_bytes;
+    // Freed buffers go back to the system once the daemon is idle (the
+    // housekeeping tick after the last worker left): a leak never does.
+    let end_rss = steady_rss(&c);
     assert!(
         end_rss as f64 <= idle_rss as f64 * 1.10,
         "RSS grew from {} MiB to {} MiB",

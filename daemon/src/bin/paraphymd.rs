@@ -36,6 +36,11 @@ struct Args {
     /// worker).
     #[arg(long, default_value_t = DaemonConfig::DEFAULT_BATCH)]
     batch: usize,
+    /// How workers decode: `fixed` (a fixed-shape step, replayed as CUDA
+    /// graphs on a GPU), `plain` (a forward pass shaped by its sequences),
+    /// `auto` (fixed on CUDA, plain elsewhere).
+    #[arg(long, default_value = "auto", value_parser = parse_decode_step)]
+    decode_step: paraphym_daemon::config::DecodeStep,
     /// Workers a model starts with on first use.
     #[arg(long, default_value_t = 2)]
     prewarm: usize,
@@ -183,6 +188,7 @@ fn run(args: Args) -> Result<ExitCode> {
     config.prewarm = args.prewarm.max(1);
     config.prefill_chunk = args.prefill_chunk.max(1);
     config.batch = args.batch.max(1);
+    config.decode_step = args.decode_step;
     config.min_workers = args.min_workers;
     if let Some(m) = args.max_workers {
         config.max_workers = m.max(1);
@@ -289,6 +295,7 @@ fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    paraphym_daemon::pool::tune_allocator();
     let args = Args::parse();
     match run(args) {
         Ok(code) => code,
@@ -298,4 +305,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_decode_step(s: &str) -> Result<paraphym_daemon::config::DecodeStep, String> {
+    paraphym_daemon::config::DecodeStep::parse(s)
+        .ok_or_else(|| format!("{s}: auto, fixed or plain"))
 }

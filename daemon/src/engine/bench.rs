@@ -187,15 +187,15 @@ fn run_static(
     let t = Instant::now();
     // The decoder's buffers (and its captured graph) outlive a generation:
     // a short one first, so the capture is not timed.
-    let mut fixed = models::decoder::StaticDecoder::new(&model, prompt.len() + gen + 1, graph)?;
-    fixed.start(&mut model, &prompt[..prompt.len().min(8)])?;
+    let mut fixed = models::decoder::StaticDecoder::new(&model, prompt.len() + gen + 1, 1, graph)?;
+    fixed.start(0, &mut model, &prompt[..prompt.len().min(8)])?;
     for _ in 0..3 {
-        fixed.step(&model, None)?;
+        fixed.step(&model, 1, None)?;
     }
     fixed.token()?;
     stats.warmup += t.elapsed();
     let start = Instant::now();
-    fixed.start(&mut model, prompt)?;
+    fixed.start(0, &mut model, prompt)?;
     let mut next = fixed.token()?;
     stats.prefill = start.elapsed();
     stats.first_token = stats.prefill;
@@ -204,7 +204,7 @@ fn run_static(
     stats.tokens.push(next);
     while stats.tokens.len() < gen {
         // The step leaves its greedy token on the device: only it comes back.
-        fixed.step(&model, None)?;
+        fixed.step(&model, 1, None)?;
         next = fixed.token()?;
         stats.tokens.push(next);
     }

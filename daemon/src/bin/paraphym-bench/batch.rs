@@ -1,9 +1,19 @@
 //! `batch`: batched decoding at the model level (issue 11). B sequences,
-//! each prefilled alone, then decoded greedily together, one forward pass
-//! (`Model::forward_batch`) per step for all of them; next to one sequence
-//! decoding alone (`Model::forward`, the loop the engine runs today), in the
-//! same process, interleaved rep by rep. Aggregate tokens/s, its ratio to the
-//! single stream, and a check that batching changes no token.
+//! each prefilled alone, then decoded greedily together, one pass per step
+//! for all of them; next to one sequence decoding alone (`Model::forward`,
+//! the bare loop), in the same process, interleaved rep by rep. Aggregate
+//! tokens/s, its ratio to the single stream, and a check that batching
+//! changes no token. The batched pass is `--path`:
+//!
+//! * `forward` — `Model::forward_batch` (concatenation-grown caches, RoPE
+//!   and attention per sequence);
+//! * `static` — the fixed-shape step over B slots
+//!   (`decoder::StaticDecoder`), run eagerly;
+//! * `graph` — the same step captured as a CUDA graph per batch size and
+//!   replayed (eager where there is no CUDA).
+//!
+//! Every path reads each step's tokens back to the host, as a server
+//! streaming them must.
 
 use std::path::Path;
 use std::time::Instant;
@@ -11,6 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
 use paraphym_daemon::engine::gguf::GgufFile;
+use paraphym_daemon::engine::models::decoder::StaticDecoder;
 use paraphym_daemon::engine::{bench, models, LogitsFor, Weights};
 
 /// The greedy choice of each row.
@@ -62,15 +73,67 @@ fn run(
     Ok((start.elapsed().as_secs_f64(), tokens))
 }
 
+/// The same lockstep decoding through the fixed-shape step: slots 0..B of
+/// `fixed` (its buffers and graphs reused across runs), each prefilled alone.
+fn run_static(
+    model: &mut models::Model,
+    fixed: &mut StaticDecoder,
+    prompts: &[&[u32]],
+    gen: usize,
+    device: &Device,
+) -> Result<(f64, Vec<Vec<u32>>)> {
+    let b = prompts.len();
+    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(b);
+    for (slot, p) in prompts.iter().enumerate() {
+        fixed.start(slot, model, p)?;
+        tokens.push(vec![fixed.tokens(slot + 1)?[slot]]);
+    }
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 1..gen {
+        // Each row's greedy token is already on the device.
+        fixed.step(model, b, None)?;
+        for (t, n) in tokens.iter_mut().zip(fixed.tokens(b)?) {
+            t.push(n);
+        }
+    }
+    device.synchronize()?;
+    for slot in 0..b {
+        fixed.free(slot);
+    }
+    Ok((start.elapsed().as_secs_f64(), tokens))
+}
+
+/// The batched pass `--path` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    Static,
+    Graph,
+}
+
+impl Pass {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "forward" => Pass::Forward,
+            "static" => Pass::Static,
+            "graph" => Pass::Graph,
+            _ => bail!("--path is forward, static or graph (got {s})"),
+        })
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     path: &Path,
     device: &Device,
     device_name: &str,
+    pass: Pass,
     streams: &[usize],
     prompt_tokens: usize,
     gen: usize,
@@ -80,69 +143,105 @@ pub fn bench(
     let gen = gen.max(2);
     let gguf = GgufFile::open(path)?;
     let context = prompt_tokens + gen + 8;
-    let model = models::load(&gguf, context, Weights::Quantized, device)?;
+    let mut model = models::load(&gguf, context, Weights::Quantized, device)?;
     drop(gguf);
     // Each sequence its own stretch of one long text.
     let text = bench::prompt_tokens(path, prompt_tokens * most)?;
     let prompts: Vec<&[u32]> = text.chunks(prompt_tokens).take(most).collect();
-    // Warm-up: every kernel and weight packing both paths use.
-    run(&model, &prompts[..most.min(2)], 3, true, device)?;
+    let mut fixed = match pass {
+        Pass::Forward => None,
+        Pass::Static | Pass::Graph => Some(StaticDecoder::new(
+            &model,
+            context,
+            most,
+            pass == Pass::Graph,
+        )?),
+    };
+    let mut batched = |model: &mut models::Model, b: usize, gen: usize| match &mut fixed {
+        None => run(model, &prompts[..b], gen, true, device),
+        Some(f) => run_static(model, f, &prompts[..b], gen, device),
+    };
+    // Warm-up: every kernel and weight packing both paths use, and a graph
+    // for every batch size (captured on its first step, not timed later).
+    for b in streams.iter().chain(&[1]) {
+        batched(&mut model, (*b).max(1), 3)?;
+    }
     run(&model, &prompts[..1], 3, false, device)?;
 
     println!("model     {}", path.display());
     println!("device    {device_name}");
     println!(
         "workload  B sequences of {prompt_tokens} prompt tokens, each prefilled alone, then {gen} greedy \
-         tokens each decoded together (one forward pass per step); median of {reps} reps, \
-         interleaved with one sequence decoding alone"
+         tokens each decoded together ({pass:?} pass, one per step, tokens read back each step); \
+         median of {reps} reps, interleaved with one sequence decoding alone (the bare loop)"
     );
     println!(
-        "{:>8} {:>14} {:>16} {:>14} {:>10} {:>12}",
-        "streams", "alone tok/s", "batched tok/s", "per stream", "ratio", "same tokens"
+        "{:>8} {:>12} {:>16} {:>12} {:>10} {:>10} {:>12}",
+        "streams",
+        "bare tok/s",
+        "batched tok/s",
+        "per stream",
+        "x bare",
+        "x 1 stream",
+        "same tokens"
     );
     let steps = (gen - 1) as f64;
     let mut rows = Vec::new();
     let mut all_alone = Vec::new();
-    for &b in streams {
-        let b = b.max(1);
+    let mut one = Vec::new();
+    let sizes: Vec<usize> = std::iter::once(1)
+        .chain(streams.iter().map(|b| (*b).max(1)))
+        .collect();
+    for (i, &b) in sizes.iter().enumerate() {
         let (mut alone, mut together, mut same) = (Vec::new(), Vec::new(), gen);
         for _ in 0..reps.max(1) {
             let (t1, single) = run(&model, &prompts[..1], gen, false, device)?;
             alone.push(steps / t1);
-            let (tb, tokens) = run(&model, &prompts[..b], gen, true, device)?;
+            let (tb, tokens) = batched(&mut model, b, gen)?;
             together.push(b as f64 * steps / tb);
             let agree = tokens[0]
                 .iter()
                 .zip(&single[0])
                 .take_while(|(a, b)| a == b)
                 .count();
-            // On the CPU a batch gives each sequence its own numbers; a GPU's
-            // matmuls round differently for one row and for many.
-            if device.is_cpu() && agree < gen {
+            // On the CPU a batch gives each sequence its own numbers (the
+            // concatenated caches; the static step sums attention over its
+            // padded capacity, so it may part after many tokens on quantized
+            // weights); a GPU's matmuls round differently for one row and
+            // for many.
+            if device.is_cpu() && pass == Pass::Forward && agree < gen {
                 bail!("{b} streams: batching changed the first sequence's tokens");
             }
             same = same.min(agree);
         }
         all_alone.extend_from_slice(&alone);
-        rows.push((b, median(alone), median(together), same));
+        if b == 1 {
+            one.extend_from_slice(&together);
+        }
+        // The first row is the single-stream baseline's own measurement.
+        if i > 0 {
+            rows.push((b, median(alone), median(together), same));
+        }
     }
     // One baseline for every row: the median of all the single-stream runs.
     let base = median(all_alone);
+    let one = median(one);
     for (b, alone, together, same) in rows {
         println!(
-            "{:>8} {:>14.1} {:>16.1} {:>14.1} {:>10.2} {:>12}",
+            "{:>8} {:>12.1} {:>16.1} {:>12.1} {:>10.2} {:>10.2} {:>12}",
             b,
             alone,
             together,
             together / b as f64,
             together / base,
+            together / one,
             format!("{same}/{gen}")
         );
     }
     println!(
-        "ratio: aggregate tokens/s of B batched streams / one stream alone (median of all \
-         {base:.1} tok/s single-stream runs); same tokens: the first sequence's greedy tokens \
-         that match it decoding alone"
+        "x bare: aggregate tokens/s of B batched streams / one sequence in the bare loop (median \
+         of all {base:.1} tok/s runs); x 1 stream: / this pass with one stream (median \
+         {one:.1} tok/s); same tokens: the first sequence's greedy tokens that match the bare loop"
     );
     Ok(())
 }

@@ -185,6 +185,11 @@ enum Cmd {
         gen_tokens: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// The batched pass: forward (Model::forward_batch), static (the
+        /// fixed-shape step over B slots) or graph (that step as a CUDA
+        /// graph per batch size).
+        #[arg(long, default_value = "forward")]
+        path: String,
     },
     /// Perplexity of a text file by llama-perplexity's method.
     Perplexity {
@@ -330,10 +335,12 @@ fn main() -> Result<()> {
             prompt_tokens,
             gen_tokens,
             reps,
+            path,
         } => batch::bench(
             &model,
             &parse_device(&device)?,
             &format!("{device}; {}", cpu_features()),
+            batch::Pass::parse(&path)?,
             &streams,
             prompt_tokens,
             gen_tokens,

@@ -1,10 +1,16 @@
 //! A decode step whose every shape is fixed, so the GPU can replay it as one
-//! CUDA graph: a KV cache of fixed capacity (per layer, allocated once), the
-//! position and the token in device tensors (RoPE rows and the KV write are
-//! indexed by them, the mask is computed from them), and attention over the
-//! whole capacity with the positions not yet written masked. Nothing of a
-//! step's position reaches the host, so one capture serves every position;
-//! the step also leaves its greedy token and the next position on the device.
+//! CUDA graph: a KV cache of fixed capacity for a fixed number of slots
+//! (per layer, allocated once), each slot's position and token in device
+//! tensors (RoPE rows and the KV writes are indexed by them, the masks are
+//! computed from them), and attention over the whole capacity with the
+//! positions not yet written masked. Nothing of a step's positions reaches
+//! the host, so one capture serves every position; the step also leaves
+//! each row's greedy token and next position on the device.
+//!
+//! Slots are sequences decoding together: a step runs the first `rows`
+//! slots in one pass (the weights read once for all of them), and a graph
+//! is captured per `rows` bucket. A slot that holds no sequence just
+//! computes a harmless row (its position is held inside the capacity).
 //!
 //! On the CPU (and without the `cuda` feature) the same operations run
 //! eagerly: that is how the tests check it against `Model::forward`.
@@ -17,27 +23,36 @@ use super::{Cache, Model};
 use crate::engine::error::EngineError;
 use crate::engine::models::common::Result;
 
-/// One sequence decoding with fixed shapes over `model`'s weights.
+/// Sequences decoding with fixed shapes over `model`'s weights, one per
+/// slot.
 pub struct StaticDecoder {
     capacity: usize,
-    /// Per layer, (1, kv_heads, capacity, head_dim), F32.
+    /// Per layer, (slots, kv_heads, capacity, head_dim), F32.
     k: Vec<Tensor>,
     v: Vec<Tensor>,
-    /// The token the next step runs and its position (u32, one element).
+    /// Per slot, the token its next step runs and its position (u32).
     token: Tensor,
     pos: Tensor,
-    one: Tensor,
-    /// 0..capacity, and shifted by each sliding window (u32).
+    /// Per slot, 1 when its step advances (0: a row that runs a dummy
+    /// token and stays where it is); `all_advance` when every one is 1.
+    advance: Tensor,
+    all_advance: bool,
+    /// `capacity - 1` per slot: positions never pass it (an empty slot
+    /// keeps stepping; its writes must stay in its buffers).
+    last: Tensor,
+    /// 0..capacity, and shifted by each sliding window (u32), (1, capacity).
     keys: Tensor,
     windows: Vec<(usize, Tensor)>,
-    /// -inf and 0 over the capacity: the mask's two values.
+    /// -inf and 0, (slots, capacity): the masks' two values.
     neg_inf: Tensor,
     zeros: Tensor,
-    /// Positions written (the host's count of the device's `pos`).
-    len: usize,
+    /// Per slot, positions written (the host's count of the device's
+    /// `pos`); `None`: no sequence.
+    len: Vec<Option<usize>>,
     #[cfg(feature = "cuda")]
-    graph: Option<Captured>,
-    /// Replay a captured graph on CUDA (off: every step runs eagerly).
+    /// A graph per (rows, span) bucket.
+    graphs: Vec<((usize, usize), Captured)>,
+    /// Replay captured graphs on CUDA (off: every step runs eagerly).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     use_graph: bool,
 }
@@ -50,18 +65,20 @@ struct Captured {
 }
 
 impl StaticDecoder {
-    /// Buffers for `capacity` positions (at most the model's context).
-    pub fn new(model: &Model, capacity: usize, use_graph: bool) -> Result<Self> {
+    /// Buffers for `slots` sequences of `capacity` positions each (at most
+    /// the model's context).
+    pub fn new(model: &Model, capacity: usize, slots: usize, use_graph: bool) -> Result<Self> {
         let s = &model.spec;
         let dev = &model.device;
         let capacity = capacity.min(model.context).max(1);
-        let kv = || Tensor::zeros((1, s.kv_heads, capacity, s.head_dim), DType::F32, dev);
+        let slots = slots.max(1);
+        let kv = || Tensor::zeros((slots, s.kv_heads, capacity, s.head_dim), DType::F32, dev);
         let keys: Vec<u32> = (0..capacity as u32).collect();
         let mut windows: Vec<(usize, Tensor)> = Vec::new();
         for w in s.windows.iter().flatten() {
             if !windows.iter().any(|(x, _)| x == w) {
                 let shifted: Vec<u32> = keys.iter().map(|k| k + *w as u32).collect();
-                windows.push((*w, Tensor::new(shifted, dev)?));
+                windows.push((*w, Tensor::new(shifted, dev)?.reshape((1, capacity))?));
             }
         }
         Ok(Self {
@@ -72,117 +89,283 @@ impl StaticDecoder {
             v: (0..s.layers)
                 .map(|_| kv())
                 .collect::<candle_core::Result<_>>()?,
-            token: Tensor::zeros(1, DType::U32, dev)?,
-            pos: Tensor::zeros(1, DType::U32, dev)?,
-            one: Tensor::ones(1, DType::U32, dev)?,
-            keys: Tensor::new(keys, dev)?,
+            token: Tensor::zeros(slots, DType::U32, dev)?,
+            pos: Tensor::zeros(slots, DType::U32, dev)?,
+            advance: Tensor::ones(slots, DType::U32, dev)?,
+            all_advance: true,
+            last: Tensor::full(capacity as u32 - 1, slots, dev)?,
+            keys: Tensor::new(keys, dev)?.reshape((1, capacity))?,
             windows,
-            neg_inf: Tensor::full(f32::NEG_INFINITY, capacity, dev)?,
-            zeros: Tensor::zeros(capacity, DType::F32, dev)?,
-            len: 0,
+            neg_inf: Tensor::full(f32::NEG_INFINITY, (slots, capacity), dev)?,
+            zeros: Tensor::zeros((slots, capacity), DType::F32, dev)?,
+            len: vec![None; slots],
             #[cfg(feature = "cuda")]
-            graph: None,
+            graphs: Vec::new(),
             use_graph,
         })
     }
 
-    /// Positions written.
-    pub fn len(&self) -> usize {
-        self.len
+    /// Room for at least `slots` sequences of `capacity` positions (at
+    /// most the model's context): new buffers when it has less, the
+    /// sequences it holds copied over (on the device) at their slots, and
+    /// the captured graphs dropped (they name the old buffers). A worker
+    /// grows its decoder as its batch does, so the KV buffers stay what
+    /// the memory governor reserved for the sequences it runs.
+    pub fn grow(&mut self, model: &Model, slots: usize, capacity: usize) -> Result<()> {
+        let capacity = capacity.min(model.context).max(self.capacity);
+        let slots = slots.max(self.slots());
+        if slots == self.slots() && capacity == self.capacity {
+            return Ok(());
+        }
+        let mut next = Self::new(model, capacity, slots, self.use_graph)?;
+        for (slot, len) in self.len.iter().enumerate() {
+            if len.is_none() {
+                continue;
+            }
+            let copy = |to: &Tensor, from: &Tensor, dim: usize| -> Result<()> {
+                Ok(to
+                    .narrow(0, slot, 1)?
+                    .slice_set(&from.narrow(0, slot, 1)?, dim, 0)?)
+            };
+            for (to, from) in next.k.iter().zip(&self.k).chain(next.v.iter().zip(&self.v)) {
+                copy(to, from, 2)?;
+            }
+            copy(&next.token, &self.token, 0)?;
+            copy(&next.pos, &self.pos, 0)?;
+            copy(&next.advance, &self.advance, 0)?;
+        }
+        next.len[..self.len.len()].copy_from_slice(&self.len);
+        next.all_advance = false;
+        *self = next;
+        Ok(())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// How many sequences it holds at most.
+    pub fn slots(&self) -> usize {
+        self.len.len()
     }
 
-    /// Start from `prompt`: on a GPU the model's ordinary forward pass
-    /// prefills it (chunked matmuls) and its keys and values are copied in;
-    /// on the CPU, where the model keeps them in its own layout, the prompt
-    /// runs through the fixed step token by token. Returns the last
-    /// position's logits (1, vocab); the greedy token is then on the device.
-    pub fn start(&mut self, model: &mut Model, prompt: &[u32]) -> Result<Tensor> {
+    /// Positions each sequence may use.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Positions slot `slot` has written; `None` when it holds no sequence.
+    pub fn len(&self, slot: usize) -> Option<usize> {
+        self.len.get(slot).copied().flatten()
+    }
+
+    /// Slot `slot` holds no sequence from now on (its buffers stay; the
+    /// next `start` overwrites them).
+    pub fn free(&mut self, slot: usize) {
+        if let Some(l) = self.len.get_mut(slot) {
+            *l = None;
+        }
+    }
+
+    /// Start slot `slot` from `prompt`: on a GPU the model's ordinary
+    /// forward pass prefills it (chunked matmuls) and its keys and values
+    /// are copied in; on the CPU, where the model keeps them in its own
+    /// layout, the prompt runs through the fixed step token by token, this
+    /// slot alone. Returns the last position's logits (1, vocab); the greedy
+    /// token is then on the device.
+    pub fn start(&mut self, slot: usize, model: &mut Model, prompt: &[u32]) -> Result<Tensor> {
+        assert!(slot < self.slots(), "slot {slot} of {}", self.slots());
         if prompt.is_empty() || prompt.len() >= self.capacity {
             return Err(EngineError::PromptTooLong {
                 tokens: prompt.len(),
                 context: self.capacity,
             });
         }
-        self.len = 0;
-        self.pos
-            .slice_set(&Tensor::zeros(1, DType::U32, &model.device)?, 0, 0)?;
+        super::check_tokens(prompt, model.spec.vocab)?;
+        let dev = model.device.clone();
+        let set = |t: &Tensor, v: u32| -> Result<()> {
+            Ok(t.narrow(0, slot, 1)?
+                .slice_set(&Tensor::new(&[v], &dev)?, 0, 0)?)
+        };
+        self.len[slot] = Some(0);
+        set(&self.pos, 0)?;
         if !matches!(model.kv.first(), Some(Cache::Tensor(_))) {
+            // This slot alone, advancing by a position per token.
+            set(&self.advance, 1)?;
             let mut logits = None;
-            for &t in prompt {
-                logits = Some(self.step(model, Some(t))?);
+            for (i, &t) in prompt.iter().enumerate() {
+                set(&self.token, t)?;
+                logits = Some(self.ops(model, slot, 1, self.span(i + 1))?);
             }
+            self.len[slot] = Some(prompt.len());
             return Ok(logits.expect("a prompt token"));
         }
         model.clear_kv();
         let logits = model.forward(prompt, super::LogitsFor::Last)?;
-        for (i, c) in model.kv.iter().enumerate() {
-            let Cache::Tensor(c) = c else { unreachable!() };
-            let (k, v) = c.cached().expect("prefilled");
-            self.k[i].slice_set(&k.contiguous()?, 2, 0)?;
-            self.v[i].slice_set(&v.contiguous()?, 2, 0)?;
-        }
+        self.adopt(slot, model)?;
         model.clear_kv();
-        let n = prompt.len() as u32;
-        self.pos
-            .slice_set(&Tensor::new(&[n], &model.device)?, 0, 0)?;
         let next = logits.argmax_keepdim(D::Minus1)?.reshape(1)?;
-        self.token.slice_set(&next, 0, 0)?;
-        self.len = prompt.len();
+        self.token.narrow(0, slot, 1)?.slice_set(&next, 0, 0)?;
         Ok(logits)
     }
 
-    /// Run one token at the next position: `token`, or the greedy token
-    /// the last step left on the device. Returns its logits (1, vocab); the
-    /// next greedy token is then on the device ([`StaticDecoder::token`]).
-    pub fn step(&mut self, model: &Model, token: Option<u32>) -> Result<Tensor> {
-        if self.len >= self.capacity {
+    /// Slot `slot` takes over `model`'s cached positions (a prompt the
+    /// model's own forward pass prefilled, in chunks as it likes) and
+    /// decodes from there; `model`'s cache is left as it was. The next
+    /// step's token for the slot comes from the caller.
+    pub fn adopt(&mut self, slot: usize, model: &Model) -> Result<()> {
+        assert!(slot < self.slots(), "slot {slot} of {}", self.slots());
+        let n = model.kv_len();
+        if n >= self.capacity {
             return Err(EngineError::PromptTooLong {
-                tokens: self.len + 1,
+                tokens: n,
                 context: self.capacity,
             });
         }
-        if let Some(t) = token {
-            super::check_tokens(&[t], model.spec.vocab)?;
-            self.token
-                .slice_set(&Tensor::new(&[t], &model.device)?, 0, 0)?;
+        for (i, c) in model.kv.iter().enumerate() {
+            let Cache::Tensor(c) = c else {
+                return Err(EngineError::Candle(candle_core::Error::Msg(
+                    "the fixed step takes over tensor KV caches only".into(),
+                )));
+            };
+            if let Some((k, v)) = c.cached() {
+                let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+                self.k[i]
+                    .narrow(0, slot, 1)?
+                    .slice_set(&k.contiguous()?, 2, 0)?;
+                self.v[i]
+                    .narrow(0, slot, 1)?
+                    .slice_set(&v.contiguous()?, 2, 0)?;
+            }
         }
-        self.len += 1;
+        self.pos
+            .narrow(0, slot, 1)?
+            .slice_set(&Tensor::new(&[n as u32], &model.device)?, 0, 0)?;
+        self.len[slot] = Some(n);
+        Ok(())
+    }
+
+    /// Append the positions slot `slot` decoded past `model`'s cache to
+    /// it, so the model holds the whole sequence again (a conversation's
+    /// cache for its next turn).
+    pub fn export(&self, slot: usize, model: &mut Model) -> Result<()> {
+        let len = self.len(slot).unwrap_or(0);
+        let from = model.kv_len();
+        if len <= from {
+            model.truncate_kv(len);
+            return Ok(());
+        }
+        for (i, c) in model.kv.iter_mut().enumerate() {
+            let Cache::Tensor(c) = c else {
+                return Err(EngineError::Candle(candle_core::Error::Msg(
+                    "the fixed step hands back tensor KV caches only".into(),
+                )));
+            };
+            let part = |t: &Tensor| t.narrow(0, slot, 1)?.narrow(2, from, len - from);
+            c.append(&part(&self.k[i])?, &part(&self.v[i])?, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// One token for each of the first `rows` slots, at its next position,
+    /// in one pass. `feed`: per row, a token chosen on the host, or `None`
+    /// for a row that only comes along (its slot neither advances nor
+    /// changes what it holds); no `feed`: every row runs the greedy token
+    /// the last step left on the device. Returns the logits (rows, vocab);
+    /// the next greedy tokens are then on the device
+    /// ([`StaticDecoder::tokens`]). Rows without a sequence run harmlessly.
+    pub fn step(
+        &mut self,
+        model: &Model,
+        rows: usize,
+        feed: Option<&[Option<u32>]>,
+    ) -> Result<Tensor> {
+        assert!(rows >= 1 && rows <= self.slots(), "{rows} rows");
+        let moves = |r: usize| feed.is_none_or(|f| f[r].is_some());
+        if let Some(full) = (0..rows)
+            .filter(|&r| moves(r))
+            .filter_map(|r| self.len[r])
+            .find(|&l| l >= self.capacity)
+        {
+            return Err(EngineError::PromptTooLong {
+                tokens: full + 1,
+                context: self.capacity,
+            });
+        }
+        let dev = &model.device;
+        match feed {
+            Some(f) => {
+                assert_eq!(f.len(), rows, "a token or none per row");
+                let tokens: Vec<u32> = f.iter().map(|t| t.unwrap_or(0)).collect();
+                super::check_tokens(&tokens, model.spec.vocab)?;
+                self.token.slice_set(&Tensor::new(tokens, dev)?, 0, 0)?;
+                let advance: Vec<u32> = f.iter().map(|t| u32::from(t.is_some())).collect();
+                self.advance.slice_set(&Tensor::new(advance, dev)?, 0, 0)?;
+                self.all_advance = false;
+            }
+            None if !self.all_advance => {
+                self.advance
+                    .slice_set(&Tensor::ones(self.slots(), DType::U32, dev)?, 0, 0)?;
+                self.all_advance = true;
+            }
+            None => {}
+        }
+        for r in (0..rows).filter(|&r| moves(r)) {
+            if let Some(l) = &mut self.len[r] {
+                *l += 1;
+            }
+        }
+        let longest = self.len[..rows].iter().flatten().max().copied();
+        let span = self.span(longest.unwrap_or(1));
         #[cfg(feature = "cuda")]
         if let (true, Device::Cuda(cuda)) = (self.use_graph, &model.device) {
-            return self.replay(model, &cuda.clone());
+            return self.replay(model, rows, span, &cuda.clone());
         }
-        self.ops(model)
+        self.ops(model, 0, rows, span)
     }
 
-    /// The greedy token the last step chose (a 4-byte copy to the host).
+    /// The keys a step attends to when its longest sequence has `len`
+    /// positions: a power of two from 256, at most the capacity. Attention
+    /// reads every key it spans, so a short sequence in a long context
+    /// must not pay for the whole capacity; a few spans mean a few graphs.
+    fn span(&self, len: usize) -> usize {
+        len.max(256).next_power_of_two().min(self.capacity)
+    }
+
+    /// The greedy tokens the last step chose for the first `rows` slots
+    /// (a copy of 4 bytes per row to the host).
+    pub fn tokens(&self, rows: usize) -> Result<Vec<u32>> {
+        Ok(self.token.narrow(0, 0, rows)?.to_vec1::<u32>()?)
+    }
+
+    /// Slot 0's greedy token: the single-stream case.
     pub fn token(&self) -> Result<u32> {
-        Ok(self.token.to_vec1::<u32>()?[0])
+        Ok(self.tokens(1)?[0])
     }
 
-    /// First call: the step runs eagerly (filling Candle's parameter caches
-    /// that capture needs), then is captured, not run. Later calls replay
-    /// the graph; its logits land in the same buffer each time.
+    /// First call for a bucket: the step runs eagerly (filling Candle's
+    /// parameter caches that capture needs), then is captured, not run.
+    /// Later calls replay that bucket's graph; its logits land in the same
+    /// buffer each time.
     #[cfg(feature = "cuda")]
-    fn replay(&mut self, model: &Model, cuda: &candle_core::CudaDevice) -> Result<Tensor> {
+    fn replay(
+        &mut self,
+        model: &Model,
+        rows: usize,
+        span: usize,
+        cuda: &candle_core::CudaDevice,
+    ) -> Result<Tensor> {
         use candle_core::cuda_backend::cudarc::driver::sys;
         let cu = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
             EngineError::Candle(candle_core::Error::Msg(format!("CUDA graph: {e}")))
         };
-        if let Some(c) = &self.graph {
+        if let Some((_, c)) = self.graphs.iter().find(|(k, _)| *k == (rows, span)) {
             c.graph.launch().map_err(cu)?;
             return Ok(c.logits.clone());
         }
         let _cache = cuda.enable_cuda_graph_htod_cache();
-        let eager = self.ops(model)?;
+        let eager = self.ops(model, 0, rows, span)?;
         let stream = cuda.cuda_stream();
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(cu)?;
-        let captured = self.ops(model);
+        let captured = self.ops(model, 0, rows, span);
         let graph = stream.end_capture(
             sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
@@ -193,52 +376,61 @@ impl StaticDecoder {
             ))
         })?;
         graph.upload().map_err(cu)?;
-        self.graph = Some(Captured { graph, logits });
+        self.graphs.push(((rows, span), Captured { graph, logits }));
         Ok(eager)
     }
 
-    /// The step's operations, fixed shapes throughout.
-    fn ops(&self, model: &Model) -> Result<Tensor> {
+    /// The step's operations for slots `first..first + n`, attending to
+    /// the first `span` keys; fixed shapes throughout.
+    fn ops(&self, model: &Model, first: usize, n: usize, span: usize) -> Result<Tensor> {
         let (s, w) = (&model.spec, &*model.shared);
         let (heads, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
         let groups = heads / kvh;
+        let rows = |t: &Tensor| t.narrow(0, first, n);
+        let (token, pos) = (rows(&self.token)?, rows(&self.pos)?);
         let mut x = w
             .embed
             .table()
-            .embedding(&self.token)?
+            .embedding(&token)?
             .to_dtype(DType::F32)?
-            .reshape((1, 1, s.hidden))?;
+            .reshape((n, 1, s.hidden))?;
         if let Some(scale) = s.embed_scale {
             x = (x * scale)?;
         }
-        // Keys past the position are not written yet; a window also hides
-        // keys `w` or more behind it.
-        let future = self.keys.broadcast_gt(&self.pos)?;
-        let full = future.where_cond(&self.neg_inf, &self.zeros)?;
+        // Keys past a row's position are not written yet; a window also
+        // hides keys `w` or more behind it. (n, 1, 1, capacity) each.
+        let column = pos.reshape((n, 1))?;
+        let spanned = |t: &Tensor| rows(t)?.narrow(1, 0, span);
+        let (neg_inf, zeros) = (spanned(&self.neg_inf)?, spanned(&self.zeros)?);
+        let future = self.keys.narrow(1, 0, span)?.broadcast_gt(&column)?;
+        let full = future.where_cond(&neg_inf, &zeros)?;
         let mut windowed = Vec::with_capacity(self.windows.len());
         for (win, shifted) in &self.windows {
-            let old = shifted.broadcast_le(&self.pos)?;
-            windowed.push((*win, old.where_cond(&self.neg_inf, &full)?));
+            let old = shifted.narrow(1, 0, span)?.broadcast_le(&column)?;
+            let mask = old.where_cond(&neg_inf, &full)?;
+            windowed.push((*win, mask.reshape((n, 1, 1, span))?));
         }
-        // Each RoPE table's rows for this position, once for every layer.
-        let global = model.rope.rows_at(&self.pos)?;
+        let full = full.reshape((n, 1, 1, span))?;
+        // Each RoPE table's rows for these positions, once for every layer.
+        let global = model.rope.rows_at(&pos)?;
         let local = model
             .rope_local
             .as_ref()
-            .map(|r| r.rows_at(&self.pos))
+            .map(|r| r.rows_at(&pos))
             .transpose()?;
-        let at = self
-            .pos
-            .reshape((1, 1, 1, 1))?
-            .broadcast_as((1, kvh, 1, hd))?
+        let at = pos
+            .reshape((n, 1, 1, 1))?
+            .broadcast_as((n, kvh, 1, hd))?
             .contiguous()?;
         for (i, layer) in w.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = layer.qkv.project(&h, heads * hd, kvh * hd)?;
-            let mut q = q.reshape((1, 1, heads, hd))?;
-            let mut k = k.reshape((1, 1, kvh, hd))?;
-            let v = v.reshape((1, 1, kvh, hd))?;
+            // The rows as a sequence of n positions: RoPE takes a row of
+            // its tables per position.
+            let mut q = q.reshape((1, n, heads, hd))?;
+            let mut k = k.reshape((1, n, kvh, hd))?;
+            let v = v.reshape((n, 1, kvh, hd))?;
             if let Some((qn, kn)) = &layer.qk_norm {
                 q = qn.forward(&q)?;
                 k = kn.forward(&k)?;
@@ -248,30 +440,34 @@ impl StaticDecoder {
                 _ => (&model.rope, &global),
             };
             let q = rope.rotate(&q, cos, sin)?;
-            let k = rope.rotate(&k, cos, sin)?;
-            self.k[i].scatter_set(&at, &k.transpose(1, 2)?.contiguous()?, 2)?;
-            self.v[i].scatter_set(&at, &v.transpose(1, 2)?.contiguous()?, 2)?;
+            let k = rope.rotate(&k, cos, sin)?.reshape((n, 1, kvh, hd))?;
+            let (kc, vc) = (rows(&self.k[i])?, rows(&self.v[i])?);
+            kc.scatter_set(&at, &k.transpose(1, 2)?.contiguous()?, 2)?;
+            vc.scatter_set(&at, &v.transpose(1, 2)?.contiguous()?, 2)?;
             // One query row per head: a KV head's query heads are its rows.
             // Scaled after RoPE, as the model's own attention does: folding
             // the scale into the Q norm saves a kernel but rounds otherwise,
             // and greedy tokens should not depend on the path.
-            let q = (q.contiguous()?.reshape((1, kvh, groups, hd))? * s.attn_scale)?;
-            let scores = q.matmul(&self.k[i].transpose(2, 3)?)?;
+            let q = (q.contiguous()?.reshape((n, kvh, groups, hd))? * s.attn_scale)?;
+            let (ks, vs) = (kc.narrow(2, 0, span)?, vc.narrow(2, 0, span)?);
+            let scores = q.matmul(&ks.transpose(2, 3)?)?;
             let bias = match layer.window {
                 Some(win) => &windowed.iter().find(|(x, _)| *x == win).expect("made").1,
                 None => &full,
             };
             let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(bias)?)?;
-            let attended = p.matmul(&self.v[i])?.reshape((1, 1, heads * hd))?;
+            let attended = p.matmul(&vs)?.reshape((n, 1, heads * hd))?;
             x = layer.finish(s, &attended, residual)?;
         }
-        let x = w.norm.forward(&x.reshape((1, s.hidden))?)?;
+        let x = w.norm.forward(&x.reshape((n, s.hidden))?)?;
         let logits = w.output.forward_output(&x)?;
-        // The greedy token and the next position stay on the device.
-        let next = logits.argmax_keepdim(D::Minus1)?.reshape(1)?;
-        self.token.slice_set(&next, 0, 0)?;
-        self.pos
-            .slice_set(&self.pos.broadcast_add(&self.one)?, 0, 0)?;
+        // The greedy tokens and the next positions stay on the device.
+        let next = logits.argmax_keepdim(D::Minus1)?.reshape(n)?;
+        token.slice_set(&next, 0, 0)?;
+        let ahead = pos
+            .broadcast_add(&rows(&self.advance)?)?
+            .minimum(&rows(&self.last)?)?;
+        pos.slice_set(&ahead, 0, 0)?;
         Ok(logits)
     }
 }
