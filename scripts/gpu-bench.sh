@@ -119,9 +119,13 @@ for shape in $shapes; do
 
   if has batch; then
     # Batched decoding at the model level (issue 11): B sequences, one
-    # forward pass per step, next to one sequence alone.
-    "$bench" batch --model "$model" --device cuda --streams 1,2,4,8,16 --prompt-tokens 64 \
-      --gen-tokens 64 --reps "${REPS:-3}"
+    # pass per step, next to one sequence alone in the bare loop: the
+    # forward pass shaped by its sequences, and the fixed step replayed as
+    # a CUDA graph per batch size.
+    for path in forward graph; do
+      "$bench" batch --model "$model" --device cuda --streams 1,2,4,8,16 --prompt-tokens 128 \
+        --gen-tokens 128 --reps "${REPS:-3}" --path "$path"
+    done
   fi
 
   if has check; then

@@ -804,7 +804,7 @@ impl Engine {
         }
         // Positions in the cache: all but the token just chosen (the
         // engine's own cache, or a fixed decoder's slot).
-        if d.history.len() - 1 >= d.context {
+        if d.history.len() > d.context {
             return Ok(Step::Done(FinishReason::ContextFull));
         }
         if cancel.load(Ordering::Relaxed) {

@@ -43,6 +43,9 @@ pub struct StaticDecoder {
     /// 0..capacity, and shifted by each sliding window (u32), (1, capacity).
     keys: Tensor,
     windows: Vec<(usize, Tensor)>,
+    /// Every step's logits land here (slots, vocab): a graph then owns no
+    /// memory past its launch.
+    out: Tensor,
     /// -inf and 0, (slots, capacity): the masks' two values.
     neg_inf: Tensor,
     zeros: Tensor,
@@ -96,6 +99,7 @@ impl StaticDecoder {
             last: Tensor::full(capacity as u32 - 1, slots, dev)?,
             keys: Tensor::new(keys, dev)?.reshape((1, capacity))?,
             windows,
+            out: Tensor::zeros((slots, s.vocab), DType::F32, dev)?,
             neg_inf: Tensor::full(f32::NEG_INFINITY, (slots, capacity), dev)?,
             zeros: Tensor::zeros((slots, capacity), DType::F32, dev)?,
             len: vec![None; slots],
@@ -460,7 +464,10 @@ impl StaticDecoder {
             x = layer.finish(s, &attended, residual)?;
         }
         let x = w.norm.forward(&x.reshape((n, s.hidden))?)?;
-        let logits = w.output.forward_output(&x)?;
+        let logits = w.output.forward_output(&x)?.to_dtype(DType::F32)?;
+        let out = rows(&self.out)?;
+        out.slice_set(&logits.contiguous()?, 0, 0)?;
+        let logits = out;
         // The greedy tokens and the next positions stay on the device.
         let next = logits.argmax_keepdim(D::Minus1)?.reshape(n)?;
         token.slice_set(&next, 0, 0)?;
