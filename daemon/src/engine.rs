@@ -936,13 +936,17 @@ pub fn step_fixed(
                     .model
                     .forward(&d.history[done..done + n], LogitsFor::Last)?;
                 if done + n == d.history.len() {
-                    fixed.adopt(*slot, &e.model)?;
-                    // The slot holds it now: the engine's copy would only
-                    // double the memory until the generation ends (and
-                    // the engine claims no cached prefix meanwhile).
-                    e.model.clear_kv();
-                    e.cached.clear();
-                    d.adopted = true;
+                    // A prompt that fills the context takes no slot: its
+                    // one token ends it (`ContextFull`), as on the plain path.
+                    if d.history.len() < fixed.capacity() {
+                        fixed.adopt(*slot, &e.model)?;
+                        // The slot holds it now: the engine's copy would
+                        // only double the memory until the generation ends
+                        // (and the engine claims no cached prefix meanwhile).
+                        e.model.clear_kv();
+                        e.cached.clear();
+                        d.adopted = true;
+                    }
                     d.prefilled = true;
                     d.logits = Some(logits);
                 }
@@ -962,10 +966,13 @@ pub fn step_fixed(
         return Ok(());
     }
     let rows = rows.next_power_of_two().min(fixed.slots());
+    // The longest context's RoPE tables cover every row's position (a
+    // model served longer gives engines taken since more of them).
     let model = batch
         .iter()
-        .find(|(_, _, f, _)| matches!(f, Feed::Token(_)))
+        .filter(|(_, _, f, _)| matches!(f, Feed::Token(_)))
         .map(|(e, ..)| &e.model)
+        .max_by_key(|m| m.context())
         .expect("a token row");
     let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
     for (_, d, f, slot) in batch.iter_mut() {

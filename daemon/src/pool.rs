@@ -2375,7 +2375,10 @@ impl Worker {
             .collect();
         let turns = batch[0].engine.turns().cloned();
         let turn = turns.as_ref().map(crate::engine::Turns::take);
-        let whole_step = turns.as_ref().is_some_and(|t| t.whole_step);
+        // The fixed step may capture a graph: no other worker's work may
+        // reach the stream meanwhile, so its turn covers the whole step.
+        let whole_step =
+            turns.as_ref().is_some_and(|t| t.whole_step) || self.pool.settings.fixed_step;
         let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| {
             if self.pool.settings.fixed_step {
                 self.fixed_pass(batch, &runs, fixed)
@@ -2434,7 +2437,11 @@ impl Worker {
                 slot,
             } = r;
             if ran && feed == Feed::Prompt {
-                let (done, total) = d.prefill_progress(&engine);
+                let (mut done, total) = d.prefill_progress(&engine);
+                if d.prefilled() {
+                    // A fixed decoder's slot may hold the prompt now.
+                    done = total;
+                }
                 let stage = |s| sink.reply.send(Response::Stage(s));
                 stage(Stage::Prefill {
                     done: done as u32,
@@ -2513,9 +2520,20 @@ impl Worker {
             }
         }
         let slots = batch.iter().map(|r| r.slot + 1).max().unwrap_or(1);
-        let model = batch[0].engine.model();
+        // The longest context in the batch (the model may have been asked
+        // to serve more since some of its engines were taken).
+        let model = batch
+            .iter()
+            .map(|r| r.engine.model())
+            .max_by_key(|m| m.context())
+            .expect("a job");
         if fixed.is_none() {
-            let graphs = !self.pool.settings.load.device.is_cpu();
+            // A capture must have the device's stream to itself: workers
+            // sharing a GPU take turns (held for the whole step in fixed
+            // mode), or there is one worker.
+            let settings = &self.pool.settings;
+            let graphs = !settings.load.device.is_cpu()
+                && (settings.load.turns.is_some() || settings.limits.max <= 1);
             *fixed = Some(StaticDecoder::new(model, model.context(), slots, graphs)?);
         }
         let decoder = fixed.as_mut().expect("made");

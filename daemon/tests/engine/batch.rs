@@ -188,63 +188,13 @@ fn batched_greedy_tokens_are_those_of_each_prompt_alone_on_the_gemma_file() {
 #[test]
 fn engines_stepped_together_generate_what_each_generates_alone() {
     use paraphym_daemon::engine::{
-        json, step_batch, ChatOptions, Decoding, Engine, Feed, GenEvent, GenParams, Generation,
-        Message, Prompt, SamplingParams, Step,
+        step_batch, Decoding, Engine, Feed, GenEvent, Generation, Prompt, Step,
     };
     use std::sync::atomic::AtomicBool;
 
     let proto = util::gemma().replica();
     let never = AtomicBool::new(false);
-    let chat = |text: &str| {
-        proto
-            .prompt_tokens(Prompt::Chat(
-                &[Message::new("user", text)],
-                &ChatOptions {
-                    add_generation_prompt: true,
-                    ..ChatOptions::default()
-                },
-            ))
-            .unwrap()
-    };
-    let greedy = |max_tokens, stop: &[&str], prefill_chunk| GenParams {
-        sampling: SamplingParams::greedy(),
-        max_tokens,
-        stop: stop.iter().map(|s| s.to_string()).collect(),
-        prefill_chunk,
-        ..GenParams::default()
-    };
-    let cases: Vec<(Vec<u32>, GenParams)> = vec![
-        (
-            proto
-                .prompt_tokens(Prompt::Text("The capital of France is"))
-                .unwrap(),
-            greedy(24, &[], 512),
-        ),
-        (
-            chat("List three colours, one per line."),
-            greedy(64, &["\n"], 4),
-        ),
-        // JSON-constrained, with log-probabilities: it ends with the value.
-        (
-            chat("Describe a cat as a JSON object."),
-            GenParams {
-                json: Some(std::sync::Arc::new(
-                    json::Shape::from_schema(&serde_json::json!({
-                        "type": "object",
-                        "properties": {
-                            "name": {"type": "string", "maxLength": 12},
-                            "indoor": {"type": "boolean"}
-                        },
-                        "required": ["name", "indoor"],
-                        "additionalProperties": false
-                    }))
-                    .unwrap(),
-                )),
-                logprobs: Some(3),
-                ..greedy(200, &[], 512)
-            },
-        ),
-    ];
+    let cases = three_generations(&proto);
     let want: Vec<(String, Generation)> = cases
         .iter()
         .map(|(p, params)| {
@@ -332,4 +282,64 @@ fn engines_stepped_together_generate_what_each_generates_alone() {
         ["MaxTokens", "StopString(0)", "EndOfGeneration"],
         "{want:?}"
     );
+}
+
+/// Three generations that end differently, for the tests that drive the
+/// engine's steps as a batching worker does: a token limit on a raw
+/// prompt; a stop string on a chat prompt prefilled 4 tokens a chunk;
+/// JSON-constrained output with log-probabilities that ends with the value.
+pub fn three_generations(
+    proto: &paraphym_daemon::engine::Engine,
+) -> Vec<(Vec<u32>, paraphym_daemon::engine::GenParams)> {
+    use paraphym_daemon::engine::{json, ChatOptions, GenParams, Message, Prompt, SamplingParams};
+    let chat = |text: &str| {
+        proto
+            .prompt_tokens(Prompt::Chat(
+                &[Message::new("user", text)],
+                &ChatOptions {
+                    add_generation_prompt: true,
+                    ..ChatOptions::default()
+                },
+            ))
+            .unwrap()
+    };
+    let greedy = |max_tokens, stop: &[&str], prefill_chunk| GenParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: stop.iter().map(|s| s.to_string()).collect(),
+        prefill_chunk,
+        ..GenParams::default()
+    };
+    vec![
+        (
+            proto
+                .prompt_tokens(Prompt::Text("The capital of France is"))
+                .unwrap(),
+            greedy(24, &[], 512),
+        ),
+        (
+            chat("List three colours, one per line."),
+            greedy(64, &["\n"], 4),
+        ),
+        // JSON-constrained, with log-probabilities: it ends with the value.
+        (
+            chat("Describe a cat as a JSON object."),
+            GenParams {
+                json: Some(std::sync::Arc::new(
+                    json::Shape::from_schema(&serde_json::json!({
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "maxLength": 12},
+                            "indoor": {"type": "boolean"}
+                        },
+                        "required": ["name", "indoor"],
+                        "additionalProperties": false
+                    }))
+                    .unwrap(),
+                )),
+                logprobs: Some(3),
+                ..greedy(200, &[], 512)
+            },
+        ),
+    ]
 }

@@ -222,8 +222,7 @@ fn close(want: &[Vec<f32>], got: &[Vec<f32>], what: &str) {
 #[test]
 fn generations_in_fixed_slots_generate_what_each_generates_alone() {
     use paraphym_daemon::engine::{
-        json, step_fixed, ChatOptions, Decoding, Engine, Feed, GenEvent, GenParams, Generation,
-        LoadOptions, Message, Prompt, SamplingParams, Step,
+        step_fixed, Decoding, Engine, Feed, GenEvent, Generation, LoadOptions, Prompt, Step,
     };
     use std::sync::atomic::AtomicBool;
 
@@ -238,55 +237,7 @@ fn generations_in_fixed_slots_generate_what_each_generates_alone() {
     .unwrap();
     proto.model_mut().use_tensor_attention();
     let never = AtomicBool::new(false);
-    let chat = |text: &str| {
-        proto
-            .prompt_tokens(Prompt::Chat(
-                &[Message::new("user", text)],
-                &ChatOptions {
-                    add_generation_prompt: true,
-                    ..ChatOptions::default()
-                },
-            ))
-            .unwrap()
-    };
-    let greedy = |max_tokens, stop: &[&str], prefill_chunk| GenParams {
-        sampling: SamplingParams::greedy(),
-        max_tokens,
-        stop: stop.iter().map(|s| s.to_string()).collect(),
-        prefill_chunk,
-        ..GenParams::default()
-    };
-    let cases: Vec<(Vec<u32>, GenParams)> = vec![
-        (
-            proto
-                .prompt_tokens(Prompt::Text("The capital of France is"))
-                .unwrap(),
-            greedy(24, &[], 512),
-        ),
-        (
-            chat("List three colours, one per line."),
-            greedy(64, &["\n"], 4),
-        ),
-        (
-            chat("Describe a cat as a JSON object."),
-            GenParams {
-                json: Some(std::sync::Arc::new(
-                    json::Shape::from_schema(&serde_json::json!({
-                        "type": "object",
-                        "properties": {
-                            "name": {"type": "string", "maxLength": 12},
-                            "indoor": {"type": "boolean"}
-                        },
-                        "required": ["name", "indoor"],
-                        "additionalProperties": false
-                    }))
-                    .unwrap(),
-                )),
-                logprobs: Some(3),
-                ..greedy(200, &[], 512)
-            },
-        ),
-    ];
+    let cases = crate::batch::three_generations(&proto);
     let collect = |text: &mut String, lps: &mut Vec<f32>, ev: GenEvent<'_>| match ev {
         GenEvent::Text(t) => text.push_str(t),
         GenEvent::Logprobs(l) => lps.push(l.logprob),

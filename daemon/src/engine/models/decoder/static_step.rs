@@ -55,6 +55,9 @@ pub struct StaticDecoder {
     #[cfg(feature = "cuda")]
     /// A graph per (rows, span) bucket.
     graphs: Vec<((usize, usize), Captured)>,
+    /// Buckets whose capture failed: they run eagerly.
+    #[cfg(feature = "cuda")]
+    eager_only: Vec<(usize, usize)>,
     /// Replay captured graphs on CUDA (off: every step runs eagerly).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     use_graph: bool,
@@ -65,6 +68,15 @@ struct Captured {
     graph: candle_core::cuda_backend::cudarc::driver::CudaGraph,
     /// The graph's output: every replay writes the logits here.
     logits: Tensor,
+    /// The context of the model it was captured with: its RoPE tables are
+    /// the ones the graph indexes (a longer context brings new tables).
+    context: usize,
+    /// What the graph reads by address stays alive with it.
+    _weights: std::sync::Arc<super::Shared>,
+    _rope: (
+        crate::engine::models::common::Rope,
+        Option<crate::engine::models::common::Rope>,
+    ),
 }
 
 impl StaticDecoder {
@@ -105,6 +117,8 @@ impl StaticDecoder {
             len: vec![None; slots],
             #[cfg(feature = "cuda")]
             graphs: Vec::new(),
+            #[cfg(feature = "cuda")]
+            eager_only: Vec::new(),
             use_graph,
         })
     }
@@ -359,9 +373,20 @@ impl StaticDecoder {
         let cu = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
             EngineError::Candle(candle_core::Error::Msg(format!("CUDA graph: {e}")))
         };
+        if self
+            .graphs
+            .first()
+            .is_some_and(|(_, c)| c.context != model.context)
+        {
+            // Captured with another model's RoPE tables: every bucket anew.
+            self.graphs.clear();
+        }
         if let Some((_, c)) = self.graphs.iter().find(|(k, _)| *k == (rows, span)) {
             c.graph.launch().map_err(cu)?;
             return Ok(c.logits.clone());
+        }
+        if self.eager_only.contains(&(rows, span)) {
+            return self.ops(model, 0, rows, span);
         }
         let _cache = cuda.enable_cuda_graph_htod_cache();
         let eager = self.ops(model, 0, rows, span)?;
@@ -373,14 +398,35 @@ impl StaticDecoder {
         let graph = stream.end_capture(
             sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
         );
-        let (logits, graph) = (captured?, graph.map_err(cu)?);
-        let graph = graph.ok_or_else(|| {
-            EngineError::Candle(candle_core::Error::Msg(
-                "CUDA graph: nothing captured".into(),
-            ))
-        })?;
-        graph.upload().map_err(cu)?;
-        self.graphs.push(((rows, span), Captured { graph, logits }));
+        // The eager step already ran: a capture that fails leaves this
+        // bucket eager, it does not fail the step.
+        let made = (|| {
+            let (logits, graph) = (captured?, graph.map_err(cu)?);
+            let graph = graph.ok_or_else(|| {
+                EngineError::Candle(candle_core::Error::Msg(
+                    "CUDA graph: nothing captured".into(),
+                ))
+            })?;
+            graph.upload().map_err(cu)?;
+            Ok::<_, EngineError>(Captured {
+                graph,
+                logits,
+                context: model.context,
+                _weights: model.shared.clone(),
+                _rope: (model.rope.clone(), model.rope_local.clone()),
+            })
+        })();
+        match made {
+            Ok(c) => self.graphs.push(((rows, span), c)),
+            Err(e) => {
+                tracing::warn!(
+                    rows,
+                    span,
+                    "CUDA graph capture failed, running eagerly: {e}"
+                );
+                self.eager_only.push((rows, span));
+            }
+        }
         Ok(eager)
     }
 
