@@ -142,16 +142,10 @@ impl DecodeStep {
         })
     }
 
-    /// Whether workers on `device` use the fixed step.
-    pub fn fixed_on(self, device: &Device) -> bool {
-        match self {
-            DecodeStep::Auto => {
-                let _ = device;
-                false
-            }
-            DecodeStep::Fixed => true,
-            DecodeStep::Plain => false,
-        }
+    /// Whether workers on `device` use the fixed step (`auto` will look at
+    /// the device once the fixed step is verified on CUDA).
+    pub fn fixed_on(self, _device: &Device) -> bool {
+        self == DecodeStep::Fixed
     }
 }
 
