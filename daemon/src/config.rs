@@ -112,17 +112,12 @@ impl DaemonConfig {
     }
 }
 
-/// Half the cores, between 2 and 8: on the CPU every worker's matmuls use
-/// all cores, so more concurrent streams than that only contend.
 /// How workers decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodeStep {
-    /// The plain pass for now. The fixed step (graphs on CUDA) is what it
-    /// is meant to pick on CUDA once workers driving it there are measured
-    /// clean: on an H200, a worker's newcomer prefill after graph replays
-    /// failed (`CUDA_ERROR_INVALID_VALUE`, see ARCHITECTURE) before graph
-    /// outputs moved into a persistent buffer; that build is not yet
-    /// verified on a GPU.
+    /// The fixed step on CUDA (its graphs: see BENCHMARKS, "The fixed
+    /// step in the workers"), the plain pass elsewhere (on the CPU the
+    /// fixed step's tensor KV caches are slower; Metal is untested).
     #[default]
     Auto,
     /// The fixed-shape step everywhere (eager without CUDA; on the CPU the
@@ -142,13 +137,18 @@ impl DecodeStep {
         })
     }
 
-    /// Whether workers on `device` use the fixed step (`auto` will look at
-    /// the device once the fixed step is verified on CUDA).
-    pub fn fixed_on(self, _device: &Device) -> bool {
-        self == DecodeStep::Fixed
+    /// Whether workers on `device` use the fixed step.
+    pub fn fixed_on(self, device: &Device) -> bool {
+        match self {
+            DecodeStep::Auto => device.is_cuda(),
+            DecodeStep::Fixed => true,
+            DecodeStep::Plain => false,
+        }
     }
 }
 
+/// Half the cores, between 2 and 8: on the CPU every worker's matmuls use
+/// all cores, so more concurrent streams than that only contend.
 pub fn default_max_workers() -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cores / 2).clamp(2, 8)

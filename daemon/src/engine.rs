@@ -685,6 +685,7 @@ impl Engine {
             prefilled: false,
             adopted: false,
             logits: None,
+            chosen: None,
         })
     }
 
@@ -756,10 +757,13 @@ impl Engine {
             });
             (token, logprobs)
         } else {
-            (
-                pick::next_token(d.route, &logits, &mut d.sampler, &d.history, &mut self.top)?,
-                None,
-            )
+            let token = match d.chosen.take() {
+                Some(t) => t,
+                None => {
+                    pick::next_token(d.route, &logits, &mut d.sampler, &d.history, &mut self.top)?
+                }
+            };
+            (token, None)
         };
         let json_done = d.cursor.as_ref().is_some_and(json::Cursor::complete);
         if let Some(c) = &mut d.cursor {
@@ -975,9 +979,23 @@ pub fn step_fixed(
         .max_by_key(|m| m.context())
         .expect("a token row");
     let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
+    // Greedy rows take the argmax the step left on the device: read once.
+    let greedy = |d: &Decoding| {
+        let p = d.sampler.params();
+        p.temperature <= 0.0 && !p.penalizes() && d.params.logprobs.is_none() && d.cursor.is_none()
+    };
+    let tokens = if batch
+        .iter()
+        .any(|(_, d, f, _)| matches!(f, Feed::Token(_)) && greedy(d))
+    {
+        fixed.tokens(rows)?
+    } else {
+        Vec::new()
+    };
     for (_, d, f, slot) in batch.iter_mut() {
         if matches!(f, Feed::Token(_)) {
             d.logits = Some(logits.narrow(0, *slot, 1)?);
+            d.chosen = tokens.get(*slot).copied().filter(|_| greedy(d));
         }
     }
     Ok(())
@@ -1005,6 +1023,9 @@ pub struct Decoding {
     adopted: bool,
     /// The logits the next token is chosen from.
     pub logits: Option<candle_core::Tensor>,
+    /// Their argmax, when a fixed step already read it for its rows (one
+    /// copy for the batch instead of a reduction and a copy per row).
+    chosen: Option<u32>,
 }
 
 impl Decoding {

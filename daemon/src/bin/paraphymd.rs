@@ -37,9 +37,8 @@ struct Args {
     #[arg(long, default_value_t = DaemonConfig::DEFAULT_BATCH)]
     batch: usize,
     /// How workers decode: `fixed` (a fixed-shape step over slots, replayed
-    /// as CUDA graphs on a GPU; experimental), `plain` (a forward pass shaped
-    /// by its sequences), `auto` (plain, until the fixed step is verified in
-    /// workers on a GPU).
+    /// as CUDA graphs on a GPU), `plain` (a forward pass shaped by its
+    /// sequences), `auto` (fixed on CUDA, plain elsewhere).
     #[arg(long, default_value = "auto", value_parser = parse_decode_step)]
     decode_step: paraphym_daemon::config::DecodeStep,
     /// Workers a model starts with on first use.

@@ -189,6 +189,7 @@ pub fn bench(
     let mut rows = Vec::new();
     let mut all_alone = Vec::new();
     let mut one = Vec::new();
+    let mut widest: Vec<Vec<u32>> = Vec::new();
     let sizes: Vec<usize> = std::iter::once(1)
         .chain(streams.iter().map(|b| (*b).max(1)))
         .collect();
@@ -213,6 +214,9 @@ pub fn bench(
                 bail!("{b} streams: batching changed the first sequence's tokens");
             }
             same = same.min(agree);
+            if b == most {
+                widest = tokens;
+            }
         }
         all_alone.extend_from_slice(&alone);
         if b == 1 {
@@ -243,5 +247,19 @@ pub fn bench(
          of all {base:.1} tok/s runs); x 1 stream: / this pass with one stream (median \
          {one:.1} tok/s); same tokens: the first sequence's greedy tokens that match the bare loop"
     );
+    // Each sequence's tokens at the widest batch, as digests: runs of
+    // other passes (static, graph) over the same prompts compare by these.
+    let digests: Vec<String> = widest.iter().map(|t| format!("{:016x}", fnv(t))).collect();
+    println!("digests   {most} streams: {}", digests.join(" "));
     Ok(())
+}
+
+/// FNV-1a over token ids: a short fingerprint of a sequence.
+fn fnv(tokens: &[u32]) -> u64 {
+    tokens
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .fold(0xcbf29ce484222325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+        })
 }

@@ -85,6 +85,10 @@ enum Cmd {
             default_value = "stock,bare,engine,daemon"
         )]
         loops: Vec<String>,
+        /// Extra paraphymd flags for the daemon column (repeatable), e.g.
+        /// `--daemon-arg=--decode-step=fixed`.
+        #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+        daemon_args: Vec<String>,
     },
     /// The daemon's own cost of time to first token: requests of a 1-token
     /// prompt through the socket, client-observed minus daemon-reported.
@@ -133,6 +137,8 @@ enum Cmd {
         prompt_tokens: usize,
         #[arg(long)]
         gen_tokens: usize,
+        #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+        daemon_args: Vec<String>,
     },
     /// A chat that grows by a user message of `--user-tokens` and a reply of
     /// `--gen-tokens` each turn: time to first token with the KV cache reused
@@ -228,10 +234,11 @@ fn main() -> Result<()> {
             device,
             prompt_tokens,
             gen_tokens,
+            daemon_args,
         } => {
             let prompt = bench::prompt_tokens(&model, prompt_tokens)?;
             if which == "daemon" {
-                return daemon_child(&model, &device, &prompt, gen_tokens);
+                return daemon_child(&model, &device, &prompt, gen_tokens, &daemon_args);
             }
             let which = bench::Loop::parse(&which)
                 .context("--loop stock|bare|engine|static|graph|daemon")?;
@@ -258,7 +265,16 @@ fn main() -> Result<()> {
             gen_tokens,
             reps,
             loops,
-        } => decode(&model, &device, prompt_tokens, gen_tokens, reps, &loops),
+            daemon_args,
+        } => decode(
+            &model,
+            &device,
+            prompt_tokens,
+            gen_tokens,
+            reps,
+            &loops,
+            &daemon_args,
+        ),
         Cmd::Ipc {
             model,
             device,
@@ -468,6 +484,7 @@ fn decode_child(
     which: &str,
     prompt: usize,
     gen: usize,
+    daemon_args: &[String],
 ) -> Result<Child> {
     let out = Command::new(std::env::current_exe()?)
         .args(["decode-child", "--loop", which, "--device", device])
@@ -475,6 +492,7 @@ fn decode_child(
         .arg(model)
         .args(["--prompt-tokens", &prompt.to_string()])
         .args(["--gen-tokens", &gen.to_string()])
+        .args(daemon_args.iter().map(|a| format!("--daemon-arg={a}")))
         .output()?;
     if !out.status.success() {
         bail!(
@@ -507,6 +525,7 @@ fn decode(
     gen: usize,
     reps: usize,
     loops: &[String],
+    daemon_args: &[String],
 ) -> Result<()> {
     // Columns: the loops asked for, plus a second `bare` (bare') as the noise
     // control: bare/bare' should be 1.00 within the machine's noise.
@@ -521,10 +540,20 @@ fn decode(
         // Rotate the order each repetition so no column always runs first.
         for j in 0..cols.len() {
             let i = (j + rep) % cols.len();
-            runs[i].push(decode_child(model, device, cols[i], prompt, gen)?);
+            runs[i].push(decode_child(
+                model,
+                device,
+                cols[i],
+                prompt,
+                gen,
+                daemon_args,
+            )?);
         }
     }
     println!("model     {}", model.display());
+    if !daemon_args.is_empty() {
+        println!("daemon    {}", daemon_args.join(" "));
+    }
     println!(
         "device    {device}; backends {}; {}",
         paraphym_daemon::engine::device::compiled_backends().join(" "),
@@ -642,10 +671,16 @@ fn decode(
 /// The `daemon` column: the same generation through paraphymd's socket,
 /// timed by the client. Decode speed counts the tokens after the first over
 /// the time from the first piece to `Done`; TTFT is request sent to first piece.
-fn daemon_child(model: &std::path::Path, device: &str, prompt: &[u32], gen: usize) -> Result<()> {
+fn daemon_child(
+    model: &std::path::Path,
+    device: &str,
+    prompt: &[u32],
+    gen: usize,
+    daemon_args: &[String],
+) -> Result<()> {
     let context = (prompt.len() + gen).max(paraphym_daemon::engine::WARMUP_TOKENS + 1);
     let t = Instant::now();
-    let d = via_daemon::Daemon::start(device, context)?;
+    let d = via_daemon::Daemon::start_with(device, context, daemon_args)?;
     d.load(model)?;
     let load = t.elapsed();
     // Load answers when the first worker is ready; the second pre-warmed
@@ -685,7 +720,7 @@ fn concurrent(
     // decode rate, and its end-to-end rate measured like the streams' (the
     // generated tokens over prefill plus decode), which the ratio uses.
     let children: Vec<_> = (0..reps)
-        .map(|_| decode_child(model, device, "bare", prompt_tokens, gen))
+        .map(|_| decode_child(model, device, "bare", prompt_tokens, gen, &[]))
         .collect::<Result<_>>()?;
     let bare = Stats::of(
         &children

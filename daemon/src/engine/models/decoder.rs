@@ -408,6 +408,7 @@ impl Model {
         }
         let (rope, rope_local) = spec.rope_tables(context, dev)?;
         let norm = norm("output_norm.weight", h)?;
+        static_step::reserve_scratch(&spec, context, dev)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 embed,
@@ -437,6 +438,7 @@ impl Model {
         let changed = rope != self.spec.rope || self.kv_len() > context;
         self.spec.rope = rope;
         (self.rope, self.rope_local) = self.spec.rope_tables(context, &self.device)?;
+        static_step::reserve_scratch(&self.spec, context, &self.device)?;
         self.context = context;
         if changed {
             self.clear_kv();

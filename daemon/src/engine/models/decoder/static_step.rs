@@ -58,6 +58,10 @@ pub struct StaticDecoder {
     /// Buckets whose capture failed: they run eagerly.
     #[cfg(feature = "cuda")]
     eager_only: Vec<(usize, usize)>,
+    /// The scratch generation its graphs were captured in (see
+    /// [`reserve_scratch`]).
+    #[cfg(feature = "cuda")]
+    scratch_epoch: u64,
     /// Replay captured graphs on CUDA (off: every step runs eagerly).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     use_graph: bool,
@@ -87,6 +91,9 @@ impl StaticDecoder {
         let dev = &model.device;
         let capacity = capacity.min(model.context).max(1);
         let slots = slots.max(1);
+        // A step's matmuls take `slots` rows: their scratch must not move
+        // under a captured graph either.
+        reserve_scratch(s, model.context.max(slots), dev)?;
         let kv = || Tensor::zeros((slots, s.kv_heads, capacity, s.head_dim), DType::F32, dev);
         let keys: Vec<u32> = (0..capacity as u32).collect();
         let mut windows: Vec<(usize, Tensor)> = Vec::new();
@@ -119,6 +126,8 @@ impl StaticDecoder {
             graphs: Vec::new(),
             #[cfg(feature = "cuda")]
             eager_only: Vec::new(),
+            #[cfg(feature = "cuda")]
+            scratch_epoch: scratch::epoch(),
             use_graph,
         })
     }
@@ -373,13 +382,18 @@ impl StaticDecoder {
         let cu = |e: candle_core::cuda_backend::cudarc::driver::DriverError| {
             EngineError::Candle(candle_core::Error::Msg(format!("CUDA graph: {e}")))
         };
+        let _scratch = scratch::hold();
         if self
             .graphs
             .first()
             .is_some_and(|(_, c)| c.context != model.context)
+            || self.scratch_epoch != scratch::epoch()
         {
-            // Captured with another model's RoPE tables: every bucket anew.
+            // Captured with another model's RoPE tables, or before the
+            // matmuls' scratch buffers moved: every bucket anew.
             self.graphs.clear();
+            self.eager_only.clear();
+            self.scratch_epoch = scratch::epoch();
         }
         if let Some((_, c)) = self.graphs.iter().find(|(k, _)| *k == (rows, span)) {
             c.graph.launch().map_err(cu)?;
@@ -522,5 +536,86 @@ impl StaticDecoder {
             .minimum(&rows(&self.last)?)?;
         pos.slice_set(&ahead, 0, 0)?;
         Ok(logits)
+    }
+}
+
+/// Make room in Candle's CUDA scratch buffers for every quantized matmul a
+/// model of `spec` serving `rows` positions can run, before any graph reads
+/// them. Candle's fast quantized matmuls (MMVQ for up to 8 rows, MMQ above)
+/// quantize their input into a per-device scratch buffer that grows when a
+/// larger one is needed, freeing the old one. A graph captured before names
+/// the old buffer by address: replaying it then writes freed memory (an
+/// illegal address, or another allocation silently overwritten). So every
+/// model reserves its largest matmul at load, and when it serves a longer
+/// context; forward passes never take more rows than the context, and a
+/// step never more than its slots. When a reservation grows the buffers,
+/// the scratch epoch moves and every decoder recaptures its graphs.
+pub(super) fn reserve_scratch(
+    spec: &super::Spec,
+    rows: usize,
+    dev: &candle_core::Device,
+) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(cuda) = dev {
+        let k = spec.hidden.max(spec.ffn).max(spec.heads * spec.head_dim);
+        scratch::reserve(cuda, rows, k)?;
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = (spec, rows, dev);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+mod scratch {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, MutexGuard};
+
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{DType, Module, Tensor};
+
+    use crate::engine::models::common::Result;
+
+    /// Per CUDA device: the rows and row length reserved so far.
+    static RESERVED: Mutex<Option<HashMap<usize, (usize, usize)>>> = Mutex::new(None);
+    static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+    /// Moves whenever a reservation grew the scratch buffers.
+    pub fn epoch() -> u64 {
+        EPOCH.load(Ordering::SeqCst)
+    }
+
+    /// Held from checking the epoch to enqueuing a graph launch (or a
+    /// capture): a reservation cannot free the buffers in between.
+    pub fn hold() -> MutexGuard<'static, Option<HashMap<usize, (usize, usize)>>> {
+        RESERVED.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn reserve(cuda: &candle_core::CudaDevice, rows: usize, k: usize) -> Result<()> {
+        let id = match candle_core::Device::Cuda(cuda.clone()).location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+            _ => 0,
+        };
+        let mut held = hold();
+        let map = held.get_or_insert_with(HashMap::new);
+        let have = map.get(&id).copied().unwrap_or((0, 0));
+        // Candle pads a row to 512 values; MMVQ takes up to 8 rows.
+        let k = k.max(have.1).div_ceil(512) * 512;
+        let rows = rows.max(have.0).max(9);
+        if (rows, k) == have {
+            return Ok(());
+        }
+        // The scratch size depends on rows and row length only: a small
+        // Q8_0 matrix of that row length grows it as the model's would.
+        let dev = candle_core::Device::Cuda(cuda.clone());
+        let w = QTensor::quantize(&Tensor::zeros((128, k), DType::F32, &dev)?, GgmlDType::Q8_0)?;
+        let mm = QMatMul::from_qtensor(w)?;
+        for n in [8, rows] {
+            mm.forward(&Tensor::zeros((n, k), DType::F32, &dev)?)?;
+        }
+        dev.synchronize()?;
+        map.insert(id, (rows, k));
+        EPOCH.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }
