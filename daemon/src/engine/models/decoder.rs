@@ -408,7 +408,7 @@ impl Model {
         }
         let (rope, rope_local) = spec.rope_tables(context, dev)?;
         let norm = norm("output_norm.weight", h)?;
-        static_step::reserve_scratch(&spec, context, dev)?;
+        static_step::reserve_scratch(&spec, context.min(static_step::RESERVED_ROWS), dev)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 embed,
@@ -438,7 +438,6 @@ impl Model {
         let changed = rope != self.spec.rope || self.kv_len() > context;
         self.spec.rope = rope;
         (self.rope, self.rope_local) = self.spec.rope_tables(context, &self.device)?;
-        static_step::reserve_scratch(&self.spec, context, &self.device)?;
         self.context = context;
         if changed {
             self.clear_kv();
@@ -519,6 +518,7 @@ impl Model {
     /// Run `tokens` at positions `kv_len()..`, append them to the cache, and
     /// return F32 logits (rows, vocab) for the positions `which` asks for.
     pub fn forward(&mut self, tokens: &[u32], which: LogitsFor) -> Result<Tensor> {
+        static_step::reserve_scratch(&self.spec, tokens.len(), &self.device)?;
         let pos = self.kv_len();
         let out = self.forward_at(pos, tokens, which);
         if out.is_err() {
@@ -584,6 +584,7 @@ impl Model {
         }
         let starts: Vec<usize> = models.iter().map(|m| m.kv_len()).collect();
         let flat: Vec<u32> = tokens.concat();
+        static_step::reserve_scratch(&spec, flat.len(), &device)?;
         let out = {
             let mut offset = 0;
             let mut seqs: Vec<Seq<'_>> = Vec::with_capacity(models.len());

@@ -539,17 +539,21 @@ impl StaticDecoder {
     }
 }
 
-/// Make room in Candle's CUDA scratch buffers for every quantized matmul a
-/// model of `spec` serving `rows` positions can run, before any graph reads
-/// them. Candle's fast quantized matmuls (MMVQ for up to 8 rows, MMQ above)
+/// Rows every model reserves at load (see [`reserve_scratch`]): a prefill
+/// chunk's worth; larger passes reserve before they run.
+pub(super) const RESERVED_ROWS: usize = 512;
+
+/// Make room in Candle's CUDA scratch buffers for a quantized matmul of
+/// `rows` rows over `spec`'s weights, before a graph could read them.
+/// Candle's fast quantized matmuls (MMVQ for up to 8 rows, MMQ above)
 /// quantize their input into a per-device scratch buffer that grows when a
 /// larger one is needed, freeing the old one. A graph captured before names
 /// the old buffer by address: replaying it then writes freed memory (an
 /// illegal address, or another allocation silently overwritten). So every
-/// model reserves its largest matmul at load, and when it serves a longer
-/// context; forward passes never take more rows than the context, and a
-/// step never more than its slots. When a reservation grows the buffers,
-/// the scratch epoch moves and every decoder recaptures its graphs.
+/// pass reserves its rows first (a lock and a lookup when nothing grows:
+/// models reserve `RESERVED_ROWS` at load, a fixed step its slots), and a
+/// reservation that grows the buffers moves an epoch that makes every
+/// decoder recapture its graphs before its next replay.
 pub(super) fn reserve_scratch(
     spec: &super::Spec,
     rows: usize,
