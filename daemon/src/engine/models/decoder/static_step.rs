@@ -91,9 +91,9 @@ impl StaticDecoder {
         let dev = &model.device;
         let capacity = capacity.min(model.context).max(1);
         let slots = slots.max(1);
-        // A step's matmuls take `slots` rows: their scratch must not move
-        // under a captured graph either.
-        reserve_scratch(s, model.context.max(slots), dev)?;
+        // A step's matmuls take up to `slots` rows: reserved before any
+        // capture, so the step itself never grows the scratch.
+        reserve_scratch(s, slots, dev)?;
         let kv = || Tensor::zeros((slots, s.kv_heads, capacity, s.head_dim), DType::F32, dev);
         let keys: Vec<u32> = (0..capacity as u32).collect();
         let mut windows: Vec<(usize, Tensor)> = Vec::new();
