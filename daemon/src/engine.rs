@@ -981,8 +981,7 @@ pub fn step_fixed(
     let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
     // Greedy rows take the argmax the step left on the device: read once.
     let greedy = |d: &Decoding| {
-        let p = d.sampler.params();
-        p.temperature <= 0.0 && !p.penalizes() && d.params.logprobs.is_none() && d.cursor.is_none()
+        d.sampler.params().is_argmax() && d.params.logprobs.is_none() && d.cursor.is_none()
     };
     let tokens = if batch
         .iter()

@@ -46,7 +46,7 @@ impl Route {
             return Route::Host;
         }
         let p = sampler.params();
-        if p.temperature <= 0.0 && !p.penalizes() {
+        if p.is_argmax() {
             Route::Argmax
         } else if sampler.top_suffices(TOP_MAX) {
             Route::Top(p.top_k)

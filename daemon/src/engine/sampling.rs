@@ -83,6 +83,12 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether the next token is simply the row's argmax (greedy, no
+    /// penalty): the routes that read it from the device.
+    pub fn is_argmax(&self) -> bool {
+        self.temperature <= 0.0 && !self.penalizes()
+    }
+
     /// Whether any penalty reads the recent tokens.
     pub fn penalizes(&self) -> bool {
         self.repeat_last_n > 0
