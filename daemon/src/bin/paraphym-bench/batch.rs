@@ -12,6 +12,10 @@
 //! * `graph` — the same step captured as a CUDA graph per batch size and
 //!   replayed (eager where there is no CUDA).
 //!
+//! On CUDA the fixed step runs our fused kernels unless `--unfused` (then
+//! Candle's ops, as on the CPU); with them, a line compares the two: the
+//! largest logit difference over the first steps of every sequence.
+//!
 //! Every path reads each step's tokens back to the host, as a server
 //! streaming them must.
 
@@ -104,6 +108,65 @@ fn run_static(
     Ok((start.elapsed().as_secs_f64(), tokens))
 }
 
+/// The fused step and Candle's ops (both eager) against each sequence run
+/// alone through the model's own forward pass, fed the same tokens, while
+/// the two steps' greedy tokens agree: steps compared, the largest logit
+/// difference of the fused step and of Candle's ops from the forward pass,
+/// the largest logit, and the steps whose tokens all agree.
+fn fused_check(
+    model: &mut models::Model,
+    capacity: usize,
+    prompts: &[&[u32]],
+    gen: usize,
+) -> Result<(usize, f32, f32, f32, usize)> {
+    let b = prompts.len();
+    let mut fused = StaticDecoder::new(model, capacity, b, false)?;
+    let mut plain = StaticDecoder::new(model, capacity, b, false)?.unfused();
+    let mut alone = Vec::with_capacity(b);
+    for (slot, p) in prompts.iter().enumerate() {
+        fused.start(slot, model, p)?;
+        plain.start(slot, model, p)?;
+        let mut m = model.clone();
+        m.clear_kv();
+        m.forward(p, LogitsFor::Last)?;
+        alone.push(m);
+    }
+    let steps = gen.min(32) - 1;
+    let (mut df, mut dp, mut biggest, mut same) = (0f32, 0f32, 0f32, 0);
+    let far = |x: &Tensor, y: &Tensor| -> Result<f32> {
+        Ok((x - y)?.abs()?.max_all()?.to_scalar::<f32>()?)
+    };
+    for _ in 0..steps {
+        let fed = plain.tokens(b)?;
+        let (a, z) = (fused.step(model, b, None)?, plain.step(model, b, None)?);
+        if fused.tokens(b)? != plain.tokens(b)? {
+            break;
+        }
+        same += 1;
+        let (mut rf, mut rp) = (Vec::new(), Vec::new());
+        for (r, m) in alone.iter_mut().enumerate() {
+            let want = m
+                .forward(&[fed[r]], LogitsFor::Last)?
+                .reshape(model.vocab())?;
+            rf.push(far(&a.get(r)?, &want)?);
+            rp.push(far(&z.get(r)?, &want)?);
+            biggest = biggest.max(want.abs()?.max_all()?.to_scalar::<f32>()?);
+        }
+        if std::env::var_os("PARAPHYM_FUSED_TRACE").is_some() {
+            let list = |v: &[f32]| v.iter().map(|x| format!("{x:.2e}")).collect::<Vec<_>>();
+            eprintln!(
+                "fused check, step {same}: |fused - forward| per row {:?}; \
+                 |Candle's ops - forward| {:?}",
+                list(&rf),
+                list(&rp)
+            );
+        }
+        df = rf.iter().copied().fold(df, f32::max);
+        dp = rp.iter().copied().fold(dp, f32::max);
+    }
+    Ok((steps, df, dp, biggest, same))
+}
+
 /// The batched pass `--path` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
@@ -138,6 +201,7 @@ pub fn bench(
     prompt_tokens: usize,
     gen: usize,
     reps: usize,
+    unfused: bool,
 ) -> Result<()> {
     let most = streams.iter().copied().max().unwrap_or(1).max(1);
     let gen = gen.max(2);
@@ -155,7 +219,12 @@ pub fn bench(
             context,
             most,
             pass == Pass::Graph,
-        )?),
+        )?)
+        .map(|f| if unfused { f.unfused() } else { f }),
+    };
+    let check = match fixed.as_ref().filter(|f| f.is_fused()) {
+        Some(f) => Some(fused_check(&mut model, f.capacity(), &prompts, gen)?),
+        None => None,
     };
     let mut batched = |model: &mut models::Model, b: usize, gen: usize| match &mut fixed {
         None => run(model, &prompts[..b], gen, true, device),
@@ -170,6 +239,15 @@ pub fn bench(
 
     println!("model     {}", path.display());
     println!("device    {device_name}");
+    if let Some((steps, df, dp, biggest, same)) = check {
+        println!(
+            "fused     {} sequences, each step against the sequence alone through the model's \
+             forward pass: max |logit difference| fused kernels {df:.2e}, Candle's ops {dp:.2e} \
+             (largest |logit| {biggest:.1}); the two steps' greedy tokens equal for {same}/{steps} \
+             steps",
+            prompts.len()
+        );
+    }
     println!(
         "workload  B sequences of {prompt_tokens} prompt tokens, each prefilled alone, then {gen} greedy \
          tokens each decoded together ({pass:?} pass, one per step, tokens read back each step); \

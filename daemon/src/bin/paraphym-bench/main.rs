@@ -196,6 +196,10 @@ enum Cmd {
         /// graph per batch size).
         #[arg(long, default_value = "forward")]
         path: String,
+        /// The fixed step through Candle's ops, not our fused kernels
+        /// (CUDA; elsewhere it always is).
+        #[arg(long)]
+        unfused: bool,
     },
     /// Perplexity of a text file by llama-perplexity's method.
     Perplexity {
@@ -352,6 +356,7 @@ fn main() -> Result<()> {
             gen_tokens,
             reps,
             path,
+            unfused,
         } => batch::bench(
             &model,
             &parse_device(&device)?,
@@ -361,6 +366,7 @@ fn main() -> Result<()> {
             prompt_tokens,
             gen_tokens,
             reps,
+            unfused,
         ),
         Cmd::Perplexity {
             model,

@@ -95,6 +95,12 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
+
+    /// The weight (dim) and epsilon, for fused kernels.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn parts(&self) -> (&Tensor, f32) {
+        (&self.weight, self.eps)
+    }
 }
 
 /// How a head's dimensions pair up for rotation.
@@ -172,6 +178,13 @@ impl Rope {
             style,
             rot_dim,
         })
+    }
+
+    /// The tables (positions, rot_dim / 2), the layout and the rotated
+    /// dimensions, for fused kernels.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn parts(&self) -> (&Tensor, &Tensor, RopeStyle, usize) {
+        (&self.cos, &self.sin, self.style, self.rot_dim)
     }
 
     /// Rotate `x` of shape (batch, seq, heads, head_dim) for positions `pos..pos+seq`.

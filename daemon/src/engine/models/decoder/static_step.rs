@@ -23,6 +23,9 @@ use super::{Cache, Model};
 use crate::engine::error::EngineError;
 use crate::engine::models::common::Result;
 
+#[cfg(feature = "cuda")]
+mod fused;
+
 /// Sequences decoding with fixed shapes over `model`'s weights, one per
 /// slot.
 pub struct StaticDecoder {
@@ -65,6 +68,10 @@ pub struct StaticDecoder {
     /// Replay captured graphs on CUDA (off: every step runs eagerly).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     use_graph: bool,
+    /// On CUDA, the buffers of the fused kernels' step (`None`: Candle's
+    /// ops, as on the CPU).
+    #[cfg(feature = "cuda")]
+    fused: Option<fused::Buffers>,
 }
 
 #[cfg(feature = "cuda")]
@@ -129,7 +136,34 @@ impl StaticDecoder {
             #[cfg(feature = "cuda")]
             scratch_epoch: scratch::epoch(),
             use_graph,
+            #[cfg(feature = "cuda")]
+            fused: match dev {
+                candle_core::Device::Cuda(_) if fused::serves(s) => {
+                    Some(fused::Buffers::new(s, slots, dev)?)
+                }
+                _ => None,
+            },
         })
+    }
+
+    /// Run Candle's ops instead of the fused kernels on CUDA (what the
+    /// fused step is measured and checked against); a no-op elsewhere.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+    pub fn unfused(mut self) -> Self {
+        #[cfg(feature = "cuda")]
+        {
+            self.fused = None;
+            self.graphs.clear();
+        }
+        self
+    }
+
+    /// Whether its steps run the fused kernels.
+    pub fn is_fused(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.fused.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Room for at least `slots` sequences of `capacity` positions (at
@@ -145,6 +179,9 @@ impl StaticDecoder {
             return Ok(());
         }
         let mut next = Self::new(model, capacity, slots, self.use_graph)?;
+        if !self.is_fused() {
+            next = next.unfused();
+        }
         for (slot, len) in self.len.iter().enumerate() {
             if len.is_none() {
                 continue;
@@ -352,6 +389,10 @@ impl StaticDecoder {
     /// reads every key it spans, so a short sequence in a long context
     /// must not pay for the whole capacity; a few spans mean a few graphs.
     fn span(&self, len: usize) -> usize {
+        if self.is_fused() {
+            // The fused attention reads each row's own keys: one graph.
+            return self.capacity;
+        }
         len.max(256).next_power_of_two().min(self.capacity)
     }
 
@@ -447,6 +488,11 @@ impl StaticDecoder {
     /// The step's operations for slots `first..first + n`, attending to
     /// the first `span` keys; fixed shapes throughout.
     fn ops(&self, model: &Model, first: usize, n: usize, span: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused.is_some() {
+            assert_eq!(first, 0, "the fused step runs the first rows");
+            return self.fused_ops(model, n);
+        }
         let (s, w) = (&model.spec, &*model.shared);
         let (heads, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
         let groups = heads / kvh;

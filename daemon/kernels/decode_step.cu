@@ -1,0 +1,292 @@
+// Fused kernels of the fixed decode step (f32), CUDA only.
+//
+// A captured step is bound by how many small kernels it runs, not by reading
+// the weights: each of these replaces several of Candle's generic kernels
+// (norms, RoPE, cache writes, the attention's masks, matmuls and softmax, the
+// MLP's activation, the argmax and the position update). Every output value
+// is computed by arithmetic that depends on its own row only, never on how
+// many rows the step runs.
+//
+// Layouts: rows are sequences (one token each); a head's `hd` values are
+// contiguous; the KV caches are (rows, kv_heads, capacity, hd).
+
+#include <stdint.h>
+
+#define WARP 32
+#define MAX_PER_LANE 8  // head_dim up to 256 in the attention kernel
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the total. `sh` holds 32 floats.
+__device__ float block_sum(float v, float *sh) {
+  const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+  v = warp_sum(v);
+  __syncthreads();  // `sh` may still be read from a previous call
+  if (lane == 0) sh[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    v = lane < (int)(blockDim.x / WARP) ? sh[lane] : 0.f;
+    v = warp_sum(v);
+    if (lane == 0) sh[0] = v;
+  }
+  __syncthreads();
+  return sh[0];
+}
+
+// x (+ residual) then RMSNorm: `sum` = a + r (r may be null; `sum` may be r
+// itself: each value is read and written by one thread), `out` = sum *
+// rsqrt(mean(sum^2) + eps) * w. One block per row.
+extern "C" __global__ void add_rmsnorm_f32(const float *a, const float *r, float *sum,
+                                           const float *w, float *out, int dim, float eps) {
+  __shared__ float sh[32];
+  const size_t row = blockIdx.x;
+  a += row * dim;
+  out += row * dim;
+  if (r) r += row * dim;
+  if (sum) sum += row * dim;
+  float acc = 0.f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = r ? a[i] + r[i] : a[i];
+    if (sum) sum[i] = v;
+    acc += v * v;
+  }
+  const float scale = rsqrtf(block_sum(acc, sh) / dim + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = sum ? sum[i] : (r ? a[i] + r[i] : a[i]);
+    out[i] = v * scale * w[i];
+  }
+}
+
+// Q, K and V of each row, ready for attention: Q and K normalised per head
+// (when `qn`/`kn` are given), rotated (RoPE over the first `rot` dimensions,
+// pairs (i, i + rot/2) or (2i, 2i + 1) when `interleaved`), Q scaled into
+// `q_out` (rows, heads, hd), K and V written into the caches at the row's
+// position. cos/sin: the RoPE tables (positions, rot/2), indexed by `pos`.
+// Grid (heads + 2 kv_heads, rows), a thread per dimension.
+extern "C" __global__ void qkv_prep_f32(const float *q, const float *k, const float *v,
+                                        int q_stride, int k_stride, int v_stride,
+                                        const float *qn, const float *kn, float eps,
+                                        const float *cos_t, const float *sin_t, int rot,
+                                        int interleaved, const uint32_t *pos, float *kc,
+                                        float *vc, float *q_out, int heads, int kvh, int hd,
+                                        int cap, float scale) {
+  __shared__ float sh[32];
+  __shared__ float head[1024];
+  const int h = blockIdx.x, d = threadIdx.x;
+  const size_t row = blockIdx.y;
+  const bool on = d < hd;
+  const size_t p = pos[row];
+  if (h >= heads + kvh) {
+    const int g = h - heads - kvh;
+    if (on) vc[((row * kvh + g) * cap + p) * hd + d] = v[row * v_stride + g * hd + d];
+    return;
+  }
+  const bool is_q = h < heads;
+  const int g = is_q ? h : h - heads;
+  const float *src = is_q ? q + row * q_stride + (size_t)g * hd : k + row * k_stride + (size_t)g * hd;
+  const float *nw = is_q ? qn : kn;
+  float x = on ? src[d] : 0.f;
+  if (nw) {
+    const float s = block_sum(x * x, sh);
+    x = on ? x * rsqrtf(s / hd + eps) * nw[d] : 0.f;
+  }
+  if (on) head[d] = x;
+  __syncthreads();
+  if (on && d < rot) {
+    const int half = rot / 2;
+    const int i = interleaved ? d / 2 : d % half;
+    const float c = cos_t[p * half + i], s = sin_t[p * half + i];
+    if (interleaved)
+      x = (d % 2 == 0) ? x * c - head[d + 1] * s : head[d - 1] * s + x * c;
+    else
+      x = d < half ? x * c - head[d + half] * s : x * c + head[d - half] * s;
+  }
+  if (!on) return;
+  if (is_q)
+    q_out[(row * heads + g) * hd + d] = x * scale;
+  else
+    kc[((row * kvh + g) * cap + p) * hd + d] = x;
+}
+
+// Attention of each row's query heads over its cached keys 0..=pos (the last
+// `window` of them when `window` > 0), split into `splits` stretches of keys
+// that run as blocks of their own (flash-decoding); each warp of a block runs
+// an online softmax over every fourth key of its stretch. Writes each
+// stretch's max score, sum of exponentials and weighted values; the combine
+// kernel merges them. Grid (heads, rows, splits), 128 threads; hd % 32 == 0,
+// hd <= 256.
+extern "C" __global__ void attn_split_f32(const float *q, const float *kc, const float *vc,
+                                          const uint32_t *pos, int heads, int kvh, int hd,
+                                          int cap, int window, int splits, float *part_m,
+                                          float *part_l, float *part_acc) {
+  __shared__ float sm[32], sl[32];
+  __shared__ float sacc[4][256];
+  const int h = blockIdx.x, s = blockIdx.z;
+  const size_t row = blockIdx.y;
+  const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
+  const int per = hd / WARP;
+  const int g = h / (heads / kvh);
+  const int p = (int)pos[row];
+  const int lo = (window > 0 && p + 1 > window) ? p + 1 - window : 0;
+  const int chunk = (p + 1 - lo + splits - 1) / splits;
+  const int t0 = lo + s * chunk, t1 = min(t0 + chunk, p + 1);
+  const float *qh = q + (row * heads + h) * hd;
+  const float *K = kc + (row * kvh + g) * (size_t)cap * hd;
+  const float *V = vc + (row * kvh + g) * (size_t)cap * hd;
+  float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
+#pragma unroll
+  for (int j = 0; j < MAX_PER_LANE; ++j) {
+    qv[j] = j < per ? qh[lane + WARP * j] : 0.f;
+    acc[j] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int t = t0 + w; t < t1; t += nw) {
+    const float *kr = K + (size_t)t * hd;
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < MAX_PER_LANE; ++j)
+      if (j < per) dot += qv[j] * kr[lane + WARP * j];
+    dot = warp_sum(dot);
+    const float mn = fmaxf(m, dot);
+    const float corr = expf(m - mn), e = expf(dot - mn);
+    l = l * corr + e;
+    const float *vr = V + (size_t)t * hd;
+#pragma unroll
+    for (int j = 0; j < MAX_PER_LANE; ++j)
+      if (j < per) acc[j] = acc[j] * corr + e * vr[lane + WARP * j];
+    m = mn;
+  }
+  if (lane == 0) {
+    sm[w] = m;
+    sl[w] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < MAX_PER_LANE; ++j)
+    if (j < per) sacc[w][lane + WARP * j] = acc[j];
+  __syncthreads();
+  if (w != 0) return;
+  float M = -INFINITY;
+  for (int i = 0; i < nw; ++i) M = fmaxf(M, sm[i]);
+  float L = 0.f, out[MAX_PER_LANE];
+#pragma unroll
+  for (int j = 0; j < MAX_PER_LANE; ++j) out[j] = 0.f;
+  for (int i = 0; i < nw; ++i) {
+    const float f = sm[i] == -INFINITY ? 0.f : expf(sm[i] - M);
+    L += sl[i] * f;
+#pragma unroll
+    for (int j = 0; j < MAX_PER_LANE; ++j)
+      if (j < per) out[j] += sacc[i][lane + WARP * j] * f;
+  }
+  const size_t at = (row * heads + h) * splits + s;
+  if (lane == 0) {
+    part_m[at] = M;
+    part_l[at] = L;
+  }
+#pragma unroll
+  for (int j = 0; j < MAX_PER_LANE; ++j)
+    if (j < per) part_acc[at * hd + lane + WARP * j] = out[j];
+}
+
+// Merges the stretches: out (rows, heads * hd). Grid (heads, rows), a thread
+// per dimension.
+extern "C" __global__ void attn_combine_f32(const float *part_m, const float *part_l,
+                                            const float *part_acc, float *out, int heads,
+                                            int hd, int splits) {
+  const int h = blockIdx.x, d = threadIdx.x;
+  const size_t row = blockIdx.y;
+  if (d >= hd) return;
+  const size_t base = (row * heads + h) * splits;
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, part_m[base + s]);
+  float L = 0.f, o = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const float ms = part_m[base + s];
+    const float f = ms == -INFINITY ? 0.f : expf(ms - M);
+    L += part_l[base + s] * f;
+    o += part_acc[(base + s) * hd + d] * f;
+  }
+  out[(row * heads + h) * hd + d] = o / L;
+}
+
+// The MLP's gate: out = act(g) * u, (rows, ffn); g and u rows `g_stride` and
+// `u_stride` apart (both halves of one stacked matmul, or two). act: SiLU,
+// or GELU's tanh approximation when `gelu`. Grid (ceil(ffn / 256), rows).
+extern "C" __global__ void act_mul_f32(const float *g, const float *u, int g_stride,
+                                       int u_stride, float *out, int ffn, int gelu) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t row = blockIdx.y;
+  if (i >= ffn) return;
+  const float x = g[row * g_stride + i];
+  const float a = gelu ? 0.5f * x * (1.f + tanhf(0.7978845608028654f * x * (1.f + 0.044715f * x * x)))
+                       : x / (1.f + expf(-x));
+  out[row * ffn + i] = a * u[row * u_stride + i];
+}
+
+// The larger of two (value, index) candidates; equal values: the lower index.
+__device__ __forceinline__ void better(float &v, uint32_t &i, float v2, uint32_t i2) {
+  if (v2 > v || (v2 == v && i2 < i)) {
+    v = v2;
+    i = i2;
+  }
+}
+
+__device__ void block_argmax(float &v, uint32_t &i, float *sv, uint32_t *si) {
+  const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o >>= 1)
+    better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+  if (lane == 0) {
+    sv[w] = v;
+    si[w] = i;
+  }
+  __syncthreads();
+  if (w == 0) {
+    v = lane < (int)(blockDim.x / WARP) ? sv[lane] : -INFINITY;
+    i = lane < (int)(blockDim.x / WARP) ? si[lane] : 0xffffffffu;
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1)
+      better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+  }
+}
+
+// First stage of each row's argmax: block c takes `chunk` logits of its row.
+// Grid (chunks, rows), 256 threads.
+extern "C" __global__ void argmax_part_f32(const float *x, int vocab, int chunk, float *pv,
+                                           uint32_t *pi) {
+  __shared__ float sv[32];
+  __shared__ uint32_t si[32];
+  const int c = blockIdx.x;
+  const size_t row = blockIdx.y;
+  const int start = c * chunk, end = min(start + chunk, vocab);
+  float v = -INFINITY;
+  uint32_t i = 0xffffffffu;
+  for (int j = start + threadIdx.x; j < end; j += blockDim.x) better(v, i, x[row * vocab + j], j);
+  block_argmax(v, i, sv, si);
+  if (threadIdx.x == 0) {
+    pv[row * gridDim.x + c] = v;
+    pi[row * gridDim.x + c] = i;
+  }
+}
+
+// Second stage: each row's greedy token (index 0 when every logit is NaN),
+// then its next position, min(pos + advance, last). Grid rows, 256 threads.
+extern "C" __global__ void argmax_final_f32(const float *pv, const uint32_t *pi, int chunks,
+                                            uint32_t *token, uint32_t *pos,
+                                            const uint32_t *advance, const uint32_t *last) {
+  __shared__ float sv[32];
+  __shared__ uint32_t si[32];
+  const size_t row = blockIdx.x;
+  float v = -INFINITY;
+  uint32_t i = 0xffffffffu;
+  for (int j = threadIdx.x; j < chunks; j += blockDim.x) better(v, i, pv[row * chunks + j], pi[row * chunks + j]);
+  block_argmax(v, i, sv, si);
+  if (threadIdx.x == 0) {
+    token[row] = i == 0xffffffffu ? 0u : i;
+    pos[row] = min(pos[row] + advance[row], last[row]);
+  }
+}
