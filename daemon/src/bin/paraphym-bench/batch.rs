@@ -13,8 +13,9 @@
 //!   replayed (eager where there is no CUDA).
 //!
 //! On CUDA the fixed step runs our fused kernels unless `--unfused` (then
-//! Candle's ops, as on the CPU); with them, a line compares the two: the
-//! largest logit difference over the first steps of every sequence.
+//! Candle's ops, as on the CPU); with them, a line compares both against
+//! each sequence decoded alone through `Model::forward`: the largest logit
+//! difference over the first steps of every sequence.
 //!
 //! Every path reads each step's tokens back to the host, as a server
 //! streaming them must.
