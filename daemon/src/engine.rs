@@ -827,8 +827,11 @@ impl Engine {
         slot: usize,
     ) -> Result<(), EngineError> {
         if std::mem::take(&mut d.adopted) {
-            let out = fixed.export(slot, &mut self.model);
-            fixed.free(slot);
+            // A step launched ahead may have run its last token already.
+            let out = fixed
+                .withdraw(slot)
+                .and_then(|()| fixed.export(slot, &mut self.model));
+            fixed.free(slot)?;
             out?;
         }
         Ok(())
@@ -925,76 +928,148 @@ pub fn step_batch(batch: &mut [(&mut Engine, &mut Decoding, Feed)]) -> Result<()
 /// Logits go to each generation as in [`step_batch`]; before
 /// [`Engine::finish`], [`Engine::reclaim`] hands the slot's positions back
 /// to the engine's cache.
+///
+/// With `ahead` (a GPU, where a step's launch returns before it runs),
+/// when every generation with a token takes the device's greedy token,
+/// the pass runs one step ahead: it takes the results of the step the
+/// last pass launched, launches the next at once with the tokens just
+/// read, and leaves the host to report those tokens while the device
+/// works. A generation that ends meanwhile had one token run for nothing;
+/// [`Engine::reclaim`] takes its position back. A generation whose token
+/// is in the step launched now has no logits after the pass (`d.logits`
+/// is `None`): its result comes with the next pass.
 pub fn step_fixed(
     fixed: &mut StaticDecoder,
     batch: &mut [(&mut Engine, &mut Decoding, Feed, usize)],
+    ahead: bool,
 ) -> Result<(), EngineError> {
-    let mut feed: Vec<Option<u32>> = vec![None; fixed.slots()];
-    let mut rows = 0;
-    for (e, d, f, slot) in batch.iter_mut() {
-        match *f {
-            Feed::Prompt => {
-                let done = e.model.kv_len();
-                let n = d.params.prefill_chunk.min(d.history.len() - done);
-                let logits = e
-                    .model
-                    .forward(&d.history[done..done + n], LogitsFor::Last)?;
-                if done + n == d.history.len() {
-                    // A prompt that fills the context takes no slot: its
-                    // one token ends it (`ContextFull`), as on the plain path.
-                    if d.history.len() < fixed.capacity() {
-                        fixed.adopt(*slot, &e.model)?;
-                        // The slot holds it now: the engine's copy would
-                        // only double the memory until the generation ends
-                        // (and the engine claims no cached prefix meanwhile).
-                        e.model.clear_kv();
-                        e.cached.clear();
-                        d.adopted = true;
-                    }
-                    d.prefilled = true;
-                    d.logits = Some(logits);
-                }
-            }
-            Feed::Token(t) => {
-                if !d.adopted {
-                    return Err(EngineError::InvalidParams(
-                        "a token for a slot that holds no prompt".into(),
-                    ));
-                }
-                feed[*slot] = Some(t);
-                rows = rows.max(*slot + 1);
-            }
-        }
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let rows = rows.next_power_of_two().min(fixed.slots());
-    // The longest context's RoPE tables cover every row's position (a
-    // model served longer gives engines taken since more of them).
-    let model = batch
-        .iter()
-        .filter(|(_, _, f, _)| matches!(f, Feed::Token(_)))
-        .map(|(e, ..)| &e.model)
-        .max_by_key(|m| m.context())
-        .expect("a token row");
-    let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
-    // Greedy rows take the argmax the step left on the device: read once.
     let greedy = |d: &Decoding| {
         d.sampler.params().is_argmax() && d.params.logprobs.is_none() && d.cursor.is_none()
     };
-    let tokens = if batch
-        .iter()
-        .any(|(_, d, f, _)| matches!(f, Feed::Token(_)) && greedy(d))
-    {
-        fixed.tokens(rows)?
-    } else {
-        Vec::new()
-    };
-    for (_, d, f, slot) in batch.iter_mut() {
-        if matches!(f, Feed::Token(_)) {
-            d.logits = Some(logits.narrow(0, *slot, 1)?);
-            d.chosen = tokens.get(*slot).copied().filter(|_| greedy(d));
+    // The results of the step launched ahead last pass, for the
+    // generations whose token it ran.
+    let mut done = vec![false; batch.len()];
+    if let Some(a) = fixed.take_ahead() {
+        let tokens = fixed.tokens(a.rows)?;
+        let mut taken = vec![false; a.fed.len()];
+        for (i, (_, d, f, slot)) in batch.iter_mut().enumerate() {
+            if let Feed::Token(t) = *f {
+                if a.fed.get(*slot).copied().flatten() == Some(t) {
+                    d.logits = Some(a.logits.narrow(0, *slot, 1)?);
+                    d.chosen = Some(tokens[*slot]);
+                    done[i] = true;
+                    taken[*slot] = true;
+                }
+            }
+        }
+        for (slot, fed) in a.fed.iter().enumerate() {
+            if fed.is_some() && !taken[slot] {
+                fixed.unstep(slot)?;
+            }
+        }
+    }
+    let ahead = ahead
+        && batch
+            .iter()
+            .all(|(_, d, f, _)| *f == Feed::Prompt || greedy(d));
+    if !ahead {
+        // Their kernels queue before the step's: the device runs both
+        // while the host waits for the step's tokens.
+        prefill_fixed(fixed, batch)?;
+    }
+    // What the step runs: the tokens chosen for it and, ahead, the tokens
+    // just read (those of a generation that surely goes on for a token:
+    // the speculative step must not be its last past the budget or the
+    // slot's room).
+    let mut feed: Vec<Option<u32>> = vec![None; fixed.slots()];
+    let mut rows = 0;
+    for (i, (_, d, f, slot)) in batch.iter_mut().enumerate() {
+        let Feed::Token(t) = *f else { continue };
+        let token = if done[i] {
+            let room = fixed.len(*slot).is_some_and(|l| l + 1 < fixed.capacity());
+            let budget = d.out.tokens.len() + 1 < d.params.max_tokens;
+            d.chosen.filter(|_| ahead && room && budget)
+        } else if d.adopted {
+            Some(t)
+        } else {
+            return Err(EngineError::InvalidParams(
+                "a token for a slot that holds no prompt".into(),
+            ));
+        };
+        if token.is_some() {
+            feed[*slot] = token;
+            rows = rows.max(*slot + 1);
+        }
+    }
+    if rows > 0 {
+        let rows = rows.next_power_of_two().min(fixed.slots());
+        // The longest context's RoPE tables cover every row's position (a
+        // model served longer gives engines taken since more of them).
+        let model = batch
+            .iter()
+            .filter(|(_, _, f, _)| matches!(f, Feed::Token(_)))
+            .map(|(e, ..)| &e.model)
+            .max_by_key(|m| m.context())
+            .expect("a token row");
+        if ahead {
+            fixed.step_ahead(model, rows, &feed[..rows])?;
+        } else {
+            let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
+            // Greedy rows take the argmax the step left on the device:
+            // read once.
+            let stepped = batch
+                .iter()
+                .zip(&done)
+                .any(|((_, d, f, _), done)| !done && matches!(f, Feed::Token(_)) && greedy(d));
+            let tokens = if stepped {
+                fixed.tokens(rows)?
+            } else {
+                Vec::new()
+            };
+            for (i, (_, d, f, slot)) in batch.iter_mut().enumerate() {
+                if !done[i] && matches!(f, Feed::Token(_)) {
+                    d.logits = Some(logits.narrow(0, *slot, 1)?);
+                    d.chosen = tokens.get(*slot).copied().filter(|_| greedy(d));
+                }
+            }
+        }
+    }
+    if ahead {
+        // Ahead, their chunks queue behind the step.
+        prefill_fixed(fixed, batch)?;
+    }
+    Ok(())
+}
+
+/// The prompts of a fixed-step pass ([`step_fixed`]): each runs its next
+/// chunk through its engine's model; a prompt that is in moves to its slot.
+fn prefill_fixed(
+    fixed: &mut StaticDecoder,
+    batch: &mut [(&mut Engine, &mut Decoding, Feed, usize)],
+) -> Result<(), EngineError> {
+    for (e, d, f, slot) in batch.iter_mut() {
+        if *f != Feed::Prompt {
+            continue;
+        }
+        let done = e.model.kv_len();
+        let n = d.params.prefill_chunk.min(d.history.len() - done);
+        let logits = e
+            .model
+            .forward(&d.history[done..done + n], LogitsFor::Last)?;
+        if done + n == d.history.len() {
+            // A prompt that fills the context takes no slot: its
+            // one token ends it (`ContextFull`), as on the plain path.
+            if d.history.len() < fixed.capacity() {
+                fixed.adopt(*slot, &e.model)?;
+                // The slot holds it now: the engine's copy would
+                // only double the memory until the generation ends
+                // (and the engine claims no cached prefix meanwhile).
+                e.model.clear_kv();
+                e.cached.clear();
+                d.adopted = true;
+            }
+            d.prefilled = true;
+            d.logits = Some(logits);
         }
     }
     Ok(())

@@ -19,6 +19,9 @@ pub struct Hooks {
     /// Sleep this long after every generated token, so a generation lasts
     /// long enough for a test to watch it (the TUI's end-to-end test).
     pub token_delay: Option<Duration>,
+    /// The fixed step runs ahead of the host on the CPU too (what it does
+    /// on a GPU), so the CPU's tests exercise that path.
+    pub run_ahead: bool,
 }
 
 impl Hooks {
@@ -58,6 +61,7 @@ fn parse(spec: &str) -> Hooks {
             "panic_prompt" => h.panic_prompt = Some(v.to_owned()),
             "stall_prompt" => h.stall_prompt = Some(v.to_owned()),
             "token_delay_ms" => h.token_delay = v.parse().ok().map(Duration::from_millis),
+            "run_ahead" => h.run_ahead = true,
             other => tracing::warn!("unknown test hook {other:?}"),
         }
     }
@@ -68,7 +72,9 @@ fn parse(spec: &str) -> Hooks {
 mod tests {
     #[test]
     fn parses_known_hooks() {
-        let h = super::parse("replica_delay_ms=1500, bogus=1,token_delay_ms=20,fail_prompt=X");
+        let h = super::parse(
+            "replica_delay_ms=1500, bogus=1,token_delay_ms=20,fail_prompt=X,run_ahead",
+        );
         assert_eq!(
             h.replica_delay,
             Some(std::time::Duration::from_millis(1500))
@@ -76,5 +82,6 @@ mod tests {
         assert_eq!(h.token_delay, Some(std::time::Duration::from_millis(20)));
         assert_eq!(h.fail_prompt.as_deref(), Some("X"));
         assert_eq!(h.panic_prompt, None);
+        assert!(h.run_ahead);
     }
 }

@@ -2451,7 +2451,9 @@ impl Worker {
                     stage(Stage::Generating);
                 }
             }
-            if !ran || !d.prefilled() {
+            // Not run, still prefilling, or its token is in the step
+            // launched ahead (its result comes with the next pass).
+            if !ran || !d.prefilled() || d.logits.is_none() {
                 batch.push(Running {
                     sink,
                     meta,
@@ -2541,7 +2543,7 @@ impl Worker {
         // Slots of jobs that left (answered after an error, say) are free.
         for s in 0..decoder.slots() {
             if batch.iter().all(|r| r.slot != s) {
-                decoder.free(s);
+                decoder.free(s)?;
             }
         }
         let mut items: Vec<(&mut Engine, &mut Decoding, Feed, usize)> = batch
@@ -2550,7 +2552,11 @@ impl Worker {
             .filter(|(_, run)| **run)
             .map(|(r, _)| (&mut r.engine, &mut r.d, r.feed, r.slot))
             .collect();
-        crate::engine::step_fixed(decoder, &mut items)
+        // On a GPU the step runs ahead of the host's reporting (a CPU step
+        // computes as it is called: nothing to overlap).
+        let settings = &self.pool.settings;
+        let ahead = !settings.load.device.is_cpu() || settings.hooks.run_ahead;
+        crate::engine::step_fixed(decoder, &mut items, ahead)
     }
 
     /// A generation's end (its held-back text, its statistics); a fixed

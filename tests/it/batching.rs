@@ -61,7 +61,7 @@ fn alone(c: &Client, model: &str, tokens: u32) -> Vec<String> {
 
 #[test]
 fn requests_batched_on_one_worker_get_the_tokens_each_gets_alone() {
-    batched_is_alone(&gemma_path(), &[]);
+    batched_is_alone(&gemma_path(), &[], &[]);
 }
 
 /// The same through the fixed-shape step (what a GPU worker runs, eager
@@ -78,14 +78,28 @@ fn requests_in_fixed_step_slots_get_the_tokens_each_gets_alone() {
     batched_is_alone(
         &paraphym_tests::tiny(paraphym_daemon::synth::Arch::Qwen3),
         &["--decode-step", "fixed"],
+        &[],
     );
 }
 
-fn batched_is_alone(model: &std::path::Path, extra: &[&str]) {
+/// The same with the step run ahead of the host, as on a GPU: each pass
+/// launches the next step with the greedy tokens just read, before they
+/// are reported; a request that ends meanwhile (its budget, a cancel) has
+/// its slot's speculative position taken back before its cache returns.
+#[test]
+fn requests_in_fixed_step_slots_run_ahead_get_the_tokens_each_gets_alone() {
+    batched_is_alone(
+        &paraphym_tests::tiny(paraphym_daemon::synth::Arch::Qwen3),
+        &["--decode-step", "fixed"],
+        &[("PARAPHYM_TEST_HOOKS", "run_ahead")],
+    );
+}
+
+fn batched_is_alone(model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) {
     let m = model.to_str().unwrap();
     let mut args = vec!["--prewarm", "1", "--max-workers", "1", "--batch", "8"];
     args.extend_from_slice(extra);
-    let daemon = TestDaemon::start(&args);
+    let daemon = TestDaemon::start_with_env(&args, env);
     let c = daemon.client();
     let want = alone(&c, m, 64);
     let events = c.subscribe().unwrap();

@@ -172,7 +172,7 @@ fn slots_stepped_together_decode_as_each_alone() {
                 assert_eq!(chosen[s], argmax(&rows[s]), "slot {s} step {step}");
                 got[s].push(rows[s].clone());
                 if got[s].len() == STEPS && s == 1 {
-                    d.free(1);
+                    d.free(1).unwrap();
                 }
             }
         }
@@ -182,7 +182,7 @@ fn slots_stepped_together_decode_as_each_alone() {
         }
         // Every slot empty, stepping past the capacity; then a sequence.
         for s in 0..3 {
-            d.free(s);
+            d.free(s).unwrap();
         }
         for _ in 0..capacity + 4 {
             d.step(&m, 3, None).unwrap();
@@ -257,84 +257,101 @@ fn generations_in_fixed_slots_generate_what_each_generates_alone() {
         })
         .collect();
 
-    let mut fixed = StaticDecoder::new(proto.model(), 1024, 4, false).unwrap();
-    let mut engines: Vec<Engine> = cases.iter().map(|_| proto.replica()).collect();
-    let mut texts = vec![String::new(); cases.len()];
-    let mut lps = vec![Vec::new(); cases.len()];
-    let mut got: Vec<Option<Generation>> = vec![None; cases.len()];
-    // (case = its slot, its generation, what it runs in the next pass)
-    let mut live: Vec<(usize, Decoding, Feed)> = Vec::new();
-    let (mut joined, mut prefills) = (0, vec![0; cases.len()]);
-    while joined < cases.len() || !live.is_empty() {
-        if joined < cases.len() {
-            let (p, params) = &cases[joined];
-            let d = engines[joined]
-                .begin(p.clone(), params, std::time::Instant::now())
-                .unwrap();
-            live.push((joined, d, Feed::Prompt));
-            joined += 1;
-        }
-        {
-            // `live` is in case order: the engines taken in the same order.
-            let idx: Vec<usize> = live.iter().map(|(i, _, _)| *i).collect();
-            let mut batch: Vec<(&mut Engine, &mut Decoding, Feed, usize)> = engines
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| idx.contains(i))
-                .zip(live.iter_mut())
-                .map(|((i, e), (_, d, feed))| (e, d, *feed, i))
-                .collect();
-            step_fixed(&mut fixed, &mut batch).unwrap();
-        }
-        let mut still = Vec::new();
-        for (i, mut d, _) in live {
-            let e = &mut engines[i];
-            if !d.prefilled() {
-                prefills[i] += 1;
-                still.push((i, d, Feed::Prompt));
-                continue;
+    // Eager, and with each step launched ahead of the host's reporting
+    // (what a GPU worker does when every row is greedy: the third case's
+    // JSON and log-probabilities turn it off while it decodes).
+    for ahead in [false, true] {
+        let mut fixed = StaticDecoder::new(proto.model(), 1024, 4, false).unwrap();
+        let mut engines: Vec<Engine> = cases.iter().map(|_| proto.replica()).collect();
+        let mut texts = vec![String::new(); cases.len()];
+        let mut lps = vec![Vec::new(); cases.len()];
+        let mut got: Vec<Option<Generation>> = vec![None; cases.len()];
+        // (case = its slot, its generation, what it runs in the next pass)
+        let mut live: Vec<(usize, Decoding, Feed)> = Vec::new();
+        let (mut joined, mut prefills, mut waits) = (0, vec![0; cases.len()], 0);
+        while joined < cases.len() || !live.is_empty() {
+            if joined < cases.len() {
+                let (p, params) = &cases[joined];
+                let d = engines[joined]
+                    .begin(p.clone(), params, std::time::Instant::now())
+                    .unwrap();
+                live.push((joined, d, Feed::Prompt));
+                joined += 1;
             }
-            let (text, lp) = (&mut texts[i], &mut lps[i]);
-            let mut on = |ev: GenEvent<'_>| collect(text, lp, ev);
-            match e.choose(&mut d, &never, &mut on).unwrap() {
-                Step::Feed(t) => still.push((i, d, Feed::Token(t))),
-                Step::Done(f) => {
-                    e.reclaim(&mut d, &mut fixed, i).unwrap();
-                    got[i] = Some(e.finish(d, f, &mut on).unwrap());
+            {
+                // `live` is in case order: the engines taken in the same order.
+                let idx: Vec<usize> = live.iter().map(|(i, _, _)| *i).collect();
+                let mut batch: Vec<(&mut Engine, &mut Decoding, Feed, usize)> = engines
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| idx.contains(i))
+                    .zip(live.iter_mut())
+                    .map(|((i, e), (_, d, feed))| (e, d, *feed, i))
+                    .collect();
+                step_fixed(&mut fixed, &mut batch, ahead).unwrap();
+            }
+            let mut still = Vec::new();
+            for (i, mut d, feed) in live {
+                let e = &mut engines[i];
+                if !d.prefilled() {
+                    prefills[i] += 1;
+                    still.push((i, d, Feed::Prompt));
+                    continue;
+                }
+                if d.logits.is_none() {
+                    // Its token is in the step launched ahead.
+                    waits += 1;
+                    still.push((i, d, feed));
+                    continue;
+                }
+                let (text, lp) = (&mut texts[i], &mut lps[i]);
+                let mut on = |ev: GenEvent<'_>| collect(text, lp, ev);
+                match e.choose(&mut d, &never, &mut on).unwrap() {
+                    Step::Feed(t) => still.push((i, d, Feed::Token(t))),
+                    Step::Done(f) => {
+                        e.reclaim(&mut d, &mut fixed, i).unwrap();
+                        got[i] = Some(e.finish(d, f, &mut on).unwrap());
+                    }
                 }
             }
+            live = still;
         }
-        live = still;
-    }
-    assert!(prefills[1] > 3, "{prefills:?}");
-    for (i, (text, lp, g)) in want.iter().enumerate() {
-        let b = got[i].as_ref().unwrap();
-        assert_eq!(&texts[i], text, "case {i}");
-        assert_eq!(b.tokens, g.tokens, "case {i}");
-        assert_eq!(b.finish, g.finish, "case {i}");
-        assert_eq!(lps[i].len(), lp.len(), "case {i}");
-        for (a, b) in lps[i].iter().zip(lp) {
-            assert!((a - b).abs() < 1e-3, "case {i}: {a} vs {b}");
+        assert!(prefills[1] > 3, "{prefills:?}");
+        // Ahead, a newly decoding row waits a pass for its first step.
+        assert_eq!(waits > 0, ahead, "{waits} waits");
+        for (i, (text, lp, g)) in want.iter().enumerate() {
+            let b = got[i].as_ref().unwrap();
+            assert_eq!(&texts[i], text, "case {i}, ahead {ahead}");
+            assert_eq!(b.tokens, g.tokens, "case {i}, ahead {ahead}");
+            assert_eq!(b.finish, g.finish, "case {i}, ahead {ahead}");
+            assert_eq!(lps[i].len(), lp.len(), "case {i}, ahead {ahead}");
+            for (a, b) in lps[i].iter().zip(lp) {
+                assert!((a - b).abs() < 1e-3, "case {i}: {a} vs {b}");
+            }
+            assert!(fixed.len(i).is_none(), "slot {i} freed, ahead {ahead}");
         }
-        assert!(fixed.len(i).is_none(), "slot {i} freed");
-    }
-    assert_eq!(
-        want.iter()
-            .map(|(_, _, g)| format!("{:?}", g.finish))
-            .collect::<Vec<_>>(),
-        ["MaxTokens", "StopString(0)", "EndOfGeneration"]
-    );
-    // Each engine's cache is its sequence again.
-    for (i, e) in engines.iter_mut().enumerate() {
-        let history = e.cached_tokens().to_vec();
-        assert_eq!(e.model().kv_len(), history.len(), "case {i}");
-        let next = row(&e.model_mut().forward(&[42], LogitsFor::Last).unwrap());
-        let mut fresh = proto.replica();
-        fresh
-            .model_mut()
-            .forward(&history, LogitsFor::Last)
-            .unwrap();
-        let want = row(&fresh.model_mut().forward(&[42], LogitsFor::Last).unwrap());
-        close(&[want], &[next], &format!("case {i} after the slot"));
+        assert_eq!(
+            want.iter()
+                .map(|(_, _, g)| format!("{:?}", g.finish))
+                .collect::<Vec<_>>(),
+            ["MaxTokens", "StopString(0)", "EndOfGeneration"]
+        );
+        // Each engine's cache is its sequence again.
+        for (i, e) in engines.iter_mut().enumerate() {
+            let history = e.cached_tokens().to_vec();
+            assert_eq!(e.model().kv_len(), history.len(), "case {i}");
+            let next = row(&e.model_mut().forward(&[42], LogitsFor::Last).unwrap());
+            let mut fresh = proto.replica();
+            fresh
+                .model_mut()
+                .forward(&history, LogitsFor::Last)
+                .unwrap();
+            let want = row(&fresh.model_mut().forward(&[42], LogitsFor::Last).unwrap());
+            close(
+                &[want],
+                &[next],
+                &format!("case {i} after the slot, ahead {ahead}"),
+            );
+        }
     }
 }

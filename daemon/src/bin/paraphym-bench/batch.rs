@@ -104,7 +104,7 @@ fn run_static(
     }
     device.synchronize()?;
     for slot in 0..b {
-        fixed.free(slot);
+        fixed.free(slot)?;
     }
     Ok((start.elapsed().as_secs_f64(), tokens))
 }

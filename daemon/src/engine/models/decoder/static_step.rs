@@ -55,6 +55,8 @@ pub struct StaticDecoder {
     /// Per slot, positions written (the host's count of the device's
     /// `pos`); `None`: no sequence.
     len: Vec<Option<usize>>,
+    /// The step launched ahead of its results ([`StaticDecoder::step_ahead`]).
+    ahead: Option<Ahead>,
     #[cfg(feature = "cuda")]
     /// A graph per (rows, span) bucket.
     graphs: Vec<((usize, usize), Captured)>,
@@ -72,6 +74,18 @@ pub struct StaticDecoder {
     /// ops, as on the CPU).
     #[cfg(feature = "cuda")]
     fused: Option<fused::Buffers>,
+}
+
+/// A step launched before the host has taken the last one's tokens in:
+/// what it ran, for the pass that takes its results.
+pub struct Ahead {
+    /// It ran the first `rows` slots.
+    pub rows: usize,
+    /// Per slot, the token it ran (`None`: the slot came along unmoved).
+    pub fed: Vec<Option<u32>>,
+    /// Its logits (rows, vocab); a later step may overwrite them (a
+    /// graph's output buffer), so only its greedy tokens are for keeps.
+    pub logits: Tensor,
 }
 
 #[cfg(feature = "cuda")]
@@ -129,6 +143,7 @@ impl StaticDecoder {
             neg_inf: Tensor::full(f32::NEG_INFINITY, (slots, capacity), dev)?,
             zeros: Tensor::zeros((slots, capacity), DType::F32, dev)?,
             len: vec![None; slots],
+            ahead: None,
             #[cfg(feature = "cuda")]
             graphs: Vec::new(),
             #[cfg(feature = "cuda")]
@@ -200,6 +215,10 @@ impl StaticDecoder {
         }
         next.len[..self.len.len()].copy_from_slice(&self.len);
         next.all_advance = false;
+        if let Some(mut a) = self.ahead.take() {
+            a.fed.resize(slots, None);
+            next.ahead = Some(a);
+        }
         *self = next;
         Ok(())
     }
@@ -220,11 +239,71 @@ impl StaticDecoder {
     }
 
     /// Slot `slot` holds no sequence from now on (its buffers stay; the
-    /// next `start` overwrites them).
-    pub fn free(&mut self, slot: usize) {
-        if let Some(l) = self.len.get_mut(slot) {
-            *l = None;
+    /// next `start` overwrites them). Its position goes back to 0: a free
+    /// slot still runs as a dead row when a step spans it, and the fused
+    /// attention reads every key below a row's position.
+    pub fn free(&mut self, slot: usize) -> Result<()> {
+        if let Some(a) = &mut self.ahead {
+            if let Some(f) = a.fed.get_mut(slot) {
+                *f = None;
+            }
         }
+        if self.len.get_mut(slot).and_then(Option::take).is_some() {
+            self.set_pos(slot, 0)?;
+        }
+        Ok(())
+    }
+
+    fn set_pos(&self, slot: usize, pos: usize) -> Result<()> {
+        let v = Tensor::new(&[pos as u32], self.pos.device())?;
+        Ok(self.pos.narrow(0, slot, 1)?.slice_set(&v, 0, 0)?)
+    }
+
+    /// Launch a step ([`StaticDecoder::step`] with `feed`) whose results a
+    /// later pass takes ([`StaticDecoder::take_ahead`]): on a GPU the host
+    /// goes on with the last step's tokens while the device runs this one.
+    /// Each row it runs has moved on by a position until
+    /// [`StaticDecoder::withdraw`] takes it back.
+    pub fn step_ahead(&mut self, model: &Model, rows: usize, feed: &[Option<u32>]) -> Result<()> {
+        let logits = self.step(model, rows, Some(feed))?;
+        let mut fed = feed.to_vec();
+        fed.resize(self.slots(), None);
+        self.ahead = Some(Ahead { rows, fed, logits });
+        Ok(())
+    }
+
+    /// The step launched ahead, if one was (its tokens: `tokens(rows)`,
+    /// which waits for it). A slot it ran whose result nobody takes must
+    /// be withdrawn ([`StaticDecoder::unstep`]).
+    pub fn take_ahead(&mut self) -> Option<Ahead> {
+        self.ahead.take()
+    }
+
+    /// The step launched ahead ran slot `slot`'s token for a sequence that
+    /// has ended since (its last token was never to be fed): take that
+    /// position back before the slot's cache is exported.
+    pub fn withdraw(&mut self, slot: usize) -> Result<()> {
+        let ran = self
+            .ahead
+            .as_mut()
+            .and_then(|a| a.fed.get_mut(slot))
+            .and_then(Option::take)
+            .is_some();
+        if ran {
+            self.unstep(slot)?;
+        }
+        Ok(())
+    }
+
+    /// Slot `slot` forgets its last position (on the host and the device):
+    /// what a step ran for it is dropped, and the next step overwrites it.
+    pub fn unstep(&mut self, slot: usize) -> Result<()> {
+        if let Some(l) = self.len.get_mut(slot).and_then(|l| l.as_mut()) {
+            *l = l.saturating_sub(1);
+            let l = *l;
+            self.set_pos(slot, l)?;
+        }
+        Ok(())
     }
 
     /// Start slot `slot` from `prompt`: on a GPU the model's ordinary
