@@ -1042,35 +1042,57 @@ pub fn step_fixed(
 }
 
 /// The prompts of a fixed-step pass ([`step_fixed`]): each runs its next
-/// chunk through its engine's model; a prompt that is in moves to its slot.
+/// chunk through its engine's model, all of them in one batched pass (one
+/// launch of every kernel for all newcomers instead of one per prompt: a
+/// GPU's prefill is bound by launches at these sizes); a prompt that is in
+/// moves to its slot.
 fn prefill_fixed(
     fixed: &mut StaticDecoder,
     batch: &mut [(&mut Engine, &mut Decoding, Feed, usize)],
 ) -> Result<(), EngineError> {
-    for (e, d, f, slot) in batch.iter_mut() {
-        if *f != Feed::Prompt {
+    let mut prompts: Vec<_> = batch
+        .iter_mut()
+        .filter(|(_, _, f, _)| *f == Feed::Prompt)
+        .collect();
+    if prompts.is_empty() {
+        return Ok(());
+    }
+    let chunks: Vec<std::ops::Range<usize>> = prompts
+        .iter()
+        .map(|(e, d, ..)| {
+            let done = e.model.kv_len();
+            done..done + d.params.prefill_chunk.min(d.history.len() - done)
+        })
+        .collect();
+    let logits = if let [(e, d, ..)] = &mut prompts[..] {
+        e.model
+            .forward(&d.history[chunks[0].clone()], LogitsFor::Last)?
+    } else {
+        let mut runs: Vec<&[u32]> = Vec::with_capacity(prompts.len());
+        let mut models: Vec<&mut Model> = Vec::with_capacity(prompts.len());
+        for ((e, d, ..), c) in prompts.iter_mut().zip(&chunks) {
+            runs.push(&d.history[c.clone()]);
+            models.push(&mut e.model);
+        }
+        Model::forward_batch(&mut models, &runs)?
+    };
+    for (i, ((e, d, _, slot), c)) in prompts.iter_mut().zip(&chunks).enumerate() {
+        if c.end < d.history.len() {
             continue;
         }
-        let done = e.model.kv_len();
-        let n = d.params.prefill_chunk.min(d.history.len() - done);
-        let logits = e
-            .model
-            .forward(&d.history[done..done + n], LogitsFor::Last)?;
-        if done + n == d.history.len() {
-            // A prompt that fills the context takes no slot: its
-            // one token ends it (`ContextFull`), as on the plain path.
-            if d.history.len() < fixed.capacity() {
-                fixed.adopt(*slot, &e.model)?;
-                // The slot holds it now: the engine's copy would
-                // only double the memory until the generation ends
-                // (and the engine claims no cached prefix meanwhile).
-                e.model.clear_kv();
-                e.cached.clear();
-                d.adopted = true;
-            }
-            d.prefilled = true;
-            d.logits = Some(logits);
+        // A prompt that fills the context takes no slot: its one token
+        // ends it (`ContextFull`), as on the plain path.
+        if d.history.len() < fixed.capacity() {
+            fixed.adopt(*slot, &e.model)?;
+            // The slot holds it now: the engine's copy would only double
+            // the memory until the generation ends (and the engine claims
+            // no cached prefix meanwhile).
+            e.model.clear_kv();
+            e.cached.clear();
+            d.adopted = true;
         }
+        d.prefilled = true;
+        d.logits = Some(logits.narrow(0, i, 1)?);
     }
     Ok(())
 }
