@@ -982,6 +982,8 @@ pub fn step_fixed(
     // the speculative step must not be its last past the budget or the
     // slot's room).
     let mut feed: Vec<Option<u32>> = vec![None; fixed.slots()];
+    // Slots whose token is the one the last step left on the device.
+    let mut resident = vec![false; fixed.slots()];
     let mut rows = 0;
     for (i, (_, d, f, slot)) in batch.iter_mut().enumerate() {
         let Feed::Token(t) = *f else { continue };
@@ -998,6 +1000,7 @@ pub fn step_fixed(
         };
         if token.is_some() {
             feed[*slot] = token;
+            resident[*slot] = done[i];
             rows = rows.max(*slot + 1);
         }
     }
@@ -1012,7 +1015,10 @@ pub fn step_fixed(
             .max_by_key(|m| m.context())
             .expect("a token row");
         if ahead {
-            fixed.step_ahead(model, rows, &feed[..rows])?;
+            // Every row running on from the last step (the steady state):
+            // nothing to upload.
+            let resident = resident[..rows].iter().all(|&r| r);
+            fixed.step_ahead(model, rows, &feed[..rows], resident)?;
         } else {
             let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
             // Greedy rows take the argmax the step left on the device:

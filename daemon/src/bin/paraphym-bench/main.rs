@@ -765,7 +765,8 @@ fn concurrent(
             ],
         ),
     ];
-    let mut table: Vec<Vec<f64>> = Vec::new();
+    // Per setup, per stream count: (end to end, longest TTFT, decode sum).
+    let mut table: Vec<Vec<(f64, f64, f64)>> = Vec::new();
     for (_, flags) in &setups {
         let extra: Vec<String> = flags
             .iter()
@@ -779,10 +780,13 @@ fn concurrent(
         run_streams(&d.socket(), model, &prompt, 8, most)?;
         let mut column = Vec::new();
         for &n in streams {
-            let runs: Vec<f64> = (0..reps)
+            let runs: Vec<(f64, f64, f64)> = (0..reps)
                 .map(|_| run_streams(&d.socket(), model, &prompt, gen, n))
                 .collect::<Result<_>>()?;
-            column.push(Stats::of(&runs).median);
+            let median = |f: fn(&(f64, f64, f64)) -> f64| {
+                Stats::of(&runs.iter().map(f).collect::<Vec<_>>()).median
+            };
+            column.push((median(|r| r.0), median(|r| r.1), median(|r| r.2)));
         }
         table.push(column);
     }
@@ -805,31 +809,44 @@ fn concurrent(
     );
     println!("aggregate tok/s end to end (prefill included), all streams");
     println!(
-        "{:>8} {:>10} {:>10} {:>14} {:>16} {:>14}",
-        "streams", "batched", "replicas", "batched/bare", "batched/1 stream", "batched/replicas"
+        "{:>8} {:>10} {:>10} {:>14} {:>16} {:>14}   {:>12} {:>14}",
+        "streams",
+        "batched",
+        "replicas",
+        "batched/bare",
+        "batched/1 stream",
+        "batched/replicas",
+        "TTFT max ms",
+        "decode tok/s"
     );
-    let one = streams.iter().position(|&n| n == 1).map(|i| table[0][i]);
+    let one = streams.iter().position(|&n| n == 1).map(|i| table[0][i].0);
     for (i, &n) in streams.iter().enumerate() {
-        let (b, r) = (table[0][i], table[1][i]);
+        let ((b, ttft, decode), r) = (table[0][i], table[1][i].0);
         let per_one = one.map_or("-".to_string(), |o| format!("{:.3}", b / o));
         println!(
-            "{n:>8} {b:>10.2} {r:>10.2} {:>14.3} {per_one:>16} {:>14.3}",
+            "{n:>8} {b:>10.2} {r:>10.2} {:>14.3} {per_one:>16} {:>14.3}   {:>12.1} {decode:>14.1}",
             b / bare_e2e,
-            b / r
+            b / r,
+            ttft * 1e3
         );
     }
+    println!(
+        "(TTFT max: the batched setup's slowest first token; decode tok/s: \
+         its streams' decode rates, summed)"
+    );
     Ok(())
 }
 
-/// `n` streams at once, each on its own connection; aggregate tokens/s from
-/// the first request sent to the last `Done`.
+/// `n` streams at once, each on its own connection: aggregate tokens/s
+/// from the first request sent to the last `Done`, the longest time to
+/// first token (s, the daemon's), and the streams' decode rates summed.
 fn run_streams(
     socket: &std::path::Path,
     model: &std::path::Path,
     prompt: &[u32],
     gen: usize,
     n: usize,
-) -> Result<f64> {
+) -> Result<(f64, f64, f64)> {
     let clients: Vec<paraphym_protocol::client::Client> = (0..n)
         .map(|_| paraphym_protocol::client::Client::connect(socket))
         .collect::<Result<_, _>>()?;
@@ -838,9 +855,11 @@ fn run_streams(
         .iter()
         .map(|c| c.generate(via_daemon::greedy(model, prompt, gen)))
         .collect::<Result<_, _>>()?;
-    let mut tokens = 0u64;
+    let (mut tokens, mut ttft, mut decode) = (0u64, 0f64, 0f64);
     for s in streams {
         let (_, stats) = s.collect_text()?;
+        ttft = ttft.max(stats.time_to_first_token_us as f64 / 1e6);
+        decode += f64::from(stats.decode_tokens_per_s);
         if stats.generated_tokens as usize != gen {
             bail!(
                 "a stream of {n} ended after {} of {gen} tokens",
@@ -849,7 +868,7 @@ fn run_streams(
         }
         tokens += u64::from(stats.generated_tokens);
     }
-    Ok(tokens as f64 / start.elapsed().as_secs_f64())
+    Ok((tokens as f64 / start.elapsed().as_secs_f64(), ttft, decode))
 }
 
 fn multiturn(

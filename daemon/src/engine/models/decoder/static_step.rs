@@ -263,9 +263,17 @@ impl StaticDecoder {
     /// later pass takes ([`StaticDecoder::take_ahead`]): on a GPU the host
     /// goes on with the last step's tokens while the device runs this one.
     /// Each row it runs has moved on by a position until
-    /// [`StaticDecoder::withdraw`] takes it back.
-    pub fn step_ahead(&mut self, model: &Model, rows: usize, feed: &[Option<u32>]) -> Result<()> {
-        let logits = self.step(model, rows, Some(feed))?;
+    /// [`StaticDecoder::withdraw`] takes it back. `resident`: every row runs
+    /// the token the last step left on the device (`feed` holds them):
+    /// nothing goes up to the device.
+    pub fn step_ahead(
+        &mut self,
+        model: &Model,
+        rows: usize,
+        feed: &[Option<u32>],
+        resident: bool,
+    ) -> Result<()> {
+        let logits = self.step(model, rows, (!resident).then_some(feed))?;
         let mut fed = feed.to_vec();
         fed.resize(self.slots(), None);
         self.ahead = Some(Ahead { rows, fed, logits });
