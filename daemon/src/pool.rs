@@ -1934,6 +1934,9 @@ struct Running {
 
 const UNSLOTTED: usize = usize::MAX;
 
+/// How long an idle worker keeps a GPU decoder's slots and graphs.
+const DECODER_GRACE: Duration = Duration::from_secs(30);
+
 /// How a job ended.
 enum End {
     Done(crate::engine::Generation),
@@ -2015,6 +2018,8 @@ impl Worker {
         // leaves before asking again.
         let mut refused_at = usize::MAX;
         let mut open = true;
+        // Since when the batch has been empty.
+        let mut idle_since: Option<Instant> = None;
         loop {
             if batch.is_empty() {
                 if !open || self.retiring() {
@@ -2071,8 +2076,20 @@ impl Worker {
                     }
                 }
             }
-            if batch.is_empty() && fixed.as_ref().is_some_and(|f| f.slots() > 1) {
-                // Idle, a worker keeps one slot: what its own KV covers.
+            let idle = if batch.is_empty() {
+                idle_since.get_or_insert_with(Instant::now).elapsed()
+            } else {
+                idle_since = None;
+                Duration::ZERO
+            };
+            // Idle, a worker keeps one slot: what its own KV covers. A GPU
+            // decoder's graphs (a capture per batch size, milliseconds
+            // each) outlive a short pause, its slots still reserved: the
+            // next burst replays them.
+            let keep = |f: &StaticDecoder| {
+                f.uses_graphs() && idle < DECODER_GRACE && open && !self.retiring()
+            };
+            if batch.is_empty() && fixed.as_ref().is_some_and(|f| f.slots() > 1 && !keep(f)) {
                 fixed = None;
             }
             // Sequences that left give back their reservations; a fixed

@@ -173,6 +173,11 @@ impl StaticDecoder {
         self
     }
 
+    /// Whether its steps replay captured graphs (on CUDA).
+    pub fn uses_graphs(&self) -> bool {
+        cfg!(feature = "cuda") && self.use_graph
+    }
+
     /// Whether its steps run the fused kernels.
     pub fn is_fused(&self) -> bool {
         #[cfg(feature = "cuda")]
