@@ -2039,7 +2039,10 @@ impl Worker {
                     Ok(None) => {}
                     Err(()) => open = false,
                 }
-            } else {
+            }
+            // Jobs already queued join before the pass (after a wake from
+            // idle too: a burst's requests then share its first prefill).
+            if !batch.is_empty() {
                 while open
                     && !self.retiring()
                     && batch.len() < self.pool.settings.batch
