@@ -219,14 +219,7 @@ fn engines_stepped_together_generate_what_each_generates_alone() {
     let mut joined = 0;
     let mut prefilled = vec![0; cases.len()];
     while joined < cases.len() || !live.is_empty() {
-        if joined < cases.len() {
-            let (p, params) = &cases[joined];
-            let d = engines[joined]
-                .begin(p.clone(), params, std::time::Instant::now())
-                .unwrap();
-            live.push((joined, d, Feed::Prompt));
-            joined += 1;
-        }
+        join_next(&mut engines, &cases, &mut joined, &mut live);
         let idx: Vec<usize> = live.iter().map(|(i, _, _)| *i).collect();
         {
             let mut mine: Vec<&mut Engine> = engines
@@ -288,6 +281,27 @@ fn engines_stepped_together_generate_what_each_generates_alone() {
 /// engine's steps as a batching worker does: a token limit on a raw
 /// prompt; a stop string on a chat prompt prefilled 4 tokens a chunk;
 /// JSON-constrained output with log-probabilities that ends with the value.
+/// The next case, if any, begins on its own engine and joins `live` as a
+/// prompt (`joined` counts them).
+pub fn join_next(
+    engines: &mut [paraphym_daemon::engine::Engine],
+    cases: &[(Vec<u32>, paraphym_daemon::engine::GenParams)],
+    joined: &mut usize,
+    live: &mut Vec<(
+        usize,
+        paraphym_daemon::engine::Decoding,
+        paraphym_daemon::engine::Feed,
+    )>,
+) {
+    if let Some((p, params)) = cases.get(*joined) {
+        let d = engines[*joined]
+            .begin(p.clone(), params, std::time::Instant::now())
+            .unwrap();
+        live.push((*joined, d, paraphym_daemon::engine::Feed::Prompt));
+        *joined += 1;
+    }
+}
+
 pub fn three_generations(
     proto: &paraphym_daemon::engine::Engine,
 ) -> Vec<(Vec<u32>, paraphym_daemon::engine::GenParams)> {

@@ -270,14 +270,7 @@ fn generations_in_fixed_slots_generate_what_each_generates_alone() {
         let mut live: Vec<(usize, Decoding, Feed)> = Vec::new();
         let (mut joined, mut prefills, mut waits) = (0, vec![0; cases.len()], 0);
         while joined < cases.len() || !live.is_empty() {
-            if joined < cases.len() {
-                let (p, params) = &cases[joined];
-                let d = engines[joined]
-                    .begin(p.clone(), params, std::time::Instant::now())
-                    .unwrap();
-                live.push((joined, d, Feed::Prompt));
-                joined += 1;
-            }
+            crate::batch::join_next(&mut engines, &cases, &mut joined, &mut live);
             {
                 // `live` is in case order: the engines taken in the same order.
                 let idx: Vec<usize> = live.iter().map(|(i, _, _)| *i).collect();
