@@ -101,43 +101,61 @@ fn batched(model: &models::Model, script: &Script<'_>) -> Vec<Vec<Vec<f32>>> {
 #[test]
 fn batched_sequences_match_each_alone_on_every_architecture() {
     for arch in ARCHS {
-        let path = tiny(arch);
-        let all = gpl_tokens(&path, 420);
-        let gguf = GgufFile::open(&path).unwrap();
-        let model = models::load(&gguf, 1024, Weights::Quantized, &Device::Cpu).unwrap();
-        let prompts: Vec<Vec<u32>> = [(0, 37), (100, 5), (300, 120), (50, 60)]
-            .iter()
-            .map(|&(from, len)| all[from..from + len].to_vec())
-            .collect();
-        let steps = 12;
-        let script = Script {
-            prompts: &prompts,
-            // Three start together (prefills sharing a pass), one joins
-            // while the others decode.
-            joins: BTreeMap::from([(0, vec![0, 1, 2]), (5, vec![3])]),
-            steps,
-            cancel: Some((1, 4)),
-        };
-        let got = batched(&model, &script);
-        for (i, p) in prompts.iter().enumerate() {
-            let want = alone(&model, p, steps);
-            let expected = if i == 1 { 4 } else { steps };
-            assert_eq!(got[i].len(), expected, "{} sequence {i}", arch.name());
-            let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-            for (step, (a, b)) in got[i].iter().zip(&want).enumerate() {
-                let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(
-                    diff <= 1e-3 * scale,
-                    "{} sequence {i} step {step}: {diff} of {scale}",
-                    arch.name()
-                );
-                assert_eq!(
-                    argmax(a),
-                    argmax(b),
-                    "{} sequence {i} step {step}",
-                    arch.name()
-                );
-            }
+        // Three start together (prefills sharing a pass), one joins while
+        // the others decode.
+        batched_matches_alone(arch, &[(0, 37), (100, 5), (300, 120), (50, 60)], false);
+    }
+}
+
+/// The tensor-op attention a GPU runs: three new prompts of one length
+/// share a pass, whose attention runs as one batch
+/// (`decoder::attend_fresh`); each sequence's logits are its own alone
+/// (bit-equal but for Phi-3's last ulp, as before the batched attention).
+#[test]
+fn fresh_prompts_of_one_length_attend_together_as_each_alone() {
+    for arch in ARCHS {
+        batched_matches_alone(arch, &[(0, 37), (100, 37), (300, 37), (50, 60)], true);
+    }
+}
+
+fn batched_matches_alone(arch: Arch, spans: &[(usize, usize)], tensor: bool) {
+    let path = tiny(arch);
+    let all = gpl_tokens(&path, 420);
+    let gguf = GgufFile::open(&path).unwrap();
+    let mut model = models::load(&gguf, 1024, Weights::Quantized, &Device::Cpu).unwrap();
+    if tensor {
+        model.use_tensor_attention();
+    }
+    let prompts: Vec<Vec<u32>> = spans
+        .iter()
+        .map(|&(from, len)| all[from..from + len].to_vec())
+        .collect();
+    let steps = 12;
+    let script = Script {
+        prompts: &prompts,
+        joins: BTreeMap::from([(0, vec![0, 1, 2]), (5, vec![3])]),
+        steps,
+        cancel: Some((1, 4)),
+    };
+    let got = batched(&model, &script);
+    for (i, p) in prompts.iter().enumerate() {
+        let want = alone(&model, p, steps);
+        let expected = if i == 1 { 4 } else { steps };
+        assert_eq!(got[i].len(), expected, "{} sequence {i}", arch.name());
+        let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        for (step, (a, b)) in got[i].iter().zip(&want).enumerate() {
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-3 * scale,
+                "{} sequence {i} step {step}: {diff} of {scale}",
+                arch.name()
+            );
+            assert_eq!(
+                argmax(a),
+                argmax(b),
+                "{} sequence {i} step {step}",
+                arch.name()
+            );
         }
     }
 }

@@ -657,6 +657,7 @@ fn layers(
     // Tensor path: one mask per sequence and distinct window per call,
     // shared by the layers.
     let mut masks: Vec<Mask> = Vec::new();
+    let fresh = fresh_runs(seqs);
     for (i, layer) in w.layers.iter().enumerate() {
         let win = layer.window;
         let residual = &x;
@@ -673,60 +674,26 @@ fn layers(
             k = kn.forward(&k)?;
         }
         let mut parts = Vec::with_capacity(seqs.len());
-        for (n, sq) in seqs.iter_mut().enumerate() {
-            let rope = match (win, sq.rope_local) {
-                (Some(_), Some(local)) => local,
-                _ => sq.rope,
-            };
-            let rows_of = |t: &Tensor| -> candle_core::Result<Tensor> {
-                if sq.len == rows {
-                    Ok(t.clone())
-                } else {
-                    t.narrow(1, sq.offset, sq.len)
-                }
-            };
-            let (pos, len) = (sq.pos, sq.len);
-            let q = rope.apply(&rows_of(&q)?, pos)?;
-            let k = rope.apply(&rows_of(&k)?, pos)?;
-            let v = rows_of(&v)?;
-            let attended = match &mut sq.kv[i] {
-                Cache::Cpu(cache) => {
-                    let shape = cpu_attention::Shape {
-                        heads: s.heads,
-                        kv_heads: s.kv_heads,
-                        head_dim: s.head_dim,
-                        scale: s.attn_scale as f32,
-                        window: win,
-                        context: sq.context,
-                    };
-                    cpu_attention::attend(cache, &q, &k, &v, pos, shape)?
-                }
-                Cache::Tensor(cache) => {
-                    if !masks.iter().any(|m| m.seq == n && m.window == win) {
-                        // Exact key views: a decode step needs no mask.
-                        let (k_start, k_end) = (first_visible_key(pos, win), pos + len);
-                        masks.push(Mask {
-                            seq: n,
-                            window: win,
-                            keys: (k_start, k_end),
-                            mask: attention_mask(pos, len, k_start, k_end, win, dev)?,
-                        });
-                    }
-                    let m = masks
-                        .iter()
-                        .find(|m| m.seq == n && m.window == win)
-                        .expect("made above");
-                    let q = (q.transpose(1, 2)? * s.attn_scale)?;
-                    let (k, v) = cache.append(
-                        &k.transpose(1, 2)?,
-                        &v.transpose(1, 2)?,
-                        m.keys.0,
-                        m.keys.1,
-                    )?;
-                    attention(&q, &k, &v, m.mask.as_ref())?
-                }
-            };
-            parts.push(attended);
+        let mut next = 0;
+        for run in &fresh {
+            if next < run.start {
+                let group = &mut seqs[next..run.start];
+                parts.extend(attend_each(
+                    s, dev, i, win, &q, &k, &v, rows, group, next, &mut masks,
+                )?);
+            }
+            let (first, end) = (run.start, run.end);
+            let run = &mut seqs[first..end];
+            parts.push(attend_fresh(
+                s, dev, i, win, &q, &k, &v, run, first, &mut masks,
+            )?);
+            next = end;
+        }
+        if next < seqs.len() {
+            let group = &mut seqs[next..];
+            parts.extend(attend_each(
+                s, dev, i, win, &q, &k, &v, rows, group, next, &mut masks,
+            )?);
         }
         let attended = match parts.len() {
             1 => parts.pop().expect("one part"),
@@ -735,6 +702,159 @@ fn layers(
         x = layer.finish(s, &attended, residual)?;
     }
     Ok(x)
+}
+
+/// Runs of two or more consecutive sequences that start a prompt on a
+/// tensor cache with chunks of one length (a burst of new requests): their
+/// attention needs no cached key, so [`attend_fresh`] runs it for the run
+/// at once. Index ranges into `seqs`.
+fn fresh_runs(seqs: &[Seq<'_>]) -> Vec<std::ops::Range<usize>> {
+    let fresh = |q: &Seq<'_>| q.pos == 0 && matches!(q.kv.first(), Some(Cache::Tensor(_)));
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (n, q) in seqs.iter().enumerate() {
+        if !fresh(q) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r)
+                if r.end == n
+                    && seqs[r.start].len == q.len
+                    && seqs[r.start].context == q.context =>
+            {
+                r.end = n + 1
+            }
+            _ => runs.push(n..n + 1),
+        }
+    }
+    runs.retain(|r| r.len() > 1);
+    runs
+}
+
+/// Attention of a run of fresh sequences ([`fresh_runs`]) in layer
+/// `layer`: one RoPE, one batched attention (a sequence per batch entry,
+/// one causal mask), each sequence's keys and values appended to its own
+/// cache. The numbers of each sequence are those of [`attend_each`]: the
+/// same operations on the same values, batched.
+#[allow(clippy::too_many_arguments)]
+fn attend_fresh(
+    s: &Spec,
+    dev: &Device,
+    layer: usize,
+    win: Option<usize>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    run: &mut [Seq<'_>],
+    first: usize,
+    masks: &mut Vec<Mask>,
+) -> Result<Tensor> {
+    let (n, len, offset) = (run.len(), run[0].len, run[0].offset);
+    let rope = match (win, run[0].rope_local) {
+        (Some(_), Some(local)) => local,
+        _ => run[0].rope,
+    };
+    let take = |t: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+        t.narrow(1, offset, n * len)?
+            .contiguous()?
+            .reshape((n, len, heads, s.head_dim))
+    };
+    let q = rope.apply(&take(q, s.heads)?, 0)?;
+    let k = rope.apply(&take(k, s.kv_heads)?, 0)?.transpose(1, 2)?;
+    let v = take(v, s.kv_heads)?.transpose(1, 2)?;
+    let (k_start, k_end) = (first_visible_key(0, win), len);
+    for (j, sq) in run.iter_mut().enumerate() {
+        let Cache::Tensor(cache) = &mut sq.kv[layer] else {
+            unreachable!("fresh runs hold tensor caches");
+        };
+        cache.append(&k.narrow(0, j, 1)?, &v.narrow(0, j, 1)?, k_start, k_end)?;
+    }
+    if !masks.iter().any(|m| m.seq == first && m.window == win) {
+        masks.push(Mask {
+            seq: first,
+            window: win,
+            keys: (k_start, k_end),
+            mask: attention_mask(0, len, k_start, k_end, win, dev)?,
+        });
+    }
+    let mask = masks
+        .iter()
+        .find(|m| m.seq == first && m.window == win)
+        .and_then(|m| m.mask.as_ref());
+    let q = (q.transpose(1, 2)? * s.attn_scale)?;
+    let attended = attention(&q, &k.contiguous()?, &v.contiguous()?, mask)?;
+    Ok(attended.reshape((1, n * len, s.heads * s.head_dim))?)
+}
+
+/// Attention of `group` (the sequences from index `first` on) in layer
+/// `layer`, a sequence at a time.
+#[allow(clippy::too_many_arguments)]
+fn attend_each(
+    s: &Spec,
+    dev: &Device,
+    i: usize,
+    win: Option<usize>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rows: usize,
+    group: &mut [Seq<'_>],
+    first: usize,
+    masks: &mut Vec<Mask>,
+) -> Result<Vec<Tensor>> {
+    let mut parts = Vec::with_capacity(group.len());
+    for (n, sq) in group.iter_mut().enumerate() {
+        let n = first + n;
+        let rope = match (win, sq.rope_local) {
+            (Some(_), Some(local)) => local,
+            _ => sq.rope,
+        };
+        let rows_of = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if sq.len == rows {
+                Ok(t.clone())
+            } else {
+                t.narrow(1, sq.offset, sq.len)
+            }
+        };
+        let (pos, len) = (sq.pos, sq.len);
+        let q = rope.apply(&rows_of(q)?, pos)?;
+        let k = rope.apply(&rows_of(k)?, pos)?;
+        let v = rows_of(v)?;
+        let attended = match &mut sq.kv[i] {
+            Cache::Cpu(cache) => {
+                let shape = cpu_attention::Shape {
+                    heads: s.heads,
+                    kv_heads: s.kv_heads,
+                    head_dim: s.head_dim,
+                    scale: s.attn_scale as f32,
+                    window: win,
+                    context: sq.context,
+                };
+                cpu_attention::attend(cache, &q, &k, &v, pos, shape)?
+            }
+            Cache::Tensor(cache) => {
+                if !masks.iter().any(|m| m.seq == n && m.window == win) {
+                    // Exact key views: a decode step needs no mask.
+                    let (k_start, k_end) = (first_visible_key(pos, win), pos + len);
+                    masks.push(Mask {
+                        seq: n,
+                        window: win,
+                        keys: (k_start, k_end),
+                        mask: attention_mask(pos, len, k_start, k_end, win, dev)?,
+                    });
+                }
+                let m = masks
+                    .iter()
+                    .find(|m| m.seq == n && m.window == win)
+                    .expect("made above");
+                let q = (q.transpose(1, 2)? * s.attn_scale)?;
+                let (k, v) =
+                    cache.append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, m.keys.0, m.keys.1)?;
+                attention(&q, &k, &v, m.mask.as_ref())?
+            }
+        };
+        parts.push(attended);
+    }
+    Ok(parts)
 }
 
 /// `{arch}.{key}` as an unsigned integer, or `default` when absent.
