@@ -2039,10 +2039,7 @@ impl Worker {
                     Ok(None) => {}
                     Err(()) => open = false,
                 }
-            }
-            // Jobs already queued join before the pass (after a wake from
-            // idle too: a burst's requests then share its first prefill).
-            if !batch.is_empty() {
+            } else {
                 while open
                     && !self.retiring()
                     && batch.len() < self.pool.settings.batch
@@ -2639,10 +2636,14 @@ impl Worker {
     /// and this one leaves once the rest of its batch is done.
     fn replace(&self) {
         tracing::error!(model = self.pool.reference, "worker panicked; replacing it");
-        self.set_state(WorkerState::Unhealthy);
+        // The replacement is counted (spawning) before this one stops
+        // counting (unhealthy): the scaler, seeing the failed request's
+        // retry queued in between, must not start a second one past
+        // `--max-workers`.
         if !self.cell.retire.swap(true, Ordering::Relaxed) {
             self.pool.spawn_worker(false);
         }
+        self.set_state(WorkerState::Unhealthy);
     }
 
     /// Answer a job that ended and park its engine again before the client
