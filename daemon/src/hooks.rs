@@ -22,6 +22,19 @@ pub struct Hooks {
     /// The fixed step runs ahead of the host on the CPU too (what it does
     /// on a GPU), so the CPU's tests exercise that path.
     pub run_ahead: bool,
+    /// Every decode pass of n rows while w workers are busy takes this
+    /// long times n² × w (padded to it), holding a lock all workers share:
+    /// a device where a row more slows the whole batch down and a worker
+    /// more slows every worker down (neither batching nor replicas pay),
+    /// for the scaling dials' tests.
+    pub pass_ms_per_row: Option<u64>,
+}
+
+/// The `pass_ms_per_row` hook's device: held for a whole pass (and the
+/// pass's added time), so workers' passes never overlap.
+pub fn shared_device() -> std::sync::MutexGuard<'static, ()> {
+    static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    DEVICE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Hooks {
@@ -62,6 +75,7 @@ fn parse(spec: &str) -> Hooks {
             "stall_prompt" => h.stall_prompt = Some(v.to_owned()),
             "token_delay_ms" => h.token_delay = v.parse().ok().map(Duration::from_millis),
             "run_ahead" => h.run_ahead = true,
+            "pass_ms_per_row" => h.pass_ms_per_row = v.parse().ok(),
             other => tracing::warn!("unknown test hook {other:?}"),
         }
     }
@@ -73,7 +87,7 @@ mod tests {
     #[test]
     fn parses_known_hooks() {
         let h = super::parse(
-            "replica_delay_ms=1500, bogus=1,token_delay_ms=20,fail_prompt=X,run_ahead",
+            "replica_delay_ms=1500, bogus=1,token_delay_ms=20,fail_prompt=X,run_ahead,pass_ms_per_row=3",
         );
         assert_eq!(
             h.replica_delay,
@@ -83,5 +97,6 @@ mod tests {
         assert_eq!(h.fail_prompt.as_deref(), Some("X"));
         assert_eq!(h.panic_prompt, None);
         assert!(h.run_ahead);
+        assert_eq!(h.pass_ms_per_row, Some(3));
     }
 }

@@ -10,6 +10,7 @@
 //! `min_workers`); the housekeeping thread unloads a model idle past its
 //! keep-alive.
 
+pub mod rates;
 pub mod scaler;
 
 use std::collections::HashMap;
@@ -161,6 +162,11 @@ pub struct Pool {
     /// device only shares its time).
     room: Mutex<usize>,
     room_changed: Condvar,
+    /// What its workers' passes measured: both scaling dials read it.
+    rates: Mutex<rates::Rates>,
+    /// The scaler is holding back a worker the queue would call for (said
+    /// once per stretch in the log).
+    held: AtomicBool,
 }
 
 /// A model's engines that are not running a job. A worker takes the one
@@ -288,6 +294,13 @@ impl Pool {
                 room: *lock(&self.room),
                 ..scaler::View::default()
             };
+            v.replica_gain = lock(&self.rates).replica_gain(
+                workers
+                    .iter()
+                    .filter(|w| w.state() == WorkerState::Busy)
+                    .count(),
+                Instant::now(),
+            );
             for w in workers.iter() {
                 match w.state() {
                     WorkerState::Loading | WorkerState::Spawning => v.starting += 1,
@@ -300,8 +313,22 @@ impl Pool {
             }
             v
         };
-        match scaler::decide(&view, &self.settings.limits) {
-            scaler::Decision::Hold => {}
+        let decision = scaler::decide(&view, &self.settings.limits);
+        let held = matches!(decision, scaler::Decision::Held(_));
+        if let (false, scaler::Decision::Held(gain)) =
+            (self.held.swap(held, Ordering::Relaxed), &decision)
+        {
+            tracing::info!(
+                model = self.reference,
+                queued = view.queued,
+                busy = view.busy,
+                "scale-up held: one more worker was measured to add {:.0} % throughput; \
+                 the queue waits for room in the batches",
+                gain * 100.0
+            );
+        }
+        match decision {
+            scaler::Decision::Hold | scaler::Decision::Held(_) => {}
             scaler::Decision::Spawn(n) => {
                 for _ in 0..n {
                     if !self.may_add_worker() {
@@ -325,6 +352,14 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Workers running a batch now.
+    fn busy_workers(&self) -> usize {
+        lock(&self.workers)
+            .iter()
+            .filter(|w| w.state() == WorkerState::Busy)
+            .count()
     }
 
     /// Workers that hold (or will hold) memory.
@@ -926,6 +961,8 @@ impl Pools {
             extra: AtomicUsize::new(0),
             room: Mutex::new(0),
             room_changed: Condvar::new(),
+            rates: Mutex::new(rates::Rates::default()),
+            held: AtomicBool::new(false),
         });
         tracing::info!(model = reference, path = %path.display(), prewarm, "loading");
         if !pool.spawn_worker(true) {
@@ -2021,6 +2058,7 @@ impl Worker {
         // Since when the batch has been empty.
         let mut idle_since: Option<Instant> = None;
         loop {
+            let most = self.most(refused_at);
             if batch.is_empty() {
                 if !open || self.retiring() {
                     break;
@@ -2040,12 +2078,7 @@ impl Worker {
                     Err(()) => open = false,
                 }
             } else {
-                while open
-                    && !self.retiring()
-                    && batch.len() < self.pool.settings.batch
-                    && batch.len() < refused_at
-                    && !self.pool.rx.is_empty()
-                {
+                while open && !self.retiring() && batch.len() < most && !self.pool.rx.is_empty() {
                     if self.cell.reserved.load(Ordering::Acquire) < batch.len() {
                         if !self.pool.may_add_worker() {
                             refused_at = batch.len();
@@ -2062,8 +2095,29 @@ impl Worker {
                 }
             }
             if !batch.is_empty() {
-                self.show_batch(batch.len(), self.pool.settings.batch.min(refused_at));
+                self.show_batch(batch.len(), most.min(refused_at));
+                // A pass that only decodes is a measurement of this batch
+                // size (prefill chunks would blur it).
+                let decoding = batch
+                    .iter()
+                    .filter(|r| matches!(r.feed, Feed::Token(_)))
+                    .count();
+                let prompts = batch.len() - decoding;
+                let started = Instant::now();
+                let device = (self.pool.settings.hooks.pass_ms_per_row)
+                    .map(|ms| (ms, crate::hooks::shared_device(), Instant::now()));
                 self.pass(&mut batch, &mut fixed);
+                if let Some((ms, _, locked)) = &device {
+                    let rows = decoding * decoding * self.pool.busy_workers().max(1);
+                    let want = Duration::from_millis(ms * rows as u64);
+                    std::thread::sleep(want.saturating_sub(locked.elapsed()));
+                }
+                drop(device);
+                if decoding > 0 && prompts == 0 {
+                    let (busy, took) = (self.pool.busy_workers(), started.elapsed());
+                    tracing::trace!(rows = decoding, busy, ?took, "decode pass");
+                    lock(&self.pool.rates).record(decoding, busy, took, Instant::now());
+                }
                 if batch.is_empty() {
                     self.pool.touch(None);
                     // The batch's KV buffers went back to this thread's
@@ -2104,19 +2158,27 @@ impl Worker {
             if batch.len() < refused_at {
                 refused_at = usize::MAX;
             }
-            self.show_batch(batch.len(), self.pool.settings.batch.min(refused_at));
+            let most = self.most(refused_at);
+            self.show_batch(batch.len(), most);
             let offer = if batch.is_empty() || !open || self.retiring() {
                 0
             } else {
-                self.pool
-                    .settings
-                    .batch
-                    .min(refused_at)
-                    .saturating_sub(batch.len())
+                most.saturating_sub(batch.len())
             };
             self.offer(offer);
         }
         self.offer(0);
+    }
+
+    /// The most sequences its batch takes now: `--batch`, unless the
+    /// memory budget refused a sequence at a smaller size or the measured
+    /// rates show the rows past a smaller size adding nothing
+    /// ([`rates::Rates::batch_cap`]).
+    fn most(&self, refused_at: usize) -> usize {
+        let busy = self.pool.busy_workers();
+        lock(&self.pool.rates)
+            .batch_cap(busy, self.pool.settings.batch, Instant::now())
+            .min(refused_at)
     }
 
     /// Its batch as the status and events show it (published on change).

@@ -439,8 +439,9 @@ pub struct WorkerSnapshot {
     /// protocol version 5.
     pub sequences: u32,
     /// The most it takes now: the daemon's `--batch`, fewer while the
-    /// memory budget has no room for another sequence. Since protocol
-    /// version 5.
+    /// memory budget has no room for another sequence or while the
+    /// throughput measured at larger batches showed the rows past this
+    /// many adding nothing. Since protocol version 5.
     pub batch: u32,
 }
 

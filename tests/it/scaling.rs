@@ -298,3 +298,131 @@ fn keep_alive_unloads_after_its_time_zero_at_once_forever_never() {
         .models
         .is_empty()));
 }
+
+/// The most sequences any worker event showed in a batch, and the batch
+/// limits (`most`) they showed.
+fn batches_seen(events: &paraphym_protocol::client::Subscription) -> (u32, Vec<u32>) {
+    let (mut sequences, mut limits) = (0, Vec::new());
+    while let Ok(Some(e)) = events.next_timeout(Duration::from_millis(5)) {
+        if let Event::Worker { worker, .. } = e {
+            sequences = sequences.max(worker.sequences);
+            if worker.state == WorkerState::Busy {
+                limits.push(worker.batch);
+            }
+        }
+    }
+    (sequences, limits)
+}
+
+/// Sequences per worker, chosen from measured throughput: on a "device"
+/// (a test hook) where a pass of n rows takes 25 ms × n², four rows decode
+/// a quarter as fast in total as one. The first burst fills the batch
+/// (nothing measured yet); once measured, the worker takes one at a time
+/// and says so in its events.
+#[test]
+fn a_batch_stops_growing_where_measured_rows_stop_adding_throughput() {
+    let model = tiny(Arch::Qwen3);
+    let m = model.to_str().unwrap().to_owned();
+    let daemon = TestDaemon::start_with_env(
+        &["--prewarm", "1", "--max-workers", "1", "--batch", "4"],
+        &[("PARAPHYM_TEST_HOOKS", "pass_ms_per_row=25")],
+    );
+    let client = daemon.client();
+    let (_, one) = client
+        .generate(raw_gen(&m, "Alone", 24))
+        .unwrap()
+        .collect_text()
+        .unwrap();
+    assert_eq!(one.generated_tokens, 24);
+    let burst = |tag: &str, n: usize| {
+        let events = client.subscribe().unwrap();
+        let streams: Vec<_> = (0..n)
+            .map(|i| {
+                client
+                    .generate(raw_gen(&m, &format!("{tag} {i}"), 24))
+                    .unwrap()
+            })
+            .collect();
+        for s in streams {
+            assert_eq!(s.collect_text().unwrap().1.generated_tokens, 24);
+        }
+        batches_seen(&events)
+    };
+    let (sequences, limits) = burst("Four at once", 4);
+    assert_eq!(sequences, 4, "not measured yet: the batch fills");
+    assert!(limits.contains(&4), "{limits:?}");
+    // Measured: 4 rows decode slower than 1. Three more run one at a time.
+    let (sequences, limits) = burst("Then three", 3);
+    assert_eq!(sequences, 1, "the batch stays at one: {limits:?}");
+    assert!(
+        !limits.is_empty() && limits.iter().all(|&b| b == 1),
+        "the events show the measured limit: {limits:?}"
+    );
+}
+
+/// Workers per model, chosen from measured throughput: on a "device" that
+/// runs one worker's pass at a time and takes twice as long per pass when
+/// two workers are busy (a test hook, 40 ms a one-row pass alone), a
+/// second worker lowers the total. The first burst adds one (nothing measured yet);
+/// once measured, a later burst waits for the one worker instead.
+#[test]
+fn a_worker_measured_to_add_nothing_is_not_started_again() {
+    let model = tiny(Arch::Llama);
+    let m = model.to_str().unwrap().to_owned();
+    let daemon = TestDaemon::start_with_env(
+        &[
+            "--prewarm",
+            "1",
+            "--max-workers",
+            "2",
+            "--batch",
+            "1",
+            "--idle-period",
+            "1s",
+        ],
+        &[("PARAPHYM_TEST_HOOKS", "pass_ms_per_row=40")],
+    );
+    let client = daemon.client();
+    let events = client.subscribe().unwrap();
+    let mut log = Vec::new();
+    let (_, one) = client
+        .generate(raw_gen(&m, "Alone", 32))
+        .unwrap()
+        .collect_text()
+        .unwrap();
+    assert_eq!(one.generated_tokens, 32);
+    let burst = |tag: &str| {
+        let streams: Vec<_> = (0..2)
+            .map(|i| {
+                client
+                    .generate(raw_gen(&m, &format!("{tag} {i}"), 32))
+                    .unwrap()
+            })
+            .collect();
+        let mut most = 0;
+        for s in streams {
+            assert_eq!(s.collect_text().unwrap().1.generated_tokens, 32);
+            most = most.max(status(&client).models[0].workers.len());
+        }
+        most
+    };
+    assert_eq!(burst("Two at once"), 2, "not measured yet: a second worker");
+    drain(&events, &mut log);
+    let workers: std::collections::HashSet<u32> = log.iter().map(|(id, _)| *id).collect();
+    assert_eq!(workers.len(), 2, "{log:?}");
+    // Back to one after the idle period; then the same burst again.
+    let down = wait_until(Duration::from_secs(10), || {
+        status(&client).models[0].workers.len() == 1
+    });
+    assert!(down, "{:?}", status(&client).models[0].workers);
+    drain(&events, &mut log);
+    log.clear();
+    assert_eq!(burst("Two again"), 1, "measured: no second worker");
+    drain(&events, &mut log);
+    let workers: std::collections::HashSet<u32> = log.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        workers.len(),
+        1,
+        "one worker served the second burst: {log:?}"
+    );
+}

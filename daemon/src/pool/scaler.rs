@@ -1,8 +1,11 @@
 //! How many workers a model should have: more while requests queue that no
-//! busy worker's batch has room for (up to `max`), fewer after workers sit
-//! idle (down to `min`). Batches fill first: on one device another worker
-//! only shares the time a batched pass would use better. Pure: the caller
-//! passes what it sees, the memory governor has the last word on spawning.
+//! busy worker's batch has room for (up to `max`), unless the measured rates
+//! show another worker adding too little (the workers share a device that
+//! is already busy); fewer after workers sit idle (down to `min`). Batches
+//! fill first, as far as the measured rates say rows still pay (see
+//! `rates`): on one device another worker only shares the time a batched
+//! pass would use better. Pure: the caller passes what it sees, the memory
+//! governor has the last word on spawning.
 
 use std::time::Duration;
 
@@ -27,12 +30,18 @@ pub struct View {
     pub room: usize,
     /// Idle workers: (id, how long idle).
     pub idle: Vec<(u32, Duration)>,
+    /// What one more busy worker was measured to add, as a share of what
+    /// the busy ones deliver (`None`: not measured).
+    pub replica_gain: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Hold,
     Spawn(usize),
+    /// Jobs queue past the batches' room, but another worker was measured
+    /// to add only this share of throughput: they wait for room instead.
+    Held(f64),
     /// Retire these idle workers, longest idle first.
     Retire(Vec<u32>),
 }
@@ -48,6 +57,11 @@ pub fn decide(v: &View, l: &Limits) -> Decision {
     // way will take.
     let uncovered = v.queued.saturating_sub(v.room + v.idle.len() + v.starting);
     if uncovered > 0 && total < max {
+        if let Some(gain) = v.replica_gain.filter(|g| *g < super::rates::MIN_GAIN) {
+            if v.busy > 0 {
+                return Decision::Held(gain);
+            }
+        }
         return Decision::Spawn(uncovered.min(max - total));
     }
     if v.queued == 0 && total > min {
@@ -94,6 +108,7 @@ mod tests {
             starting: 1,
             idle: vec![(0, secs(1))],
             room: 0,
+            replica_gain: None,
         };
         assert_eq!(decide(&v, &L), Decision::Spawn(1));
         let v = View {
@@ -118,6 +133,33 @@ mod tests {
             Decision::Spawn(1),
             "below min"
         );
+    }
+
+    #[test]
+    fn holds_when_another_worker_was_measured_to_add_nothing() {
+        let v = View {
+            queued: 3,
+            busy: 1,
+            replica_gain: Some(0.01),
+            ..View::default()
+        };
+        assert_eq!(decide(&v, &L), Decision::Held(0.01));
+        let v = View {
+            replica_gain: Some(0.6),
+            ..v
+        };
+        assert_eq!(decide(&v, &L), Decision::Spawn(3), "measured to pay");
+        let v = View {
+            replica_gain: None,
+            ..v
+        };
+        assert_eq!(decide(&v, &L), Decision::Spawn(3), "not measured: try");
+        let v = View {
+            queued: 1,
+            replica_gain: Some(0.0),
+            ..View::default()
+        };
+        assert_eq!(decide(&v, &L), Decision::Spawn(1), "min comes first");
     }
 
     #[test]

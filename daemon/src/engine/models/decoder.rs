@@ -768,21 +768,36 @@ fn attend_fresh(
         };
         cache.append(&k.narrow(0, j, 1)?, &v.narrow(0, j, 1)?, k_start, k_end)?;
     }
-    if !masks.iter().any(|m| m.seq == first && m.window == win) {
-        masks.push(Mask {
-            seq: first,
-            window: win,
-            keys: (k_start, k_end),
-            mask: attention_mask(0, len, k_start, k_end, win, dev)?,
-        });
-    }
-    let mask = masks
-        .iter()
-        .find(|m| m.seq == first && m.window == win)
-        .and_then(|m| m.mask.as_ref());
+    let m = mask_for(masks, first, win, 0, len, (k_start, k_end), dev)?;
     let q = (q.transpose(1, 2)? * s.attn_scale)?;
-    let attended = attention(&q, &k.contiguous()?, &v.contiguous()?, mask)?;
+    let attended = attention(&q, &k.contiguous()?, &v.contiguous()?, m.mask.as_ref())?;
     Ok(attended.reshape((1, n * len, s.heads * s.head_dim))?)
+}
+
+/// The mask of sequence `seq` (queries `pos..pos + len` over `keys`) for
+/// window `win`: made by the first layer that needs it, shared by the rest.
+fn mask_for<'m>(
+    masks: &'m mut Vec<Mask>,
+    seq: usize,
+    win: Option<usize>,
+    pos: usize,
+    len: usize,
+    keys: (usize, usize),
+    dev: &Device,
+) -> Result<&'m Mask> {
+    let at = match masks.iter().position(|m| m.seq == seq && m.window == win) {
+        Some(at) => at,
+        None => {
+            masks.push(Mask {
+                seq,
+                window: win,
+                keys,
+                mask: attention_mask(pos, len, keys.0, keys.1, win, dev)?,
+            });
+            masks.len() - 1
+        }
+    };
+    Ok(&masks[at])
 }
 
 /// Attention of `group` (the sequences from index `first` on) in layer
@@ -832,20 +847,9 @@ fn attend_each(
                 cpu_attention::attend(cache, &q, &k, &v, pos, shape)?
             }
             Cache::Tensor(cache) => {
-                if !masks.iter().any(|m| m.seq == n && m.window == win) {
-                    // Exact key views: a decode step needs no mask.
-                    let (k_start, k_end) = (first_visible_key(pos, win), pos + len);
-                    masks.push(Mask {
-                        seq: n,
-                        window: win,
-                        keys: (k_start, k_end),
-                        mask: attention_mask(pos, len, k_start, k_end, win, dev)?,
-                    });
-                }
-                let m = masks
-                    .iter()
-                    .find(|m| m.seq == n && m.window == win)
-                    .expect("made above");
+                // Exact key views: a decode step needs no mask.
+                let keys = (first_visible_key(pos, win), pos + len);
+                let m = mask_for(masks, n, win, pos, len, keys, dev)?;
                 let q = (q.transpose(1, 2)? * s.attn_scale)?;
                 let (k, v) =
                     cache.append(&k.transpose(1, 2)?, &v.transpose(1, 2)?, m.keys.0, m.keys.1)?;
