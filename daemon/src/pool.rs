@@ -167,6 +167,9 @@ pub struct Pool {
     /// The scaler is holding back a worker the queue would call for (said
     /// once per stretch in the log).
     held: AtomicBool,
+    /// One rebalance at a time: two submits at once must not both see room
+    /// under `--max-workers` and both add workers.
+    scaling: Mutex<()>,
 }
 
 /// A model's engines that are not running a job. A worker takes the one
@@ -287,6 +290,7 @@ impl Pool {
         if !self.is_ready() || self.is_closing() {
             return;
         }
+        let _one_at_a_time = lock(&self.scaling);
         let view = {
             let workers = lock(&self.workers);
             let mut v = scaler::View {
@@ -294,13 +298,6 @@ impl Pool {
                 room: *lock(&self.room),
                 ..scaler::View::default()
             };
-            v.replica_gain = lock(&self.rates).replica_gain(
-                workers
-                    .iter()
-                    .filter(|w| w.state() == WorkerState::Busy)
-                    .count(),
-                Instant::now(),
-            );
             for w in workers.iter() {
                 match w.state() {
                     WorkerState::Loading | WorkerState::Spawning => v.starting += 1,
@@ -311,6 +308,10 @@ impl Pool {
                     _ => {}
                 }
             }
+            // A queue past the batches' room keeps every idle and starting
+            // worker busy too: more workers would join all of them.
+            let running = v.busy + v.idle.len() + v.starting;
+            v.replica_gain = lock(&self.rates).replica_gain(running, Instant::now());
             v
         };
         let decision = scaler::decide(&view, &self.settings.limits);
@@ -963,6 +964,7 @@ impl Pools {
             room_changed: Condvar::new(),
             rates: Mutex::new(rates::Rates::default()),
             held: AtomicBool::new(false),
+            scaling: Mutex::new(()),
         });
         tracing::info!(model = reference, path = %path.display(), prewarm, "loading");
         if !pool.spawn_worker(true) {
@@ -2103,6 +2105,7 @@ impl Worker {
                     .filter(|r| matches!(r.feed, Feed::Token(_)))
                     .count();
                 let prompts = batch.len() - decoding;
+                let busy = self.pool.busy_workers();
                 let started = Instant::now();
                 let device = (self.pool.settings.hooks.pass_ms_per_row)
                     .map(|ms| (ms, crate::hooks::shared_device(), Instant::now()));
@@ -2113,8 +2116,10 @@ impl Worker {
                     std::thread::sleep(want.saturating_sub(locked.elapsed()));
                 }
                 drop(device);
-                if decoding > 0 && prompts == 0 {
-                    let (busy, took) = (self.pool.busy_workers(), started.elapsed());
+                // Only while the other workers' count held still: a pass
+                // that saw one start or stop measured neither count.
+                if decoding > 0 && prompts == 0 && self.pool.busy_workers() == busy {
+                    let took = started.elapsed();
                     tracing::trace!(rows = decoding, busy, ?took, "decode pass");
                     lock(&self.pool.rates).record(decoding, busy, took, Instant::now());
                 }

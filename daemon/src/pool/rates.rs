@@ -122,21 +122,34 @@ impl Rates {
         most
     }
 
-    /// What one more worker adds to the model's throughput, as a share of
-    /// what the `busy` workers deliver now (`None`: not measured, at any
-    /// batch size both counts of workers ran). Compares one worker's rate
-    /// at the same batch size with `busy` and with `busy + 1` workers busy.
+    /// What more workers add to the model's throughput, as a share of what
+    /// the `busy` workers deliver now (`None`: not measured). Compares one
+    /// worker's rate at one batch size (the largest measured in both) with
+    /// `busy` workers busy and with the next count measured above it (the
+    /// scaler may add several workers at once, so `busy + 1` itself may
+    /// never have run).
     pub fn replica_gain(&self, busy: usize, now: Instant) -> Option<f64> {
         if busy == 0 {
             return None;
         }
-        let more = self.column(busy + 1, now);
-        let (alone, with) = self
-            .column(busy, now)
-            .into_iter()
-            .rev()
-            .find_map(|(rows, r)| more.iter().find(|(n, _)| *n == rows).map(|m| (r, m.1)))?;
-        Some(((busy + 1) as f64 * with) / (busy as f64 * alone) - 1.0)
+        let here = self.column(busy, now);
+        let mut above: Vec<usize> = self
+            .figures
+            .keys()
+            .map(|&(_, b)| b)
+            .filter(|b| *b > busy)
+            .collect();
+        above.sort_unstable();
+        above.dedup();
+        above.into_iter().find_map(|more| {
+            let there = self.column(more, now);
+            here.iter().rev().find_map(|&(rows, alone)| {
+                there
+                    .iter()
+                    .find(|(n, _)| *n == rows)
+                    .map(|&(_, with)| (more as f64 * with) / (busy as f64 * alone) - 1.0)
+            })
+        })
     }
 }
 
@@ -233,6 +246,16 @@ mod tests {
         feed(&mut c, 4, 1, 60.0, 40, now);
         feed(&mut c, 4, 2, 30.0, 40, now);
         assert!(c.replica_gain(1, now).unwrap().abs() < 1e-6);
+        // Two workers were added at once: one busy against three busy (the
+        // GPU's figures with --batch 1: three replicas, 537 tok/s in all).
+        let mut g = Rates::default();
+        feed(&mut g, 1, 1, 586.0, 40, now);
+        feed(&mut g, 1, 2, 300.0, 3, now);
+        feed(&mut g, 1, 3, 179.0, 40, now);
+        let gain = g.replica_gain(1, now).unwrap();
+        assert!((gain - (3.0 * 179.0 / 586.0 - 1.0)).abs() < 1e-6, "{gain}");
+        assert!(gain < 0.0);
+        assert_eq!(g.replica_gain(3, now), None, "four never ran");
     }
 
     #[test]

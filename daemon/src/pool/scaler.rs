@@ -30,8 +30,9 @@ pub struct View {
     pub room: usize,
     /// Idle workers: (id, how long idle).
     pub idle: Vec<(u32, Duration)>,
-    /// What one more busy worker was measured to add, as a share of what
-    /// the busy ones deliver (`None`: not measured).
+    /// What more workers were measured to add, as a share of what the
+    /// ones there (busy, idle and starting: a queue keeps them all busy)
+    /// deliver (`None`: not measured).
     pub replica_gain: Option<f64>,
 }
 
@@ -58,9 +59,7 @@ pub fn decide(v: &View, l: &Limits) -> Decision {
     let uncovered = v.queued.saturating_sub(v.room + v.idle.len() + v.starting);
     if uncovered > 0 && total < max {
         if let Some(gain) = v.replica_gain.filter(|g| *g < super::rates::MIN_GAIN) {
-            if v.busy > 0 {
-                return Decision::Held(gain);
-            }
+            return Decision::Held(gain);
         }
         return Decision::Spawn(uncovered.min(max - total));
     }
