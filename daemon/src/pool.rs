@@ -323,7 +323,7 @@ impl Pool {
                 model = self.reference,
                 queued = view.queued,
                 busy = view.busy,
-                "scale-up held: one more worker was measured to add {:.0} % throughput; \
+                "scale-up held: more workers were measured to add {:.0} % throughput; \
                  the queue waits for room in the batches",
                 gain * 100.0
             );

@@ -40,7 +40,7 @@ pub struct View {
 pub enum Decision {
     Hold,
     Spawn(usize),
-    /// Jobs queue past the batches' room, but another worker was measured
+    /// Jobs queue past the batches' room, but more workers were measured
     /// to add only this share of throughput: they wait for room instead.
     Held(f64),
     /// Retire these idle workers, longest idle first.
