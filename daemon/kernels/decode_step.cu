@@ -7,8 +7,10 @@
 // is computed by arithmetic that depends on its own row only, never on how
 // many rows the step runs.
 //
-// Layouts: rows are sequences (one token each); a head's `hd` values are
-// contiguous; the KV caches are (rows, kv_heads, capacity, hd).
+// Layouts: a row is a token of a sequence (a step: one per sequence, row =
+// slot; a prefill: a prompt's tokens, each row naming its slot); a head's
+// `hd` values are contiguous; the KV caches are (slots, kv_heads, capacity,
+// hd). `pos` is per row.
 
 #include <stdint.h>
 
@@ -66,24 +68,27 @@ extern "C" __global__ void add_rmsnorm_f32(const float *a, const float *r, float
 // (when `qn`/`kn` are given), rotated (RoPE over the first `rot` dimensions,
 // pairs (i, i + rot/2) or (2i, 2i + 1) when `interleaved`), Q scaled into
 // `q_out` (rows, heads, hd), K and V written into the caches at the row's
-// position. cos/sin: the RoPE tables (positions, rot/2), indexed by `pos`.
+// position in its slot's caches (`slot_of[row]`; row itself when null).
+// cos/sin: the RoPE tables (positions, rot/2), indexed by `pos`.
 // Grid (heads + 2 kv_heads, rows), a thread per dimension.
 extern "C" __global__ void qkv_prep_f32(const float *q, const float *k, const float *v,
                                         int q_stride, int k_stride, int v_stride,
                                         const float *qn, const float *kn, float eps,
                                         const float *cos_t, const float *sin_t, int rot,
-                                        int interleaved, const uint32_t *pos, float *kc,
+                                        int interleaved, const uint32_t *pos,
+                                        const uint32_t *slot_of, float *kc,
                                         float *vc, float *q_out, int heads, int kvh, int hd,
                                         int cap, float scale) {
   __shared__ float sh[32];
   __shared__ float head[1024];
   const int h = blockIdx.x, d = threadIdx.x;
   const size_t row = blockIdx.y;
+  const size_t slot = slot_of ? slot_of[row] : row;
   const bool on = d < hd;
   const size_t p = pos[row];
   if (h >= heads + kvh) {
     const int g = h - heads - kvh;
-    if (on) vc[((row * kvh + g) * cap + p) * hd + d] = v[row * v_stride + g * hd + d];
+    if (on) vc[((slot * kvh + g) * cap + p) * hd + d] = v[row * v_stride + g * hd + d];
     return;
   }
   const bool is_q = h < heads;
@@ -110,24 +115,27 @@ extern "C" __global__ void qkv_prep_f32(const float *q, const float *k, const fl
   if (is_q)
     q_out[(row * heads + g) * hd + d] = x * scale;
   else
-    kc[((row * kvh + g) * cap + p) * hd + d] = x;
+    kc[((slot * kvh + g) * cap + p) * hd + d] = x;
 }
 
-// Attention of each row's query heads over its cached keys 0..=pos (the last
-// `window` of them when `window` > 0), split into `splits` stretches of keys
+// Attention of each row's query heads over its slot's cached keys 0..=pos
+// (the last `window` of them when `window` > 0; a prompt's rows wrote theirs
+// in this layer's qkv_prep, so each sees the keys before it), split into `splits` stretches of keys
 // that run as blocks of their own (flash-decoding); each warp of a block runs
 // an online softmax over every fourth key of its stretch. Writes each
 // stretch's max score, sum of exponentials and weighted values; the combine
 // kernel merges them. Grid (heads, rows, splits), 128 threads; hd % 32 == 0,
 // hd <= 256.
 extern "C" __global__ void attn_split_f32(const float *q, const float *kc, const float *vc,
-                                          const uint32_t *pos, int heads, int kvh, int hd,
+                                          const uint32_t *pos, const uint32_t *slot_of,
+                                          int heads, int kvh, int hd,
                                           int cap, int window, int splits, float *part_m,
                                           float *part_l, float *part_acc) {
   __shared__ float sm[32], sl[32];
   __shared__ float sacc[4][256];
   const int h = blockIdx.x, s = blockIdx.z;
   const size_t row = blockIdx.y;
+  const size_t slot = slot_of ? slot_of[row] : row;
   const int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = blockDim.x / WARP;
   const int per = hd / WARP;
   const int g = h / (heads / kvh);
@@ -136,8 +144,8 @@ extern "C" __global__ void attn_split_f32(const float *q, const float *kc, const
   const int chunk = (p + 1 - lo + splits - 1) / splits;
   const int t0 = lo + s * chunk, t1 = min(t0 + chunk, p + 1);
   const float *qh = q + (row * heads + h) * hd;
-  const float *K = kc + (row * kvh + g) * (size_t)cap * hd;
-  const float *V = vc + (row * kvh + g) * (size_t)cap * hd;
+  const float *K = kc + (slot * kvh + g) * (size_t)cap * hd;
+  const float *V = vc + (slot * kvh + g) * (size_t)cap * hd;
   float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
 #pragma unroll
   for (int j = 0; j < MAX_PER_LANE; ++j) {

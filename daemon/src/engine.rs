@@ -684,6 +684,7 @@ impl Engine {
             decode_start: start,
             prefilled: false,
             adopted: false,
+            in_slot: 0,
             logits: None,
             chosen: None,
         })
@@ -1056,10 +1057,15 @@ fn prefill_fixed(
     fixed: &mut StaticDecoder,
     batch: &mut [(&mut Engine, &mut Decoding, Feed, usize)],
 ) -> Result<(), EngineError> {
-    let mut prompts: Vec<_> = batch
+    // With the fused kernels (CUDA) prompts go straight into their slots;
+    // one that fills the context does not take one (below).
+    let (mut into_slots, mut prompts): (Vec<_>, Vec<_>) = batch
         .iter_mut()
         .filter(|(_, _, f, _)| *f == Feed::Prompt)
-        .collect();
+        .partition(|(_, d, ..)| fixed.is_fused() && d.history.len() < fixed.capacity());
+    if !into_slots.is_empty() {
+        prefill_slots(fixed, &mut into_slots)?;
+    }
     if prompts.is_empty() {
         return Ok(());
     }
@@ -1096,9 +1102,57 @@ fn prefill_fixed(
             e.model.clear_kv();
             e.cached.clear();
             d.adopted = true;
+            d.in_slot = d.history.len();
         }
         d.prefilled = true;
         d.logits = Some(logits.narrow(0, i, 1)?);
+    }
+    Ok(())
+}
+
+/// The prompts of a fixed-step pass whose next chunks the fused kernels
+/// run straight into their slots, all in one pass
+/// ([`StaticDecoder::prefill`]). A slot is taken at a prompt's first
+/// chunk, with what its engine's cache holds of it (a conversation's
+/// earlier turns) copied in.
+fn prefill_slots(
+    fixed: &mut StaticDecoder,
+    prompts: &mut [&mut (&mut Engine, &mut Decoding, Feed, usize)],
+) -> Result<(), EngineError> {
+    for (e, d, _, slot) in prompts.iter_mut() {
+        if !d.adopted {
+            fixed.adopt(*slot, &e.model)?;
+            d.in_slot = e.model.kv_len();
+            // The slot holds it from now on (see `prefill_fixed`).
+            e.model.clear_kv();
+            e.cached.clear();
+            d.adopted = true;
+        }
+    }
+    let chunks: Vec<std::ops::Range<usize>> = prompts
+        .iter()
+        .map(|(_, d, ..)| {
+            d.in_slot..d.in_slot + d.params.prefill_chunk.min(d.history.len() - d.in_slot)
+        })
+        .collect();
+    let runs: Vec<(usize, &[u32])> = prompts
+        .iter()
+        .zip(&chunks)
+        .map(|((_, d, _, slot), c)| (*slot, &d.history[c.clone()]))
+        .collect();
+    // The longest context's RoPE tables cover every row's position.
+    let model = prompts
+        .iter()
+        .map(|(e, ..)| &e.model)
+        .max_by_key(|m| m.context())
+        .expect("a prompt");
+    let logits = fixed.prefill(model, &runs)?;
+    for (i, ((_, d, ..), c)) in prompts.iter_mut().zip(&chunks).enumerate() {
+        d.in_slot = c.end;
+        if c.end == d.history.len() {
+            d.prefilled = true;
+            d.logits = Some(logits.narrow(0, i, 1)?);
+        }
     }
     Ok(())
 }
@@ -1123,6 +1177,9 @@ pub struct Decoding {
     prefilled: bool,
     /// Its cache lives in a fixed decoder's slot ([`step_fixed`]).
     adopted: bool,
+    /// Positions of its prompt in that slot (the fused prefill writes
+    /// them there, not into the engine's cache).
+    in_slot: usize,
     /// The logits the next token is chosen from.
     pub logits: Option<candle_core::Tensor>,
     /// Their argmax, when a fixed step already read it for its rows (one
@@ -1139,7 +1196,12 @@ impl Decoding {
     /// The prompt's tokens in `engine`'s cache, of how many (what
     /// `GenEvent::Prefilled` reports).
     pub fn prefill_progress(&self, engine: &Engine) -> (usize, usize) {
-        (engine.model.kv_len(), self.out.prompt_tokens)
+        let done = if self.adopted {
+            self.in_slot
+        } else {
+            engine.model.kv_len()
+        };
+        (done, self.out.prompt_tokens)
     }
 
     /// Tokens generated so far.

@@ -28,6 +28,12 @@ pub struct Hooks {
     /// more slows every worker down (neither batching nor replicas pay),
     /// for the scaling dials' tests.
     pub pass_ms_per_row: Option<u64>,
+    /// No pass is measured, so the scaling dials stay where they start
+    /// (batches fill to `--batch`, workers are added to `--max-workers`):
+    /// for tests of batching itself, as a debug build's measured rows
+    /// add next to nothing on a small CPU and the batch dial would
+    /// rightly stop batches from growing.
+    pub unmeasured: bool,
 }
 
 /// The `pass_ms_per_row` hook's device: held for a whole pass (and the
@@ -76,6 +82,7 @@ fn parse(spec: &str) -> Hooks {
             "token_delay_ms" => h.token_delay = v.parse().ok().map(Duration::from_millis),
             "run_ahead" => h.run_ahead = true,
             "pass_ms_per_row" => h.pass_ms_per_row = v.parse().ok(),
+            "unmeasured" => h.unmeasured = true,
             other => tracing::warn!("unknown test hook {other:?}"),
         }
     }

@@ -2118,9 +2118,10 @@ impl Worker {
                 drop(device);
                 // Only while the other workers' count held still: a pass
                 // that saw one start or stop measured neither count.
-                if decoding > 0 && prompts == 0 && self.pool.busy_workers() == busy {
-                    let took = started.elapsed();
-                    tracing::trace!(rows = decoding, busy, ?took, "decode pass");
+                let took = started.elapsed();
+                tracing::trace!(rows = decoding, prompts, busy, ?took, "pass");
+                let measured = !self.pool.settings.hooks.unmeasured;
+                if measured && decoding > 0 && prompts == 0 && self.pool.busy_workers() == busy {
                     lock(&self.pool.rates).record(decoding, busy, took, Instant::now());
                 }
                 if batch.is_empty() {
@@ -2339,6 +2340,7 @@ impl Worker {
             return None;
         }
         let started = Instant::now();
+        tracing::trace!(queued = ?started.saturating_duration_since(received), "admitted");
         *lock(&self.cell.progress) = started;
         lock(&self.cell.current).push((control.clone(), reply.clone()));
         let hooks = &self.pool.settings.hooks;

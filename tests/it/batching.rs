@@ -61,7 +61,7 @@ fn alone(c: &Client, model: &str, tokens: u32) -> Vec<String> {
 
 #[test]
 fn requests_batched_on_one_worker_get_the_tokens_each_gets_alone() {
-    batched_is_alone(&gemma_path(), &[], &[]);
+    batched_is_alone(&gemma_path(), &[], &[("PARAPHYM_TEST_HOOKS", "unmeasured")]);
 }
 
 /// The same through the fixed-shape step (what a GPU worker runs, eager
@@ -78,7 +78,7 @@ fn requests_in_fixed_step_slots_get_the_tokens_each_gets_alone() {
     batched_is_alone(
         &paraphym_tests::tiny(paraphym_daemon::synth::Arch::Qwen3),
         &["--decode-step", "fixed"],
-        &[],
+        &[("PARAPHYM_TEST_HOOKS", "unmeasured")],
     );
 }
 
@@ -91,10 +91,14 @@ fn requests_in_fixed_step_slots_run_ahead_get_the_tokens_each_gets_alone() {
     batched_is_alone(
         &paraphym_tests::tiny(paraphym_daemon::synth::Arch::Qwen3),
         &["--decode-step", "fixed"],
-        &[("PARAPHYM_TEST_HOOKS", "run_ahead")],
+        &[("PARAPHYM_TEST_HOOKS", "run_ahead,unmeasured")],
     );
 }
 
+/// `env` switches the dials' measurement off (hook `unmeasured`): the
+/// point here is what batching does, and a debug build on a small CPU
+/// measures its rows adding next to nothing, so the batch dial would hold
+/// the batch at the size it measured.
 fn batched_is_alone(model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) {
     let m = model.to_str().unwrap();
     let mut args = vec!["--prewarm", "1", "--max-workers", "1", "--batch", "8"];
@@ -163,18 +167,22 @@ fn the_memory_budget_holds_a_batch_to_what_fits() {
     let e = paraphym_daemon::engine::memory_estimate(&q, Some(512), 256, &candle_core::Device::Cpu)
         .unwrap();
     let budget = (e.weights + e.per_worker * 2 + e.per_worker / 2).to_string();
-    let daemon = TestDaemon::start(&[
-        "--context",
-        "512",
-        "--prewarm",
-        "1",
-        "--max-workers",
-        "1",
-        "--batch",
-        "8",
-        "--memory-budget",
-        &budget,
-    ]);
+    // Unmeasured: the budget alone holds the batch here.
+    let daemon = TestDaemon::start_with_env(
+        &[
+            "--context",
+            "512",
+            "--prewarm",
+            "1",
+            "--max-workers",
+            "1",
+            "--batch",
+            "8",
+            "--memory-budget",
+            &budget,
+        ],
+        &[("PARAPHYM_TEST_HOOKS", "unmeasured")],
+    );
     let c = daemon.client();
     // Loaded and idle before the events are read.
     assert_eq!(

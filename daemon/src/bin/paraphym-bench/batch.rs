@@ -109,8 +109,9 @@ fn run_static(
     Ok((start.elapsed().as_secs_f64(), tokens))
 }
 
-/// The fused step and Candle's ops (both eager) against each sequence run
-/// alone through the model's own forward pass, fed the same tokens, while
+/// The fused step and Candle's ops (both eager; the fused decoder's
+/// prompts through the fused prefill) against each sequence run alone
+/// through the model's own forward pass, fed the same tokens, while
 /// the two steps' greedy tokens agree: steps compared, the largest logit
 /// difference of the fused step and of Candle's ops from the forward pass,
 /// the largest logit, and the steps whose tokens all agree.
@@ -123,20 +124,22 @@ fn fused_check(
     let b = prompts.len();
     let mut fused = StaticDecoder::new(model, capacity, b, false)?;
     let mut plain = StaticDecoder::new(model, capacity, b, false)?.unfused();
-    let mut alone = Vec::with_capacity(b);
-    for (slot, p) in prompts.iter().enumerate() {
-        fused.start(slot, model, p)?;
-        plain.start(slot, model, p)?;
-        let mut m = model.clone();
-        m.clear_kv();
-        m.forward(p, LogitsFor::Last)?;
-        alone.push(m);
-    }
-    let steps = gen.min(32) - 1;
-    let (mut df, mut dp, mut biggest, mut same) = (0f32, 0f32, 0f32, 0);
     let far = |x: &Tensor, y: &Tensor| -> Result<f32> {
         Ok((x - y)?.abs()?.max_all()?.to_scalar::<f32>()?)
     };
+    let mut alone = Vec::with_capacity(b);
+    // The fused prefill's last logits count as the fused path's too.
+    let mut df = 0f32;
+    for (slot, p) in prompts.iter().enumerate() {
+        let first = fused.start(slot, model, p)?;
+        plain.start(slot, model, p)?;
+        let mut m = model.clone();
+        m.clear_kv();
+        df = df.max(far(&first, &m.forward(p, LogitsFor::Last)?)?);
+        alone.push(m);
+    }
+    let steps = gen.min(32) - 1;
+    let (mut dp, mut biggest, mut same) = (0f32, 0f32, 0);
     for _ in 0..steps {
         let fed = plain.tokens(b)?;
         let (a, z) = (fused.step(model, b, None)?, plain.step(model, b, None)?);

@@ -126,6 +126,14 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Asked for a log (PARAPHYM_LOG, which the daemon inherits): it
+        // outlives the run, in the current folder.
+        if std::env::var_os("PARAPHYM_LOG").is_some() {
+            let kept = format!("paraphymd-{}-{}.log", std::process::id(), self.child.id());
+            if std::fs::copy(self.dir.join("log"), &kept).is_ok() {
+                eprintln!("the daemon's log: {kept}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -319,12 +319,13 @@ impl StaticDecoder {
         Ok(())
     }
 
-    /// Start slot `slot` from `prompt`: on a GPU the model's ordinary
-    /// forward pass prefills it (chunked matmuls) and its keys and values
-    /// are copied in; on the CPU, where the model keeps them in its own
-    /// layout, the prompt runs through the fixed step token by token, this
-    /// slot alone. Returns the last position's logits (1, vocab); the greedy
-    /// token is then on the device.
+    /// Start slot `slot` from `prompt`: with the fused kernels (CUDA) they
+    /// prefill it ([`StaticDecoder::prefill`]); elsewhere on a GPU the
+    /// model's ordinary forward pass does (chunked matmuls) and its keys and
+    /// values are copied in; on the CPU, where the model keeps them in its
+    /// own layout, the prompt runs through the fixed step token by token,
+    /// this slot alone. Returns the last position's logits (1, vocab); the
+    /// greedy token is then on the device.
     pub fn start(&mut self, slot: usize, model: &mut Model, prompt: &[u32]) -> Result<Tensor> {
         assert!(slot < self.slots(), "slot {slot} of {}", self.slots());
         if prompt.is_empty() || prompt.len() >= self.capacity {
@@ -353,12 +354,35 @@ impl StaticDecoder {
             return Ok(logits.expect("a prompt token"));
         }
         model.clear_kv();
-        let logits = model.forward(prompt, super::LogitsFor::Last)?;
-        self.adopt(slot, model)?;
-        model.clear_kv();
+        let logits = if self.is_fused() {
+            self.prefill(model, &[(slot, prompt)])?
+        } else {
+            let logits = model.forward(prompt, super::LogitsFor::Last)?;
+            self.adopt(slot, model)?;
+            model.clear_kv();
+            logits
+        };
         let next = logits.argmax_keepdim(D::Minus1)?.reshape(1)?;
         self.token.narrow(0, slot, 1)?.slice_set(&next, 0, 0)?;
         Ok(logits)
+    }
+
+    /// Prompt chunks into their slots in one pass: `runs` holds (slot,
+    /// tokens), each slot holding a sequence (an [`StaticDecoder::adopt`]ed
+    /// prefix, maybe empty) that its chunk continues. Only with the fused
+    /// kernels ([`StaticDecoder::is_fused`]): a burst of new prompts costs
+    /// about one prompt's launches, and their keys and values are written
+    /// where the step reads them (no copy from the model's caches). Returns
+    /// each run's last logits (runs, vocab).
+    pub fn prefill(&mut self, model: &Model, runs: &[(usize, &[u32])]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused.is_some() {
+            return self.fused_prefill(model, runs);
+        }
+        let _ = (model, runs);
+        Err(EngineError::Candle(candle_core::Error::Msg(
+            "prefill into slots needs the fused kernels (CUDA)".into(),
+        )))
     }
 
     /// Slot `slot` takes over `model`'s cached positions (a prompt the
@@ -564,7 +588,17 @@ impl StaticDecoder {
             })
         })();
         match made {
-            Ok(c) => self.graphs.push(((rows, span), c)),
+            Ok(c) => {
+                // Captures cost milliseconds each: a burst that meets new
+                // buckets shows here.
+                tracing::debug!(
+                    rows,
+                    span,
+                    graphs = self.graphs.len() + 1,
+                    "CUDA graph captured"
+                );
+                self.graphs.push(((rows, span), c))
+            }
             Err(e) => {
                 tracing::warn!(
                     rows,

@@ -26,8 +26,10 @@ mod ptx {
 
 const MODULE: &str = "paraphym_decode_step";
 /// Stretches of keys each head's attention splits into (blocks of their
-/// own; empty ones return at once).
+/// own; empty ones return at once): a step's few rows need the blocks, a
+/// prefill's many rows bring their own.
 const SPLITS: usize = 16;
+const PREFILL_SPLITS: usize = 4;
 /// Logits per block in the argmax's first stage.
 const ARGMAX_CHUNK: usize = 2048;
 /// Rows from which Candle's quantized matmul takes its tiled kernel (MMQ).
@@ -51,7 +53,9 @@ fn matmul_rows(n: usize) -> usize {
 /// Whether the kernels take this model's shapes: a head is a whole number
 /// of warps, at most 256 wide (the attention kernel keeps it in registers).
 pub fn serves(spec: &Spec) -> bool {
-    spec.head_dim % 32 == 0 && spec.head_dim <= 256 && spec.heads % spec.kv_heads == 0
+    spec.head_dim.is_multiple_of(32)
+        && spec.head_dim <= 256
+        && spec.heads.is_multiple_of(spec.kv_heads)
 }
 
 /// What the fused step writes, per slot (F32 unless noted).
@@ -74,10 +78,15 @@ pub struct Buffers {
     arg_v: Tensor,
     arg_i: Tensor,
     chunks: usize,
+    splits: usize,
 }
 
 impl Buffers {
     pub fn new(s: &Spec, slots: usize, dev: &Device) -> Result<Self> {
+        Self::with_splits(s, slots, SPLITS, dev)
+    }
+
+    fn with_splits(s: &Spec, slots: usize, splits: usize, dev: &Device) -> Result<Self> {
         let f = |n: usize| Tensor::zeros(n, DType::F32, dev);
         // Room for a matmul's padded rows (see `matmul_rows`).
         let slots = slots.max(MMQ_ROWS);
@@ -88,13 +97,14 @@ impl Buffers {
             h: f(slots * s.hidden)?.reshape((slots, s.hidden))?,
             q: f(slots * qd)?,
             attended: f(slots * qd)?.reshape((slots, qd))?,
-            part_m: f(slots * s.heads * SPLITS)?,
-            part_l: f(slots * s.heads * SPLITS)?,
-            part_acc: f(slots * s.heads * SPLITS * s.head_dim)?,
+            part_m: f(slots * s.heads * splits)?,
+            part_l: f(slots * s.heads * splits)?,
+            part_acc: f(slots * s.heads * splits * s.head_dim)?,
             act: f(slots * s.ffn)?.reshape((slots, s.ffn))?,
             arg_v: f(slots * chunks)?,
             arg_i: Tensor::zeros(slots * chunks, DType::U32, dev)?,
             chunks,
+            splits,
         })
     }
 }
@@ -185,6 +195,14 @@ fn add_rmsnorm(
     Ok(())
 }
 
+/// Where a pass's rows read and write: each row's position (`pos`, U32 per
+/// row) and slot (`slot_of`, U32 per row; 0: row r is slot r, a step).
+#[derive(Clone, Copy)]
+struct At {
+    pos: u64,
+    slot_of: u64,
+}
+
 impl StaticDecoder {
     /// The step's operations for the first `n` slots, fused: see the
     /// module's notes. Returns the logits (n, vocab), leaves each row's
@@ -195,26 +213,142 @@ impl StaticDecoder {
         let Device::Cuda(dev) = &model.device else {
             return Err(msg("the fused decode step runs on CUDA only"));
         };
-        let (heads, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
-        let rows = |t: &Tensor| t.narrow(0, 0, n);
-        let token = rows(&self.token)?;
+        let token = self.token.narrow(0, 0, n)?;
         let mut e = w.embed.table().embedding(&token)?.to_dtype(DType::F32)?;
         if let Some(scale) = s.embed_scale {
             e = (e * scale)?;
         }
         let mr = matmul_rows(n);
+        let at = At {
+            pos: ptr(&self.pos)?,
+            slot_of: 0,
+        };
+        self.fused_layers(model, dev, b, &e, n, mr, at)?;
+        let logits = w
+            .output
+            .forward_output(&b.h.narrow(0, 0, mr)?)?
+            .narrow(0, 0, n)?
+            .to_dtype(DType::F32)?;
+        let out = self.out.narrow(0, 0, n)?;
+        out.slice_set(&logits.contiguous()?, 0, 0)?;
+        // The greedy tokens and the next positions stay on the device.
+        let (lp, vocab, chunk) = (ptr(&out)?, s.vocab as i32, ARGMAX_CHUNK as i32);
+        let (av, ai, chunks) = (ptr(&b.arg_v)?, ptr(&b.arg_i)?, b.chunks as i32);
+        let ni = n as u32;
+        launch!(
+            dev,
+            "argmax_part_f32",
+            (b.chunks as u32, ni, 1),
+            256,
+            [lp, vocab, chunk, av, ai]
+        );
+        let pos = at.pos;
+        let (tok, adv, last) = (ptr(&self.token)?, ptr(&self.advance)?, ptr(&self.last)?);
+        launch!(
+            dev,
+            "argmax_final_f32",
+            (ni, 1, 1),
+            256,
+            [av, ai, chunks, tok, pos, adv, last]
+        );
+        Ok(out)
+    }
+
+    /// Prompt chunks straight into their slots, all in one pass of the
+    /// fused kernels: `runs` holds (slot, tokens), each run continuing
+    /// its slot's sequence at the position it has reached. A row is a
+    /// token: the matmuls take every run's rows at once, each row's keys
+    /// and values go to its slot at its position, and its attention reads
+    /// its slot's keys up to its own. Nothing is captured (the shapes vary)
+    /// and the decoder's own buffers are not touched (its graphs name
+    /// them). Returns each run's last logits (runs, vocab).
+    pub(super) fn fused_prefill(
+        &mut self,
+        model: &Model,
+        runs: &[(usize, &[u32])],
+    ) -> Result<Tensor> {
+        let (s, w) = (&model.spec, &*model.shared);
+        let Device::Cuda(dev) = &model.device else {
+            return Err(msg("the fused prefill runs on CUDA only"));
+        };
+        let (mut tokens, mut slot_of, mut pos, mut last) = (vec![], vec![], vec![], vec![]);
+        for &(slot, run) in runs {
+            let Some(from) = self.len.get(slot).copied().flatten() else {
+                return Err(msg(format!(
+                    "a prefill into slot {slot}, which holds no sequence"
+                )));
+            };
+            if run.is_empty() || from + run.len() >= self.capacity {
+                return Err(EngineError::PromptTooLong {
+                    tokens: from + run.len(),
+                    context: self.capacity,
+                });
+            }
+            crate::engine::models::common::check_tokens(run, s.vocab)?;
+            tokens.extend_from_slice(run);
+            slot_of.extend(std::iter::repeat_n(slot as u32, run.len()));
+            pos.extend((from..from + run.len()).map(|p| p as u32));
+            last.push(tokens.len() as u32 - 1);
+        }
+        let n = tokens.len();
+        super::reserve_scratch(s, n, &model.device)?;
+        let b = Buffers::with_splits(s, n, PREFILL_SPLITS, &model.device)?;
+        let (pos_t, slot_t) = (
+            Tensor::new(pos, &model.device)?,
+            Tensor::new(slot_of, &model.device)?,
+        );
+        let mut e = w
+            .embed
+            .forward(&tokens, &model.device)?
+            .reshape((n, s.hidden))?;
+        if let Some(scale) = s.embed_scale {
+            e = (e * scale)?;
+        }
+        let at = At {
+            pos: ptr(&pos_t)?,
+            slot_of: ptr(&slot_t)?,
+        };
+        self.fused_layers(model, dev, &b, &e, n, n, at)?;
+        let last = Tensor::new(last, &model.device)?;
+        let h = b.h.narrow(0, 0, n)?.index_select(&last, 0)?;
+        let logits = w.output.forward_output(&h)?.to_dtype(DType::F32)?;
+        for &(slot, run) in runs {
+            let len = self.len[slot].unwrap_or(0) + run.len();
+            self.len[slot] = Some(len);
+            self.set_pos(slot, len)?;
+        }
+        Ok(logits)
+    }
+
+    /// Every layer over `n` rows whose embeddings are `e` (n, hidden), the
+    /// matmuls over `mr` rows of the buffers (see [`matmul_rows`]); leaves
+    /// the final norm's output in `b.h`.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_layers(
+        &self,
+        model: &Model,
+        dev: &CudaDevice,
+        b: &Buffers,
+        e: &Tensor,
+        n: usize,
+        mr: usize,
+        at: At,
+    ) -> Result<()> {
+        let (s, w) = (&model.spec, &*model.shared);
+        let (heads, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
+        let rows = |t: &Tensor| t.narrow(0, 0, n);
         let (x, h) = (rows(&b.x)?, rows(&b.h)?);
         let h3 = b.h.narrow(0, 0, mr)?.reshape((mr, 1, s.hidden))?;
-        let pos = ptr(&self.pos)?;
+        let (pos, slot_of) = (at.pos, at.slot_of);
         let (q_out, attended) = (ptr(&b.q)?, b.attended.narrow(0, 0, mr)?);
         let (pm, pl, pa) = (ptr(&b.part_m)?, ptr(&b.part_l)?, ptr(&b.part_acc)?);
         let (ni, hi, kvi, hdi) = (n as u32, heads as i32, kvh as i32, hd as i32);
-        let (cap, splits, scale) = (self.capacity as i32, SPLITS as i32, s.attn_scale as f32);
+        let (cap, splits, scale) = (self.capacity as i32, b.splits as i32, s.attn_scale as f32);
         // The residual to add before the next norm (none before the first).
         let mut carry: Option<Tensor> = None;
         for (i, layer) in w.layers.iter().enumerate() {
             match &carry {
-                None => add_rmsnorm(dev, n, &e, None, &x, &layer.attn_norm, &h)?,
+                None => add_rmsnorm(dev, n, e, None, &x, &layer.attn_norm, &h)?,
                 Some(m) => add_rmsnorm(dev, n, m, Some(&x), &x, &layer.attn_norm, &h)?,
             }
             let (q, k, v) = layer.qkv.project(&h3, heads * hd, kvh * hd)?;
@@ -253,6 +387,7 @@ impl StaticDecoder {
                     rot,
                     interleaved,
                     pos,
+                    slot_of,
                     kc,
                     vc,
                     q_out,
@@ -267,9 +402,9 @@ impl StaticDecoder {
             launch!(
                 dev,
                 "attn_split_f32",
-                (heads as u32, ni, SPLITS as u32),
+                (heads as u32, ni, b.splits as u32),
                 128,
-                [q_out, kc, vc, pos, hi, kvi, hdi, cap, window, splits, pm, pl, pa]
+                [q_out, kc, vc, pos, slot_of, hi, kvi, hdi, cap, window, splits, pm, pl, pa]
             );
             let att = ptr(&attended)?;
             launch!(
@@ -310,31 +445,6 @@ impl StaticDecoder {
         }
         let m = carry.ok_or_else(|| msg("a model without layers"))?;
         add_rmsnorm(dev, n, &m, Some(&x), &x, &w.norm, &h)?;
-        let logits = w
-            .output
-            .forward_output(&b.h.narrow(0, 0, mr)?)?
-            .narrow(0, 0, n)?
-            .to_dtype(DType::F32)?;
-        let out = rows(&self.out)?;
-        out.slice_set(&logits.contiguous()?, 0, 0)?;
-        // The greedy tokens and the next positions stay on the device.
-        let (lp, vocab, chunk) = (ptr(&out)?, s.vocab as i32, ARGMAX_CHUNK as i32);
-        let (av, ai, chunks) = (ptr(&b.arg_v)?, ptr(&b.arg_i)?, b.chunks as i32);
-        launch!(
-            dev,
-            "argmax_part_f32",
-            (b.chunks as u32, ni, 1),
-            256,
-            [lp, vocab, chunk, av, ai]
-        );
-        let (tok, adv, last) = (ptr(&self.token)?, ptr(&self.advance)?, ptr(&self.last)?);
-        launch!(
-            dev,
-            "argmax_final_f32",
-            (ni, 1, 1),
-            256,
-            [av, ai, chunks, tok, pos, adv, last]
-        );
-        Ok(out)
+        Ok(())
     }
 }
