@@ -2116,10 +2116,10 @@ impl Worker {
                     std::thread::sleep(want.saturating_sub(locked.elapsed()));
                 }
                 drop(device);
-                // Only while the other workers' count held still: a pass
-                // that saw one start or stop measured neither count.
                 let took = started.elapsed();
                 tracing::trace!(rows = decoding, prompts, busy, ?took, "pass");
+                // Only while the other workers' count held still: a pass
+                // that saw one start or stop measured neither count.
                 let measured = !self.pool.settings.hooks.unmeasured;
                 if measured && decoding > 0 && prompts == 0 && self.pool.busy_workers() == busy {
                     lock(&self.pool.rates).record(decoding, busy, took, Instant::now());
