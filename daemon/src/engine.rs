@@ -1095,14 +1095,7 @@ fn prefill_fixed(
         // A prompt that fills the context takes no slot: its one token
         // ends it (`ContextFull`), as on the plain path.
         if d.history.len() < fixed.capacity() {
-            fixed.adopt(*slot, &e.model)?;
-            // The slot holds it now: the engine's copy would only double
-            // the memory until the generation ends (and the engine claims
-            // no cached prefix meanwhile).
-            e.model.clear_kv();
-            e.cached.clear();
-            d.adopted = true;
-            d.in_slot = d.history.len();
+            into_slot(fixed, *slot, e, d)?;
         }
         d.prefilled = true;
         d.logits = Some(logits.narrow(0, i, 1)?);
@@ -1121,12 +1114,7 @@ fn prefill_slots(
 ) -> Result<(), EngineError> {
     for (e, d, _, slot) in prompts.iter_mut() {
         if !d.adopted {
-            fixed.adopt(*slot, &e.model)?;
-            d.in_slot = e.model.kv_len();
-            // The slot holds it from now on (see `prefill_fixed`).
-            e.model.clear_kv();
-            e.cached.clear();
-            d.adopted = true;
+            into_slot(fixed, *slot, e, d)?;
         }
     }
     let chunks: Vec<std::ops::Range<usize>> = prompts
@@ -1154,6 +1142,24 @@ fn prefill_slots(
             d.logits = Some(logits.narrow(0, i, 1)?);
         }
     }
+    Ok(())
+}
+
+/// Slot `slot` holds `d`'s sequence from now on: what `e`'s cache holds of
+/// it is copied in and the engine's copy dropped (it would only double the
+/// memory until the generation ends, and the engine claims no cached
+/// prefix meanwhile).
+fn into_slot(
+    fixed: &mut StaticDecoder,
+    slot: usize,
+    e: &mut Engine,
+    d: &mut Decoding,
+) -> Result<(), EngineError> {
+    fixed.adopt(slot, &e.model)?;
+    d.in_slot = e.model.kv_len();
+    e.model.clear_kv();
+    e.cached.clear();
+    d.adopted = true;
     Ok(())
 }
 
