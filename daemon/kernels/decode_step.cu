@@ -12,6 +12,7 @@
 // `hd` values are contiguous; the KV caches are (slots, kv_heads, capacity,
 // hd). `pos` is per row.
 
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #define WARP 32
@@ -297,4 +298,205 @@ extern "C" __global__ void argmax_final_f32(const float *pv, const uint32_t *pi,
     token[row] = i == 0xffffffffu ? 0u : i;
     pos[row] = min(pos[row] + advance[row], last[row]);
   }
+}
+
+// ---------------------------------------------------------------------------
+// Quantized matmuls for a step's few rows: y (rows, n_out) = x W^T, W in the
+// file's Q4_K or Q6_K blocks (n_out rows of k/256 blocks), x quantized per 32
+// values to int8 (`quantize_rows_q8`), as llama.cpp's MMVQ does. Candle's
+// multi-row kernels decode each weight block once per row of x; these decode
+// it once per launch and reuse it for up to 8 rows (a block computes MM_W
+// weight rows for the 8 rows of x, its MM_WARPS warps taking interleaved
+// stretches of the blocks). Every output is summed in the same order
+// whatever the number of rows: a row's result doesn't depend on the batch
+// it runs in.
+
+#define MM_ROWS 8
+#define MM_WARPS 4
+#define MM_W 4
+
+// xq (rows, k) int8 and xd (rows, k/32): per 32 values d = max|x| / 127,
+// q = round(x / d). A warp per 32 values; grid (ceil(k / 256), rows), 256
+// threads. x rows are `stride` floats apart.
+extern "C" __global__ void quantize_rows_q8(const float *x, int stride, int k, int8_t *xq,
+                                            float *xd) {
+  const size_t row = blockIdx.y;
+  const int blk = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+  if (blk * 32 >= k) return;  // the whole warp
+  const int lane = threadIdx.x % WARP;
+  const float v = x[row * stride + blk * 32 + lane];
+  float amax = fabsf(v);
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float d = amax / 127.f;
+  xq[row * k + blk * 32 + lane] = (int8_t)(amax == 0.f ? 0 : __float2int_rn(v / d));
+  if (lane == 0) xd[row * (k / 32) + blk] = d;
+}
+
+__device__ __forceinline__ int dot4(const int4 a, const int4 b) {
+  return __dp4a(a.w, b.w, __dp4a(a.z, b.z, __dp4a(a.y, b.y, __dp4a(a.x, b.x, 0))));
+}
+
+__device__ __forceinline__ int4 and4(const int4 a, int m) {
+  return make_int4(a.x & m, a.y & m, a.z & m, a.w & m);
+}
+
+__device__ __forceinline__ int4 shr4(const int4 a, int s) {
+  return make_int4(a.x >> s, a.y >> s, a.z >> s, a.w >> s);
+}
+
+// The block's outputs: each warp's partial sums, then the warps' in order.
+template <int W>
+__device__ __forceinline__ void mm_store(float (&acc)[W][MM_ROWS], float *y, int y_stride, int o0,
+                                         int n_out, int nr) {
+  __shared__ float part[MM_WARPS][W][MM_ROWS];
+  const int wi = threadIdx.x / WARP;
+#pragma unroll
+  for (int i = 0; i < W; ++i)
+#pragma unroll
+    for (int r = 0; r < MM_ROWS; ++r) {
+      const float v = warp_sum(acc[i][r]);
+      if (threadIdx.x % WARP == 0) part[wi][i][r] = v;
+    }
+  __syncthreads();
+  const int t = threadIdx.x, i = t / MM_ROWS, r = t % MM_ROWS;
+  if (t < W * MM_ROWS && r < nr && o0 + i < n_out) {
+    float v = part[0][i][r];
+#pragma unroll
+    for (int w = 1; w < MM_WARPS; ++w) v = __fadd_rn(v, part[w][i][r]);
+    y[(size_t)r * y_stride + o0 + i] = v;
+  }
+}
+
+// Q4_K: 144 bytes per 256 weights: d, dmin (half), 12 bytes of 6-bit scales
+// and mins for 8 sub-blocks of 32, 128 bytes of nibbles (bytes 32c..32c+32:
+// sub-block 2c in the low nibbles, 2c + 1 in the high). 8 lanes per block,
+// each 16 bytes of nibbles: half h of sub-blocks 2c and 2c + 1.
+template <int W>
+__device__ void mm_q4k_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *y, int n_out,
+                       int k, int rows, int y_stride) {
+  const int lane = threadIdx.x % WARP;
+  const int o0 = blockIdx.x * W, wi = threadIdx.x / WARP;
+  if (o0 >= n_out) return;  // the whole block
+  const int nr = min(rows, MM_ROWS);
+  const int nb = k / 256;
+  const int c = (lane % 8) / 2, h = lane % 2;
+  float acc[W][MM_ROWS] = {};
+  for (int b = lane / 8 + wi * (WARP / 8); b < nb; b += MM_WARPS * (WARP / 8)) {
+    int4 q[W];
+    float dl[W], ml[W], dh[W], mh[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const uint8_t *blk = w + ((size_t)min(o0 + i, n_out - 1) * nb + b) * 144;
+      const float2 dm = __half22float2(*(const __half2 *)blk);
+      const uint8_t *s = blk + 4;
+      const int j = 2 * c;  // sub-blocks j (low nibbles) and j + 1 (high)
+      int sl, ml_, sh, mh_;
+      if (j < 4) {
+        sl = s[j] & 63, ml_ = s[j + 4] & 63;
+        sh = s[j + 1] & 63, mh_ = s[j + 5] & 63;
+      } else {
+        sl = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), ml_ = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        sh = (s[j + 5] & 0xF) | ((s[j - 3] >> 6) << 4), mh_ = (s[j + 5] >> 4) | ((s[j + 1] >> 6) << 4);
+      }
+      dl[i] = __fmul_rn(dm.x, (float)sl), ml[i] = __fmul_rn(dm.y, (float)ml_);
+      dh[i] = __fmul_rn(dm.x, (float)sh), mh[i] = __fmul_rn(dm.y, (float)mh_);
+      q[i] = *(const int4 *)(blk + 16 + 32 * c + 16 * h);
+    }
+#pragma unroll
+    for (int r = 0; r < MM_ROWS; ++r) {
+      if (r >= nr) break;
+      const int8_t *xr = xq + (size_t)r * k + b * 256 + 64 * c + 16 * h;
+      const int4 xl = *(const int4 *)xr, xh = *(const int4 *)(xr + 32);
+      const float xdl = xd[(size_t)r * (k / 32) + b * 8 + 2 * c], xdh = xd[(size_t)r * (k / 32) + b * 8 + 2 * c + 1];
+      const int ones = 0x01010101;
+      const float sxl = (float)dot4(xl, make_int4(ones, ones, ones, ones));
+      const float sxh = (float)dot4(xh, make_int4(ones, ones, ones, ones));
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        const float lo = __fsub_rn(__fmul_rn(dl[i], (float)dot4(and4(q[i], 0x0F0F0F0F), xl)), __fmul_rn(ml[i], sxl));
+        const float hi = __fsub_rn(__fmul_rn(dh[i], (float)dot4(and4(shr4(q[i], 4), 0x0F0F0F0F), xh)), __fmul_rn(mh[i], sxh));
+        acc[i][r] = __fadd_rn(acc[i][r], __fadd_rn(__fmul_rn(xdl, lo), __fmul_rn(xdh, hi)));
+      }
+    }
+  }
+  mm_store<W>(acc, y, y_stride, o0, n_out, nr);
+}
+
+// Four bytes at a 2-byte aligned address (Q6_K blocks are 210 bytes).
+__device__ __forceinline__ int ld2(const uint8_t *p) {
+  const uint16_t *h = (const uint16_t *)p;
+  return (int)((uint32_t)h[0] | ((uint32_t)h[1] << 16));
+}
+
+// Q6_K: 210 bytes per 256 weights: 128 bytes of low nibbles, 64 of 2-bit
+// high parts, 16 int8 scales (sub-blocks of 16), d (half). Value l of half n
+// (l < 32: ql[64n + l] low, qh[32n + l] bits 0-1; then l + 32: ql[64n + 32 + l]
+// low, bits 2-3; l + 64: ql[64n + l] high, bits 4-5; l + 96: ql[64n + 32 + l]
+// high, bits 6-7), minus 32. 4 lanes per block: half n, values 16g..16g+16
+// of each quarter (one sub-block each).
+template <int W>
+__device__ void mm_q6k_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *y, int n_out,
+                       int k, int rows, int y_stride) {
+  const int lane = threadIdx.x % WARP;
+  const int o0 = blockIdx.x * W, wi = threadIdx.x / WARP;
+  if (o0 >= n_out) return;  // the whole block
+  const int nr = min(rows, MM_ROWS);
+  const int nb = k / 256;
+  const int n = (lane % 4) / 2, g = lane % 2;
+  float acc[W][MM_ROWS] = {};
+  for (int b = lane / 4 + wi * (WARP / 4); b < nb; b += MM_WARPS * (WARP / 4)) {
+    int q[W][4][4];  // [weight row][quarter][4 bytes]
+    float ds[W][4];
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const uint8_t *blk = w + ((size_t)min(o0 + i, n_out - 1) * nb + b) * 210;
+      const float d = __half2float(*(const __half *)(blk + 208));
+      const int8_t *sc = (const int8_t *)(blk + 192);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int la = ld2(blk + 64 * n + 16 * g + 4 * t);
+        const int lb = ld2(blk + 64 * n + 32 + 16 * g + 4 * t);
+        const int vh = ld2(blk + 128 + 32 * n + 16 * g + 4 * t);
+        q[i][0][t] = __vsubss4((la & 0x0F0F0F0F) | ((vh << 4) & 0x30303030), 0x20202020);
+        q[i][1][t] = __vsubss4((lb & 0x0F0F0F0F) | ((vh << 2) & 0x30303030), 0x20202020);
+        q[i][2][t] = __vsubss4(((la >> 4) & 0x0F0F0F0F) | (vh & 0x30303030), 0x20202020);
+        q[i][3][t] = __vsubss4(((lb >> 4) & 0x0F0F0F0F) | ((vh >> 2) & 0x30303030), 0x20202020);
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) ds[i][c] = __fmul_rn(d, (float)sc[8 * n + g + 2 * c]);
+    }
+#pragma unroll
+    for (int r = 0; r < MM_ROWS; ++r) {
+      if (r >= nr) break;
+      const int8_t *xr = xq + (size_t)r * k + b * 256 + 128 * n + 16 * g;
+      const float *xdr = xd + (size_t)r * (k / 32) + b * 8 + 4 * n;
+      int4 x[4];
+      float xs[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) x[c] = *(const int4 *)(xr + 32 * c), xs[c] = xdr[c];
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        float v = 0.f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int s = dot4(make_int4(q[i][c][0], q[i][c][1], q[i][c][2], q[i][c][3]), x[c]);
+          v = __fadd_rn(v, __fmul_rn(__fmul_rn(xs[c], ds[i][c]), (float)s));
+        }
+        acc[i][r] = __fadd_rn(acc[i][r], v);
+      }
+    }
+  }
+  mm_store<W>(acc, y, y_stride, o0, n_out, nr);
+}
+
+// Grid ceil(n_out / MM_W), MM_WARPS warps per block; at most 8 rows.
+extern "C" __global__ void mm_q4k(const uint8_t *w, const int8_t *xq, const float *xd, float *y,
+                                  int n_out, int k, int rows, int y_stride) {
+  mm_q4k_rows<MM_W>(w, xq, xd, y, n_out, k, rows, y_stride);
+}
+
+extern "C" __global__ void mm_q6k(const uint8_t *w, const int8_t *xq, const float *xd, float *y,
+                                  int n_out, int k, int rows, int y_stride) {
+  mm_q6k_rows<MM_W>(w, xq, xd, y, n_out, k, rows, y_stride);
 }

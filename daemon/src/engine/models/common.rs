@@ -65,6 +65,16 @@ impl Linear {
         self.0.forward(x)
     }
 
+    /// The quantized weight (None when dequantized at load), for our own
+    /// CUDA matmul kernels.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn quantized(&self) -> Option<&QTensor> {
+        match &self.0 {
+            QMatMul::QTensor(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// `forward` without the one-row Q6K padding, for the output projection:
     /// its result feeds nothing back into the model, so a last-ulp difference
     /// between decode and prefill stays a last-ulp difference in the logits,

@@ -219,18 +219,30 @@ impl Qkv {
     /// Q, K and V of `h` (1, rows, hidden): (1, rows, q_dim) and twice
     /// (1, rows, kv_dim). For one row the column slices stay contiguous.
     fn project(&self, h: &Tensor, q_dim: usize, kv_dim: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        self.project_with(|w, _| Ok(w.forward(h)?), q_dim, kv_dim)
+    }
+
+    /// `project` with each matrix's product from `mm` (its second argument
+    /// counts the matrices: 0, 1, 2), which returns (1 or rows, rows or 1,
+    /// width) as `Linear::forward` does.
+    fn project_with(
+        &self,
+        mut mm: impl FnMut(&Linear, usize) -> Result<Tensor>,
+        q_dim: usize,
+        kv_dim: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         Ok(match self {
-            Qkv::Split { q, k, v } => (q.forward(h)?, k.forward(h)?, v.forward(h)?),
+            Qkv::Split { q, k, v } => (mm(q, 0)?, mm(k, 1)?, mm(v, 2)?),
             Qkv::QkV { qk, v } => {
-                let qk = qk.forward(h)?;
+                let qk = mm(qk, 0)?;
                 (
                     qk.narrow(2, 0, q_dim)?,
                     qk.narrow(2, q_dim, kv_dim)?,
-                    v.forward(h)?,
+                    mm(v, 1)?,
                 )
             }
             Qkv::Fused(qkv) => {
-                let qkv = qkv.forward(h)?;
+                let qkv = mm(qkv, 0)?;
                 (
                     qkv.narrow(2, 0, q_dim)?,
                     qkv.narrow(2, q_dim, kv_dim)?,

@@ -4,8 +4,9 @@
 //! layer instead of 26. A captured step replays its kernels back to back,
 //! and with a small model each of Candle's generic kernels (a norm, a RoPE,
 //! a scatter, a mask, a softmax) costs as much as a weight matrix; fewer of
-//! them is what makes one stream faster. The quantized matmuls stay
-//! Candle's.
+//! them is what makes one stream faster. The quantized matmuls of a step's
+//! few rows are ours too for Q4_K and Q6_K weights (see [`OurWeight`]);
+//! other types, and a prefill's many rows, take Candle's.
 //!
 //! The kernels write into buffers the decoder owns (below), so their
 //! addresses stay valid for the graphs that name them. Attention reads only
@@ -13,11 +14,12 @@
 //! graph serves every length.
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::quantized::GgmlDType;
 use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
 
 use super::StaticDecoder;
 use crate::engine::error::EngineError;
-use crate::engine::models::common::{Result, RmsNorm, RopeStyle};
+use crate::engine::models::common::{Linear, Result, RmsNorm, RopeStyle};
 use crate::engine::models::decoder::{Model, Spec};
 
 mod ptx {
@@ -34,6 +36,21 @@ const PREFILL_SPLITS: usize = 4;
 const ARGMAX_CHUNK: usize = 2048;
 /// Rows from which Candle's quantized matmul takes its tiled kernel (MMQ).
 const MMQ_ROWS: usize = 9;
+/// The rows for which our matmul kernels run (where they were measured
+/// faster, Qwen3-1.7B shape on an H200, aggregate tok/s through the daemon:
+/// 8 streams 2,584 against 2,326, 4 streams 1,591 against 1,560). One or
+/// two rows take Candle's MMVQ, which splits a weight row's blocks over
+/// more threads (ours: one stream 490 against 660 tok/s); nine and more
+/// its tiled MMQ (ours read the weights once per eight rows: 16 streams
+/// 3,304 against 4,274). A prefill's many rows take MMQ too.
+const OUR_MM_ROWS_FROM: usize = 3;
+const OUR_MM_ROWS: usize = 8;
+/// The products alive at once in a layer, one region of `Buffers::mm` each:
+/// Q, K, V (or fewer matrices), the attention's output, gate, up, down.
+const MM_OUTPUTS: usize = 7;
+const MM_ATTN: usize = 3;
+const MM_GATE: usize = 4;
+const MM_DOWN: usize = 6;
 
 /// The rows a step's matmuls run for `n` sequences: seven and eight are
 /// padded to MMQ's nine (the rows past `n` hold stale values whose results
@@ -41,7 +58,7 @@ const MMQ_ROWS: usize = 9;
 /// rows on and its cost grows with every row, while MMQ's tiles cost about
 /// the same up to 64 rows; on an H200 with the Qwen3-1.7B shape MMQ was
 /// faster at eight rows (2,700 against 2,368 tok/s), slower at five (1,746
-/// against 2,028).
+/// against 2,028). Only what our kernels don't take runs this way.
 fn matmul_rows(n: usize) -> usize {
     if (7..MMQ_ROWS).contains(&n) {
         MMQ_ROWS
@@ -79,6 +96,14 @@ pub struct Buffers {
     arg_i: Tensor,
     chunks: usize,
     splits: usize,
+    /// Our matmuls' input, quantized: int8 (rows, k) as U8, and each 32
+    /// values' scale (rows, k / 32).
+    xq: Tensor,
+    xd: Tensor,
+    /// Our matmuls' outputs: `MM_OUTPUTS` regions of `mm_rows` × `mm_width`.
+    mm: Tensor,
+    mm_rows: usize,
+    mm_width: usize,
 }
 
 impl Buffers {
@@ -92,6 +117,11 @@ impl Buffers {
         let slots = slots.max(MMQ_ROWS);
         let chunks = s.vocab.div_ceil(ARGMAX_CHUNK);
         let qd = s.heads * s.head_dim;
+        let mm_rows = slots.min(OUR_MM_ROWS);
+        let k = s.hidden.max(qd).max(s.ffn);
+        let mm_width = (qd + 2 * s.kv_heads * s.head_dim)
+            .max(2 * s.ffn)
+            .max(s.hidden);
         Ok(Self {
             x: f(slots * s.hidden)?.reshape((slots, s.hidden))?,
             h: f(slots * s.hidden)?.reshape((slots, s.hidden))?,
@@ -105,6 +135,11 @@ impl Buffers {
             arg_i: Tensor::zeros(slots * chunks, DType::U32, dev)?,
             chunks,
             splits,
+            xq: Tensor::zeros(mm_rows * k, DType::U8, dev)?,
+            xd: f(mm_rows * k.div_ceil(32))?,
+            mm: f(MM_OUTPUTS * mm_rows * mm_width)?,
+            mm_rows,
+            mm_width,
         })
     }
 }
@@ -113,7 +148,7 @@ fn msg(m: impl Into<String>) -> EngineError {
     EngineError::Candle(candle_core::Error::Msg(m.into()))
 }
 
-/// The device address of `t`'s first element (F32 or U32 on CUDA).
+/// The device address of `t`'s first element (F32, U32 or U8 on CUDA).
 fn ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(c) = &*storage else {
@@ -126,6 +161,10 @@ fn ptr(t: &Tensor) -> Result<u64> {
         }
         DType::U32 => {
             let s = c.as_cuda_slice::<u32>()?;
+            s.device_ptr(s.stream()).0
+        }
+        DType::U8 => {
+            let s = c.as_cuda_slice::<u8>()?;
             s.device_ptr(s.stream()).0
         }
         d => return Err(msg(format!("fused decode step: a {d:?} tensor"))),
@@ -150,7 +189,7 @@ fn rows_ptr(t: &Tensor) -> Result<(Tensor, u64, i32)> {
 /// Launch kernel `$name` of our module on `$dev`'s stream: grid, threads
 /// per block, then the arguments (locals: the launch reads them by address).
 macro_rules! launch {
-    ($dev:expr, $name:literal, $grid:expr, $block:expr, [$($arg:ident),* $(,)?]) => {{
+    ($dev:expr, $name:expr, $grid:expr, $block:expr, [$($arg:ident),* $(,)?]) => {{
         let func = $dev.get_or_load_custom_func($name, MODULE, ptx::DECODE_STEP)?;
         let mut b = func.builder();
         $( b.arg(&$arg); )*
@@ -203,6 +242,124 @@ struct At {
     slot_of: u64,
 }
 
+/// A weight our matmul kernels take (`mm_q4k`, `mm_q6k` in the
+/// kernels): Q4_K or Q6_K blocks, whole blocks per row.
+struct OurWeight {
+    ptr: u64,
+    q6: bool,
+    n: usize,
+    k: usize,
+}
+
+impl OurWeight {
+    fn of(w: &Linear) -> Option<Self> {
+        let t = w.quantized()?;
+        let q6 = match t.dtype() {
+            GgmlDType::Q4K => false,
+            GgmlDType::Q6K => true,
+            _ => return None,
+        };
+        let (n, k) = t.shape().dims2().ok()?;
+        if !k.is_multiple_of(256) {
+            return None;
+        }
+        let ptr = t.device_ptr().ok()? as u64;
+        Some(Self { ptr, q6, n, k })
+    }
+}
+
+/// A matmul input: rows of one of the buffers (slots, k), quantized for our
+/// kernels once, by the first matrix that reads it.
+struct Input<'a> {
+    x: &'a Tensor,
+    quantized: std::cell::Cell<bool>,
+}
+
+impl<'a> Input<'a> {
+    fn new(x: &'a Tensor) -> Self {
+        Self {
+            x,
+            quantized: std::cell::Cell::new(false),
+        }
+    }
+}
+
+/// A pass's matmuls: `n` rows, `mr` of them for Candle's kernels (see
+/// [`matmul_rows`]).
+struct Matmuls<'a> {
+    dev: &'a CudaDevice,
+    b: &'a Buffers,
+    n: usize,
+    mr: usize,
+}
+
+impl Matmuls<'_> {
+    /// `x`'s first rows times `w`: (rows, 1, width) as `Linear::forward`
+    /// gives. Ours (into region `out` of the buffers) when they take `w`
+    /// and the rows, else Candle's over `mr` rows.
+    fn run(&self, w: &Linear, x: &Input, out: usize) -> Result<Tensor> {
+        let k = x.x.dim(1)?;
+        if let Some(ow) = OurWeight::of(w).filter(|o| o.k == k && self.takes_ours()) {
+            let at = out * self.b.mm_rows * self.b.mm_width;
+            let y = self.b.mm.narrow(0, at, self.n * ow.n)?;
+            self.ours(&ow, x, &y, ow.n)?;
+            return Ok(y.reshape((self.n, 1, ow.n))?);
+        }
+        Ok(w.forward(&x.x.narrow(0, 0, self.mr)?.reshape((self.mr, 1, k))?)?)
+    }
+
+    /// Whether this pass's matmuls take our kernels (see [`OUR_MM_ROWS_FROM`]).
+    fn takes_ours(&self) -> bool {
+        (OUR_MM_ROWS_FROM..=self.b.mm_rows).contains(&self.n)
+    }
+
+    /// Our kernel: `x`'s first `n` rows times `w` into `y` (rows `stride`
+    /// apart).
+    fn ours(&self, w: &OurWeight, x: &Input, y: &Tensor, stride: usize) -> Result<()> {
+        let (b, n) = (self.b, self.n);
+        our_matmul(self.dev, w, x, n, (&b.xq, &b.xd), y, stride)
+    }
+}
+
+/// `x`'s first `n` rows (at most 8) times `w` into `y` (rows `stride`
+/// apart) with our kernels; `xq` holds `x` quantized (written here unless
+/// `x` already is).
+fn our_matmul(
+    dev: &CudaDevice,
+    w: &OurWeight,
+    x: &Input,
+    n: usize,
+    (xq, xd): (&Tensor, &Tensor),
+    y: &Tensor,
+    stride: usize,
+) -> Result<()> {
+    let (xq, xd, k) = (ptr(xq)?, ptr(xd)?, w.k as i32);
+    if !x.quantized.replace(true) {
+        let (xp, stride) = (ptr(x.x)?, x.x.dim(1)? as i32);
+        launch!(
+            dev,
+            "quantize_rows_q8",
+            (w.k.div_ceil(256) as u32, n as u32, 1),
+            256,
+            [xp, stride, k, xq, xd]
+        );
+    }
+    let name = if w.q6 { "mm_q6k" } else { "mm_q4k" };
+    let (wp, yp) = (w.ptr, ptr(y)?);
+    let (n_out, rows, ys) = (w.n as i32, n as i32, stride as i32);
+    launch!(
+        dev,
+        name,
+        (w.n.div_ceil(MM_WEIGHT_ROWS) as u32, 1, 1),
+        128,
+        [wp, xq, xd, yp, n_out, k, rows, ys]
+    );
+    Ok(())
+}
+
+/// Weight rows a block of our kernels takes (`MM_W` in the kernels).
+const MM_WEIGHT_ROWS: usize = 4;
+
 impl StaticDecoder {
     /// The step's operations for the first `n` slots, fused: see the
     /// module's notes. Returns the logits (n, vocab), leaves each row's
@@ -224,13 +381,19 @@ impl StaticDecoder {
             slot_of: 0,
         };
         self.fused_layers(model, dev, b, &e, n, mr, at)?;
-        let logits = w
-            .output
-            .forward_output(&b.h.narrow(0, 0, mr)?)?
-            .narrow(0, 0, n)?
-            .to_dtype(DType::F32)?;
         let out = self.out.narrow(0, 0, n)?;
-        out.slice_set(&logits.contiguous()?, 0, 0)?;
+        let mm = Matmuls { dev, b, n, mr };
+        match OurWeight::of(&w.output).filter(|_| mm.takes_ours()) {
+            Some(ow) => mm.ours(&ow, &Input::new(&b.h), &out, s.vocab)?,
+            None => {
+                let logits = w
+                    .output
+                    .forward_output(&b.h.narrow(0, 0, mr)?)?
+                    .narrow(0, 0, n)?
+                    .to_dtype(DType::F32)?;
+                out.slice_set(&logits.contiguous()?, 0, 0)?;
+            }
+        }
         // The greedy tokens and the next positions stay on the device.
         let (lp, vocab, chunk) = (ptr(&out)?, s.vocab as i32, ARGMAX_CHUNK as i32);
         let (av, ai, chunks) = (ptr(&b.arg_v)?, ptr(&b.arg_i)?, b.chunks as i32);
@@ -338,7 +501,7 @@ impl StaticDecoder {
         let (heads, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
         let rows = |t: &Tensor| t.narrow(0, 0, n);
         let (x, h) = (rows(&b.x)?, rows(&b.h)?);
-        let h3 = b.h.narrow(0, 0, mr)?.reshape((mr, 1, s.hidden))?;
+        let mm = Matmuls { dev, b, n, mr };
         let (pos, slot_of) = (at.pos, at.slot_of);
         let (q_out, attended) = (ptr(&b.q)?, b.attended.narrow(0, 0, mr)?);
         let (pm, pl, pa) = (ptr(&b.part_m)?, ptr(&b.part_l)?, ptr(&b.part_acc)?);
@@ -351,7 +514,11 @@ impl StaticDecoder {
                 None => add_rmsnorm(dev, n, e, None, &x, &layer.attn_norm, &h)?,
                 Some(m) => add_rmsnorm(dev, n, m, Some(&x), &x, &layer.attn_norm, &h)?,
             }
-            let (q, k, v) = layer.qkv.project(&h3, heads * hd, kvh * hd)?;
+            let hin = Input::new(&b.h);
+            let (q, k, v) =
+                layer
+                    .qkv
+                    .project_with(|w, i| mm.run(w, &hin, i), heads * hd, kvh * hd)?;
             let ((_q, q, qs), (_k, k, ks), (_v, v, vs)) =
                 (rows_ptr(&q)?, rows_ptr(&k)?, rows_ptr(&v)?);
             let (qn, kn, eps) = match &layer.qk_norm {
@@ -414,15 +581,19 @@ impl StaticDecoder {
                 block,
                 [pm, pl, pa, att, hi, hdi, splits]
             );
-            let mut a = layer.o.forward(&attended.reshape((mr, 1, heads * hd))?)?;
+            let mut a = mm.run(&layer.o, &Input::new(&b.attended), MM_ATTN)?;
             if let Some(pn) = &layer.post_attn_norm {
                 a = pn.forward(&a)?;
             }
             add_rmsnorm(dev, n, &a, Some(&x), &x, &layer.ffn_norm, &h)?;
+            let hin = Input::new(&b.h);
             let (g, u) = match &layer.gate {
-                Some(gate) => (gate.forward(&h3)?, layer.up.forward(&h3)?),
+                Some(gate) => (
+                    mm.run(gate, &hin, MM_GATE)?,
+                    mm.run(&layer.up, &hin, MM_GATE + 1)?,
+                ),
                 None => {
-                    let gu = layer.up.forward(&h3)?;
+                    let gu = mm.run(&layer.up, &hin, MM_GATE)?;
                     (gu.narrow(2, 0, s.ffn)?, gu.narrow(2, s.ffn, s.ffn)?)
                 }
             };
@@ -437,7 +608,7 @@ impl StaticDecoder {
                 256,
                 [g, u, gs, us, out, ffn, gelu]
             );
-            let mut m = layer.down.forward(&act.reshape((mr, 1, s.ffn))?)?;
+            let mut m = mm.run(&layer.down, &Input::new(&b.act), MM_DOWN)?;
             if let Some(pn) = &layer.post_ffn_norm {
                 m = pn.forward(&m)?;
             }
@@ -446,5 +617,89 @@ impl StaticDecoder {
         let m = carry.ok_or_else(|| msg("a model without layers"))?;
         add_rmsnorm(dev, n, &m, Some(&x), &x, &w.norm, &h)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::quantized::{QStorage, QTensor};
+
+    use super::*;
+    use crate::engine::models::common::Weights;
+
+    /// A random (n, k) weight quantized to `dtype`, on `dev`.
+    fn weight(dtype: GgmlDType, n: usize, k: usize, dev: &Device) -> Linear {
+        let w = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let storage = QStorage::from_data(q.data().unwrap(), dev, dtype).unwrap();
+        let q = QTensor::new(storage, (n, k)).unwrap();
+        Linear::from_arc(Arc::new(q), Weights::Quantized).unwrap()
+    }
+
+    fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+        t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+    }
+
+    /// Our kernels against Candle's on the same weights (both round x to
+    /// 8 bits per 32 values; Candle keeps the scale in f16), and each row's
+    /// result bit for bit the same whatever the rows beside it and however
+    /// many. Skipped without a CUDA device.
+    #[test]
+    fn our_matmuls_agree_with_candles_and_ignore_the_batch() {
+        let Ok(dev) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let Device::Cuda(cuda) = &dev else {
+            unreachable!()
+        };
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            for (n_out, k) in [(96, 512), (300, 768), (1000, 2304)] {
+                let lin = weight(dtype, n_out, k, &dev);
+                let ow = OurWeight::of(&lin).expect("our kernels take it");
+                let x = Tensor::randn(0f32, 1.0, (OUR_MM_ROWS, k), &dev).unwrap();
+                let xq = Tensor::zeros(OUR_MM_ROWS * k, DType::U8, &dev).unwrap();
+                let xd = Tensor::zeros(OUR_MM_ROWS * k / 32, DType::F32, &dev).unwrap();
+                let run = |x: &Tensor, n: usize| {
+                    let y = Tensor::zeros((n, n_out), DType::F32, &dev).unwrap();
+                    our_matmul(cuda, &ow, &Input::new(x), n, (&xq, &xd), &y, n_out).unwrap();
+                    rows(&y)
+                };
+                // Each row alone: the reference for every batch.
+                let alone: Vec<Vec<f32>> = (0..OUR_MM_ROWS)
+                    .map(|r| run(&x.narrow(0, r, 1).unwrap().contiguous().unwrap(), 1).remove(0))
+                    .collect();
+                // Candle's MMVQ (up to 8 rows: the same rounding of x).
+                let candle = rows(
+                    &lin.forward(&x.reshape((OUR_MM_ROWS, 1, k)).unwrap())
+                        .unwrap()
+                        .reshape((OUR_MM_ROWS, n_out))
+                        .unwrap(),
+                );
+                for (r, (ours, theirs)) in alone.iter().zip(&candle).enumerate() {
+                    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let worst = ours
+                        .iter()
+                        .zip(theirs)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        worst <= 4e-3 * scale,
+                        "{dtype:?} {n_out}x{k} row {r}: off by {worst} of {scale}"
+                    );
+                }
+                for n in 1..=OUR_MM_ROWS {
+                    for (r, row) in run(&x, n).iter().enumerate() {
+                        assert!(
+                            row.iter()
+                                .zip(&alone[r])
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{dtype:?} {n_out}x{k}: row {r} of {n} differs from alone"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
