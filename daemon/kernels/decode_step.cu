@@ -333,16 +333,35 @@ extern "C" __global__ void quantize_rows_q8(const float *x, int stride, int k, i
   if (lane == 0) xd[row * (k / 32) + blk] = d;
 }
 
-__device__ __forceinline__ int dot4(const int4 a, const int4 b) {
-  return __dp4a(a.w, b.w, __dp4a(a.z, b.z, __dp4a(a.y, b.y, __dp4a(a.x, b.x, 0))));
+// LB bytes (4, 8 or 16) at an LB-aligned address, as ints.
+template <int LB>
+__device__ __forceinline__ void ld(const void *p, int (&v)[LB / 4]) {
+  if constexpr (LB == 16) {
+    const int4 t = *(const int4 *)p;
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else if constexpr (LB == 8) {
+    const int2 t = *(const int2 *)p;
+    v[0] = t.x, v[1] = t.y;
+  } else {
+    v[0] = *(const int *)p;
+  }
 }
 
-__device__ __forceinline__ int4 and4(const int4 a, int m) {
-  return make_int4(a.x & m, a.y & m, a.z & m, a.w & m);
+// The int8 dot product of two runs of bytes.
+template <int N>
+__device__ __forceinline__ int dotn(const int (&a)[N], const int (&b)[N]) {
+  int s = 0;
+#pragma unroll
+  for (int t = 0; t < N; ++t) s = __dp4a(a[t], b[t], s);
+  return s;
 }
 
-__device__ __forceinline__ int4 shr4(const int4 a, int s) {
-  return make_int4(a.x >> s, a.y >> s, a.z >> s, a.w >> s);
+template <int N>
+__device__ __forceinline__ int sumn(const int (&a)[N]) {
+  int s = 0;
+#pragma unroll
+  for (int t = 0; t < N; ++t) s = __dp4a(a[t], 0x01010101, s);
+  return s;
 }
 
 // The block's outputs: each warp's partial sums, then the warps' in order.
@@ -370,20 +389,20 @@ __device__ __forceinline__ void mm_store(float (&acc)[W][MM_ROWS], float *y, int
 
 // Q4_K: 144 bytes per 256 weights: d, dmin (half), 12 bytes of 6-bit scales
 // and mins for 8 sub-blocks of 32, 128 bytes of nibbles (bytes 32c..32c+32:
-// sub-block 2c in the low nibbles, 2c + 1 in the high). 8 lanes per block,
-// each 16 bytes of nibbles: half h of sub-blocks 2c and 2c + 1.
-template <int W>
-__device__ void mm_q4k_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *y, int n_out,
-                       int k, int rows, int y_stride) {
-  const int lane = threadIdx.x % WARP;
-  const int o0 = blockIdx.x * W, wi = threadIdx.x / WARP;
+// sub-block 2c in the low nibbles, 2c + 1 in the high). A lane takes LB
+// bytes of nibbles: LB values of sub-blocks 2c and 2c + 1 each.
+template <int W, int LB>
+__device__ void mm_q4k_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *y,
+                            int n_out, int k, int rows, int y_stride) {
+  constexpr int LPB = 128 / LB, BPW = WARP / LPB;  // lanes per block, blocks per warp
+  const int lane = threadIdx.x % WARP, wi = threadIdx.x / WARP;
+  const int o0 = blockIdx.x * W;
   if (o0 >= n_out) return;  // the whole block
-  const int nr = min(rows, MM_ROWS);
-  const int nb = k / 256;
-  const int c = (lane % 8) / 2, h = lane % 2;
+  const int nr = min(rows, MM_ROWS), nb = k / 256;
+  const int off = (lane % LPB) * LB, c = off / 32, h = off % 32;
   float acc[W][MM_ROWS] = {};
-  for (int b = lane / 8 + wi * (WARP / 8); b < nb; b += MM_WARPS * (WARP / 8)) {
-    int4 q[W];
+  for (int b = lane / LPB + wi * BPW; b < nb; b += MM_WARPS * BPW) {
+    int lo[W][LB / 4], hi[W][LB / 4];
     float dl[W], ml[W], dh[W], mh[W];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
@@ -401,22 +420,26 @@ __device__ void mm_q4k_rows(const uint8_t *w, const int8_t *xq, const float *xd,
       }
       dl[i] = __fmul_rn(dm.x, (float)sl), ml[i] = __fmul_rn(dm.y, (float)ml_);
       dh[i] = __fmul_rn(dm.x, (float)sh), mh[i] = __fmul_rn(dm.y, (float)mh_);
-      q[i] = *(const int4 *)(blk + 16 + 32 * c + 16 * h);
+      int q[LB / 4];
+      ld<LB>(blk + 16 + off, q);
+#pragma unroll
+      for (int t = 0; t < LB / 4; ++t) lo[i][t] = q[t] & 0x0F0F0F0F, hi[i][t] = (q[t] >> 4) & 0x0F0F0F0F;
     }
 #pragma unroll
     for (int r = 0; r < MM_ROWS; ++r) {
       if (r >= nr) break;
-      const int8_t *xr = xq + (size_t)r * k + b * 256 + 64 * c + 16 * h;
-      const int4 xl = *(const int4 *)xr, xh = *(const int4 *)(xr + 32);
-      const float xdl = xd[(size_t)r * (k / 32) + b * 8 + 2 * c], xdh = xd[(size_t)r * (k / 32) + b * 8 + 2 * c + 1];
-      const int ones = 0x01010101;
-      const float sxl = (float)dot4(xl, make_int4(ones, ones, ones, ones));
-      const float sxh = (float)dot4(xh, make_int4(ones, ones, ones, ones));
+      const int8_t *xr = xq + (size_t)r * k + b * 256 + 64 * c + h;
+      int xl[LB / 4], xh[LB / 4];
+      ld<LB>(xr, xl);
+      ld<LB>(xr + 32, xh);
+      const float *xdr = xd + (size_t)r * (k / 32) + b * 8 + 2 * c;
+      const float xdl = xdr[0], xdh = xdr[1];
+      const float sxl = (float)sumn(xl), sxh = (float)sumn(xh);
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        const float lo = __fsub_rn(__fmul_rn(dl[i], (float)dot4(and4(q[i], 0x0F0F0F0F), xl)), __fmul_rn(ml[i], sxl));
-        const float hi = __fsub_rn(__fmul_rn(dh[i], (float)dot4(and4(shr4(q[i], 4), 0x0F0F0F0F), xh)), __fmul_rn(mh[i], sxh));
-        acc[i][r] = __fadd_rn(acc[i][r], __fadd_rn(__fmul_rn(xdl, lo), __fmul_rn(xdh, hi)));
+        const float vl = __fmaf_rn(dl[i], (float)dotn(lo[i], xl), -__fmul_rn(ml[i], sxl));
+        const float vh = __fmaf_rn(dh[i], (float)dotn(hi[i], xh), -__fmul_rn(mh[i], sxh));
+        acc[i][r] = __fmaf_rn(xdh, vh, __fmaf_rn(xdl, vl, acc[i][r]));
       }
     }
   }
@@ -433,20 +456,20 @@ __device__ __forceinline__ int ld2(const uint8_t *p) {
 // high parts, 16 int8 scales (sub-blocks of 16), d (half). Value l of half n
 // (l < 32: ql[64n + l] low, qh[32n + l] bits 0-1; then l + 32: ql[64n + 32 + l]
 // low, bits 2-3; l + 64: ql[64n + l] high, bits 4-5; l + 96: ql[64n + 32 + l]
-// high, bits 6-7), minus 32. 4 lanes per block: half n, values 16g..16g+16
-// of each quarter (one sub-block each).
-template <int W>
-__device__ void mm_q6k_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *y, int n_out,
-                       int k, int rows, int y_stride) {
-  const int lane = threadIdx.x % WARP;
-  const int o0 = blockIdx.x * W, wi = threadIdx.x / WARP;
+// high, bits 6-7), minus 32. A lane takes half n, values l0..l0+LB of each
+// quarter (within one sub-block each).
+template <int W, int LB>
+__device__ void mm_q6k_rows(const uint8_t *w, const int8_t *xq, const float *xd, float *y,
+                            int n_out, int k, int rows, int y_stride) {
+  constexpr int GPH = 32 / LB, LPB = 2 * GPH, BPW = WARP / LPB;
+  const int lane = threadIdx.x % WARP, wi = threadIdx.x / WARP;
+  const int o0 = blockIdx.x * W;
   if (o0 >= n_out) return;  // the whole block
-  const int nr = min(rows, MM_ROWS);
-  const int nb = k / 256;
-  const int n = (lane % 4) / 2, g = lane % 2;
+  const int nr = min(rows, MM_ROWS), nb = k / 256;
+  const int n = (lane % LPB) / GPH, l0 = (lane % GPH) * LB, sb = l0 / 16;
   float acc[W][MM_ROWS] = {};
-  for (int b = lane / 4 + wi * (WARP / 4); b < nb; b += MM_WARPS * (WARP / 4)) {
-    int q[W][4][4];  // [weight row][quarter][4 bytes]
+  for (int b = lane / LPB + wi * BPW; b < nb; b += MM_WARPS * BPW) {
+    int q[W][4][LB / 4];  // [weight row][quarter][4 bytes]
     float ds[W][4];
 #pragma unroll
     for (int i = 0; i < W; ++i) {
@@ -454,49 +477,48 @@ __device__ void mm_q6k_rows(const uint8_t *w, const int8_t *xq, const float *xd,
       const float d = __half2float(*(const __half *)(blk + 208));
       const int8_t *sc = (const int8_t *)(blk + 192);
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const int la = ld2(blk + 64 * n + 16 * g + 4 * t);
-        const int lb = ld2(blk + 64 * n + 32 + 16 * g + 4 * t);
-        const int vh = ld2(blk + 128 + 32 * n + 16 * g + 4 * t);
+      for (int t = 0; t < LB / 4; ++t) {
+        const int la = ld2(blk + 64 * n + l0 + 4 * t);
+        const int lb = ld2(blk + 64 * n + 32 + l0 + 4 * t);
+        const int vh = ld2(blk + 128 + 32 * n + l0 + 4 * t);
         q[i][0][t] = __vsubss4((la & 0x0F0F0F0F) | ((vh << 4) & 0x30303030), 0x20202020);
         q[i][1][t] = __vsubss4((lb & 0x0F0F0F0F) | ((vh << 2) & 0x30303030), 0x20202020);
         q[i][2][t] = __vsubss4(((la >> 4) & 0x0F0F0F0F) | (vh & 0x30303030), 0x20202020);
         q[i][3][t] = __vsubss4(((lb >> 4) & 0x0F0F0F0F) | ((vh >> 2) & 0x30303030), 0x20202020);
       }
 #pragma unroll
-      for (int c = 0; c < 4; ++c) ds[i][c] = __fmul_rn(d, (float)sc[8 * n + g + 2 * c]);
+      for (int c = 0; c < 4; ++c) ds[i][c] = __fmul_rn(d, (float)sc[8 * n + sb + 2 * c]);
     }
 #pragma unroll
     for (int r = 0; r < MM_ROWS; ++r) {
       if (r >= nr) break;
-      const int8_t *xr = xq + (size_t)r * k + b * 256 + 128 * n + 16 * g;
+      const int8_t *xr = xq + (size_t)r * k + b * 256 + 128 * n + l0;
       const float *xdr = xd + (size_t)r * (k / 32) + b * 8 + 4 * n;
-      int4 x[4];
+      int x[4][LB / 4];
       float xs[4];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) x[c] = *(const int4 *)(xr + 32 * c), xs[c] = xdr[c];
+      for (int c = 0; c < 4; ++c) ld<LB>(xr + 32 * c, x[c]), xs[c] = xdr[c];
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        float v = 0.f;
+        float v = acc[i][r];
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int s = dot4(make_int4(q[i][c][0], q[i][c][1], q[i][c][2], q[i][c][3]), x[c]);
-          v = __fadd_rn(v, __fmul_rn(__fmul_rn(xs[c], ds[i][c]), (float)s));
-        }
-        acc[i][r] = __fadd_rn(acc[i][r], v);
+        for (int c = 0; c < 4; ++c) v = __fmaf_rn(__fmul_rn(xs[c], ds[i][c]), (float)dotn(q[i][c], x[c]), v);
+        acc[i][r] = v;
       }
     }
   }
   mm_store<W>(acc, y, y_stride, o0, n_out, nr);
 }
 
-// Grid ceil(n_out / MM_W), MM_WARPS warps per block; at most 8 rows.
+// Grid ceil(n_out / MM_W), MM_WARPS warps per block; at most 8 rows. Lanes
+// take 16 bytes of a Q4_K block's nibbles, 8 of each Q6_K quarter: the
+// fastest of 4/8/16 measured at 4 and 8 rows on an H200 (BENCHMARKS).
 extern "C" __global__ void mm_q4k(const uint8_t *w, const int8_t *xq, const float *xd, float *y,
                                   int n_out, int k, int rows, int y_stride) {
-  mm_q4k_rows<MM_W>(w, xq, xd, y, n_out, k, rows, y_stride);
+  mm_q4k_rows<MM_W, 16>(w, xq, xd, y, n_out, k, rows, y_stride);
 }
 
 extern "C" __global__ void mm_q6k(const uint8_t *w, const int8_t *xq, const float *xd, float *y,
                                   int n_out, int k, int rows, int y_stride) {
-  mm_q6k_rows<MM_W>(w, xq, xd, y, n_out, k, rows, y_stride);
+  mm_q6k_rows<MM_W, 8>(w, xq, xd, y, n_out, k, rows, y_stride);
 }

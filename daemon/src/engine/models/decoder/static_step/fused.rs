@@ -38,9 +38,9 @@ const ARGMAX_CHUNK: usize = 2048;
 const MMQ_ROWS: usize = 9;
 /// The rows for which our matmul kernels run (where they were measured
 /// faster, Qwen3-1.7B shape on an H200, aggregate tok/s through the daemon:
-/// 8 streams 2,584 against 2,326, 4 streams 1,591 against 1,560). One or
-/// two rows take Candle's MMVQ, which splits a weight row's blocks over
-/// more threads (ours: one stream 490 against 660 tok/s); nine and more
+/// 8 streams 2,920 against 2,440, 4 streams 1,799 against 1,647). One or
+/// two rows take Candle's MMVQ (ours are slower there: one stream 484
+/// against 653 tok/s); nine and more
 /// its tiled MMQ (ours read the weights once per eight rows: 16 streams
 /// 3,304 against 4,274). A prefill's many rows take MMQ too.
 const OUR_MM_ROWS_FROM: usize = 3;
@@ -662,15 +662,6 @@ mod tests {
                 let x = Tensor::randn(0f32, 1.0, (OUR_MM_ROWS, k), &dev).unwrap();
                 let xq = Tensor::zeros(OUR_MM_ROWS * k, DType::U8, &dev).unwrap();
                 let xd = Tensor::zeros(OUR_MM_ROWS * k / 32, DType::F32, &dev).unwrap();
-                let run = |x: &Tensor, n: usize| {
-                    let y = Tensor::zeros((n, n_out), DType::F32, &dev).unwrap();
-                    our_matmul(cuda, &ow, &Input::new(x), n, (&xq, &xd), &y, n_out).unwrap();
-                    rows(&y)
-                };
-                // Each row alone: the reference for every batch.
-                let alone: Vec<Vec<f32>> = (0..OUR_MM_ROWS)
-                    .map(|r| run(&x.narrow(0, r, 1).unwrap().contiguous().unwrap(), 1).remove(0))
-                    .collect();
                 // Candle's MMVQ (up to 8 rows: the same rounding of x).
                 let candle = rows(
                     &lin.forward(&x.reshape((OUR_MM_ROWS, 1, k)).unwrap())
@@ -678,6 +669,19 @@ mod tests {
                         .reshape((OUR_MM_ROWS, n_out))
                         .unwrap(),
                 );
+                let what = format!("{dtype:?} {n_out}x{k}");
+                let run = |x: &Tensor, n: usize| {
+                    let y = Tensor::zeros((n, n_out), DType::F32, &dev).unwrap();
+                    our_matmul(cuda, &ow, &Input::new(x), n, (&xq, &xd), &y, n_out).unwrap();
+                    rows(&y)
+                };
+                // Each row alone: the reference for every batch.
+                let alone: Vec<Vec<f32>> = (0..OUR_MM_ROWS)
+                    .map(|r| {
+                        let x = x.narrow(0, r, 1).unwrap().contiguous().unwrap();
+                        run(&x, 1).remove(0)
+                    })
+                    .collect();
                 for (r, (ours, theirs)) in alone.iter().zip(&candle).enumerate() {
                     let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let worst = ours
@@ -686,17 +690,16 @@ mod tests {
                         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                     assert!(
                         worst <= 4e-3 * scale,
-                        "{dtype:?} {n_out}x{k} row {r}: off by {worst} of {scale}"
+                        "{what}, row {r}: off by {worst} of {scale}"
                     );
                 }
                 for n in 1..=OUR_MM_ROWS {
                     for (r, row) in run(&x, n).iter().enumerate() {
-                        assert!(
-                            row.iter()
-                                .zip(&alone[r])
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{dtype:?} {n_out}x{k}: row {r} of {n} differs from alone"
-                        );
+                        let same = row
+                            .iter()
+                            .zip(&alone[r])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{what}: row {r} of {n}");
                     }
                 }
             }
