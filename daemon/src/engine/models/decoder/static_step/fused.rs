@@ -108,16 +108,23 @@ pub struct Buffers {
 
 impl Buffers {
     pub fn new(s: &Spec, slots: usize, dev: &Device) -> Result<Self> {
-        Self::with_splits(s, slots, SPLITS, dev)
+        Self::with_splits(s, slots, SPLITS, slots.min(OUR_MM_ROWS), dev)
     }
 
-    fn with_splits(s: &Spec, slots: usize, splits: usize, dev: &Device) -> Result<Self> {
+    /// `mm_rows`: the most rows a pass takes through our matmuls (0: none;
+    /// their scratch is sized for it).
+    fn with_splits(
+        s: &Spec,
+        slots: usize,
+        splits: usize,
+        mm_rows: usize,
+        dev: &Device,
+    ) -> Result<Self> {
         let f = |n: usize| Tensor::zeros(n, DType::F32, dev);
         // Room for a matmul's padded rows (see `matmul_rows`).
         let slots = slots.max(MMQ_ROWS);
         let chunks = s.vocab.div_ceil(ARGMAX_CHUNK);
         let qd = s.heads * s.head_dim;
-        let mm_rows = slots.min(OUR_MM_ROWS);
         let k = s.hidden.max(qd).max(s.ffn);
         let mm_width = (qd + 2 * s.kv_heads * s.head_dim)
             .max(2 * s.ffn)
@@ -135,9 +142,9 @@ impl Buffers {
             arg_i: Tensor::zeros(slots * chunks, DType::U32, dev)?,
             chunks,
             splits,
-            xq: Tensor::zeros(mm_rows * k, DType::U8, dev)?,
-            xd: f(mm_rows * k.div_ceil(32))?,
-            mm: f(MM_OUTPUTS * mm_rows * mm_width)?,
+            xq: Tensor::zeros(mm_rows.max(1) * k, DType::U8, dev)?,
+            xd: f(mm_rows.max(1) * k.div_ceil(32))?,
+            mm: f(MM_OUTPUTS * mm_rows.max(1) * mm_width)?,
             mm_rows,
             mm_width,
         })
@@ -455,7 +462,9 @@ impl StaticDecoder {
         }
         let n = tokens.len();
         super::reserve_scratch(s, n, &model.device)?;
-        let b = Buffers::with_splits(s, n, PREFILL_SPLITS, &model.device)?;
+        // A pass of more rows than ours take needs none of their scratch.
+        let mm_rows = if n <= OUR_MM_ROWS { n } else { 0 };
+        let b = Buffers::with_splits(s, n, PREFILL_SPLITS, mm_rows, &model.device)?;
         let (pos_t, slot_t) = (
             Tensor::new(pos, &model.device)?,
             Tensor::new(slot_of, &model.device)?,
