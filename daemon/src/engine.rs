@@ -947,17 +947,45 @@ pub fn step_fixed(
     let greedy = |d: &Decoding| {
         d.sampler.params().is_argmax() && d.params.logprobs.is_none() && d.cursor.is_none()
     };
+    // Generations whose next token the step leaves on the device: greedy
+    // ones (the argmax), and on CUDA sampled ones (drawn there).
+    let draws = fixed.draws_on_device();
+    let on_device = |d: &Decoding| {
+        greedy(d)
+            || (draws
+                && d.params.logprobs.is_none()
+                && d.cursor.is_none()
+                && pick::device_draws(&d.sampler))
+    };
+    // The token a generation's step result gives: the greedy one, or the
+    // drawn one (`None`: the host chooses from the logits).
+    let result = |d: &Decoding, slot: usize, tokens: &[u32], drawn: &[u32]| {
+        if greedy(d) {
+            tokens.get(slot).copied()
+        } else if on_device(d) {
+            drawn.get(slot).copied().filter(|&t| t != pick::UNDECIDED)
+        } else {
+            None
+        }
+    };
     // The results of the step launched ahead last pass, for the
     // generations whose token it ran.
     let mut done = vec![false; batch.len()];
     if let Some(a) = fixed.take_ahead() {
-        let tokens = fixed.tokens(a.rows)?;
+        let (tokens, drawn) = fixed.drawn(a.rows)?;
         let mut taken = vec![false; a.fed.len()];
         for (i, (_, d, f, slot)) in batch.iter_mut().enumerate() {
             if let Feed::Token(t) = *f {
                 if a.fed.get(*slot).copied().flatten() == Some(t) {
-                    d.logits = Some(a.logits.narrow(0, *slot, 1)?);
-                    d.chosen = Some(tokens[*slot]);
+                    let row = a.logits.narrow(0, *slot, 1)?;
+                    d.chosen = result(d, *slot, &tokens, &drawn);
+                    // A row the device could not draw from: the host
+                    // chooses from a copy (the step launched next reuses
+                    // the logits buffer).
+                    d.logits = Some(match d.chosen {
+                        Some(_) => row,
+                        None => row.to_device(&Device::Cpu)?,
+                    });
                     done[i] = true;
                     taken[*slot] = true;
                 }
@@ -972,7 +1000,7 @@ pub fn step_fixed(
     let ahead = ahead
         && batch
             .iter()
-            .all(|(_, d, f, _)| *f == Feed::Prompt || greedy(d));
+            .all(|(_, d, f, _)| *f == Feed::Prompt || on_device(d));
     if !ahead {
         // Their kernels queue before the step's: the device runs both
         // while the host waits for the step's tokens.
@@ -985,6 +1013,8 @@ pub fn step_fixed(
     let mut feed: Vec<Option<u32>> = vec![None; fixed.slots()];
     // Slots whose token is the one the last step left on the device.
     let mut resident = vec![false; fixed.slots()];
+    // How the sampled rows draw on the device.
+    let mut draw_rows: Vec<Option<pick::DrawRow>> = vec![None; fixed.slots()];
     let mut rows = 0;
     for (i, (_, d, f, slot)) in batch.iter_mut().enumerate() {
         let Feed::Token(t) = *f else { continue };
@@ -1003,8 +1033,16 @@ pub fn step_fixed(
             feed[*slot] = token;
             resident[*slot] = done[i];
             rows = rows.max(*slot + 1);
+            if on_device(d) && !greedy(d) {
+                // The token this step's logits choose goes at the end of
+                // the history, after the one fed (not in it yet when it
+                // came from the last step).
+                let position = d.history.len() + usize::from(done[i]);
+                draw_rows[*slot] = Some(pick::DrawRow::new(&d.sampler, position));
+            }
         }
     }
+    fixed.set_draws(&draw_rows);
     if rows > 0 {
         let rows = rows.next_power_of_two().min(fixed.slots());
         // The longest context's RoPE tables cover every row's position (a
@@ -1022,21 +1060,21 @@ pub fn step_fixed(
             fixed.step_ahead(model, rows, &feed[..rows], resident)?;
         } else {
             let logits = fixed.step(model, rows, Some(&feed[..rows]))?;
-            // Greedy rows take the argmax the step left on the device:
-            // read once.
+            // Rows whose token the device chose (the argmax or a draw)
+            // take it: read once.
             let stepped = batch
                 .iter()
                 .zip(&done)
-                .any(|((_, d, f, _), done)| !done && matches!(f, Feed::Token(_)) && greedy(d));
-            let tokens = if stepped {
-                fixed.tokens(rows)?
+                .any(|((_, d, f, _), done)| !done && matches!(f, Feed::Token(_)) && on_device(d));
+            let (tokens, drawn) = if stepped {
+                fixed.drawn(rows)?
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             for (i, (_, d, f, slot)) in batch.iter_mut().enumerate() {
                 if !done[i] && matches!(f, Feed::Token(_)) {
                     d.logits = Some(logits.narrow(0, *slot, 1)?);
-                    d.chosen = tokens.get(*slot).copied().filter(|_| greedy(d));
+                    d.chosen = result(d, *slot, &tokens, &drawn);
                 }
             }
         }
@@ -1417,6 +1455,14 @@ pub(crate) fn warm_up(model: &mut Model, bos: Option<u64>) -> Result<(), EngineE
         let row = logits.flatten_all()?.to_dtype(DType::F32)?;
         row.argmax(0)?.to_scalar::<u32>()?;
         pick::TopK::default().select(&row, pick::TOP_MAX)?;
+        #[cfg(feature = "cuda")]
+        {
+            let nucleus = SamplingParams {
+                top_k: 0,
+                ..SamplingParams::default()
+            };
+            pick::cuda::draw(&row, &nucleus, 0.5)?;
+        }
     }
     if model.kv_len() < model.context() {
         model.forward(&tokens[..1], LogitsFor::Last)?;

@@ -10,7 +10,12 @@
 //!   row of at most a few thousand entries in shared memory, not a whole
 //!   vocabulary). The host then applies min-p, top-p, temperature and the
 //!   seeded draw exactly as it does to a full row;
-//! * everything else (a repeat penalty, no top-k or a larger one): the row.
+//! * other sampling on CUDA (no top-k, or a larger one, with min-p or
+//!   top-p): the token, drawn on the device by our kernel (`cuda::draw`)
+//!   with the host's arithmetic and uniform number; a row it cannot decide
+//!   (thousands of candidates) is copied and the host decides;
+//! * everything else (a repeat penalty; sampling from the whole row with
+//!   no filter; other GPUs): the row.
 //!
 //! On the CPU the row is already in host memory, so the host path is the
 //! only one.
@@ -20,8 +25,33 @@ use candle_core::{DType, Device, Tensor};
 use super::error::EngineError;
 use super::sampling::Sampler;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// The largest top-k the device selects; larger ones copy the row.
 pub const TOP_MAX: usize = 64;
+
+/// What the device's draw answers when the host must choose.
+pub const UNDECIDED: u32 = u32::MAX;
+
+/// How a fixed step draws one row's token on the device: (top-k, top-p,
+/// min-p, 1 / temperature, the uniform number), as the kernel reads them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawRow(pub [f64; 5]);
+
+impl DrawRow {
+    /// `sampler`'s settings for the token at `position`.
+    pub fn new(sampler: &Sampler, position: usize) -> Self {
+        let p = sampler.params();
+        DrawRow([
+            p.top_k.min(i32::MAX as usize) as f64,
+            f64::from(p.top_p),
+            f64::from(p.min_p),
+            1.0 / f64::from(p.temperature),
+            sampler.uniform_for(position),
+        ])
+    }
+}
 
 /// Block length of the first selection stages. A power of two whose sort
 /// fits the CUDA kernel's shared memory (4 bytes an entry); the final sort
@@ -37,6 +67,8 @@ pub enum Route {
     Argmax,
     /// The `k` largest logits from the device, sampling on the host.
     Top(usize),
+    /// The token drawn on the device (CUDA).
+    Device,
 }
 
 impl Route {
@@ -50,6 +82,8 @@ impl Route {
             Route::Argmax
         } else if sampler.top_suffices(TOP_MAX) {
             Route::Top(p.top_k)
+        } else if device.is_cuda() && cfg!(feature = "cuda") && device_draws(sampler) {
+            Route::Device
         } else {
             Route::Host
         }
@@ -70,9 +104,16 @@ pub fn next_token(
         Route::Argmax => Ok(row.argmax(0)?.to_scalar::<u32>()?),
         Route::Top(k) => {
             let best = top.select(&row, k)?;
-            match sampler.sample_top(&best) {
+            match sampler.sample_top(&best, history.len()) {
                 Some(t) => Ok(t),
                 // Every selected logit was NaN or infinite: the host decides.
+                None => host(&row, sampler, history),
+            }
+        }
+        Route::Device => {
+            let r = sampler.uniform_for(history.len());
+            match device_draw(&row, sampler, r)? {
+                Some(t) => Ok(t),
                 None => host(&row, sampler, history),
             }
         }
@@ -80,9 +121,29 @@ pub fn next_token(
     }
 }
 
+/// Whether our device kernel takes `sampler`'s settings: sampling without
+/// a penalty, with a filter that leaves few candidates in a language
+/// model's row (a top-k, min-p or top-p; without one every token is a
+/// candidate and the host is as fast).
+pub fn device_draws(sampler: &Sampler) -> bool {
+    let p = sampler.params();
+    p.temperature > 0.0 && !p.penalizes() && (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0)
+}
+
 fn host(row: &Tensor, sampler: &mut Sampler, history: &[u32]) -> Result<u32, EngineError> {
     let mut v: Vec<f32> = row.to_vec1()?;
     Ok(sampler.sample(&mut v, history))
+}
+
+/// The device's draw (`None`: the host decides).
+#[cfg(feature = "cuda")]
+fn device_draw(row: &Tensor, sampler: &Sampler, r: f64) -> Result<Option<u32>, EngineError> {
+    cuda::draw(row, sampler.params(), r)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_draw(_: &Tensor, _: &Sampler, _: f64) -> Result<Option<u32>, EngineError> {
+    Ok(None)
 }
 
 /// One selection stage: the row (padded to whole blocks) as `rows` blocks,
@@ -291,9 +352,14 @@ mod tests {
                     .map(|v| v / 8.0)
                     .collect();
                 let t = Tensor::new(row.as_slice(), &Device::Cpu).unwrap();
-                let want = full.sample(&mut row.clone(), &[]);
+                let history = vec![0; step as usize];
+                let want = full.sample(&mut row.clone(), &history);
                 let best = top.select(&t, params.top_k).unwrap();
-                assert_eq!(dev.sample_top(&best), Some(want), "case {case} step {step}");
+                assert_eq!(
+                    dev.sample_top(&best, history.len()),
+                    Some(want),
+                    "case {case} step {step}"
+                );
             }
         }
     }
@@ -310,18 +376,30 @@ mod tests {
             top_k: 100,
             ..SamplingParams::default()
         };
-        assert!(!s(big_k).top_suffices(TOP_MAX));
+        assert!(!s(big_k.clone()).top_suffices(TOP_MAX));
         let no_k = SamplingParams {
             top_k: 0,
             ..SamplingParams::default()
         };
-        assert!(!s(no_k).top_suffices(TOP_MAX));
+        assert!(!s(no_k.clone()).top_suffices(TOP_MAX));
         let penalty = SamplingParams {
             repeat_penalty: 1.1,
             ..SamplingParams::default()
         };
-        assert!(!s(penalty).top_suffices(TOP_MAX));
+        assert!(!s(penalty.clone()).top_suffices(TOP_MAX));
         assert!(!s(SamplingParams::greedy()).top_suffices(TOP_MAX));
+        // What the top-k route leaves, the device's kernel takes on CUDA,
+        // except penalties and filterless sampling.
+        assert!(device_draws(&s(no_k.clone())));
+        assert!(device_draws(&s(big_k)));
+        assert!(!device_draws(&s(penalty)));
+        assert!(!device_draws(&s(SamplingParams::greedy())));
+        let unfiltered = SamplingParams {
+            top_p: 1.0,
+            min_p: 0.0,
+            ..no_k
+        };
+        assert!(!device_draws(&s(unfiltered)));
     }
 
     #[test]
@@ -357,5 +435,23 @@ mod tests {
         .unwrap();
         let h = next_token(Route::Host, &t, &mut Sampler::new(p), &[], &mut top).unwrap();
         assert_eq!(d, h);
+        // The device route on a row the device cannot take: the host
+        // decides, with the same uniform number.
+        for seed in 0..20 {
+            let p = SamplingParams {
+                seed: Some(seed),
+                top_k: 0,
+                ..SamplingParams::default()
+            };
+            let d = next_token(
+                Route::Device,
+                &t,
+                &mut Sampler::new(p.clone()),
+                &[],
+                &mut top,
+            );
+            let h = next_token(Route::Host, &t, &mut Sampler::new(p), &[], &mut top);
+            assert_eq!(d.unwrap(), h.unwrap());
+        }
     }
 }

@@ -26,7 +26,9 @@ pub struct SamplingParams {
     /// How many of the most recent tokens the penalties look at (llama.cpp's
     /// `penalty_last_n`).
     pub repeat_last_n: usize,
-    /// `None`: a fresh random seed for each generation.
+    /// `None`: a fresh random seed for each generation. A token's draw
+    /// depends on the seed and its position alone (see
+    /// [`Sampler::uniform_for`]).
     pub seed: Option<u64>,
 }
 
@@ -102,22 +104,32 @@ impl SamplingParams {
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+    /// The seed, or a random one.
+    seed: u64,
     /// Scratch buffer of (token, value), reused across steps.
     cand: Vec<(u32, f32)>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = match params.seed {
-            Some(s) => StdRng::seed_from_u64(s),
-            None => StdRng::from_os_rng(),
-        };
+        let seed = params
+            .seed
+            .unwrap_or_else(|| StdRng::from_os_rng().random());
         Self {
             params,
-            rng,
+            seed,
             cand: Vec::new(),
         }
+    }
+
+    /// The uniform number in [0, 1) that draws the token at `position` (the
+    /// sequence's length before it). A function of the seed and the
+    /// position, not of how many draws came before: a step run ahead and
+    /// taken back, or a draw the device made and the host redoes, draws
+    /// the same.
+    pub fn uniform_for(&self, position: usize) -> f64 {
+        let at = (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        StdRng::seed_from_u64(self.seed ^ at).random::<f64>()
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -167,7 +179,8 @@ impl Sampler {
                 .filter(|(_, l)| l.is_finite())
                 .map(|(i, &l)| (i as u32, l)),
         );
-        self.draw().unwrap_or_else(|| argmax(logits))
+        let r = self.uniform_for(history.len());
+        self.draw(r).unwrap_or_else(|| argmax(logits))
     }
 
     /// Whether [`Sampler::sample_top`] with the `k` largest logits chooses
@@ -179,18 +192,19 @@ impl Sampler {
     }
 
     /// Choose a token from the largest logits alone, `(token, logit)` in any
-    /// order (the device path: only these leave the GPU). Chooses as
-    /// [`Sampler::sample`] would when [`Sampler::top_suffices`] holds.
-    pub fn sample_top(&mut self, top: &[(u32, f32)]) -> Option<u32> {
+    /// order (the device path: only these leave the GPU), for the token at
+    /// `position`. Chooses as [`Sampler::sample`] would when
+    /// [`Sampler::top_suffices`] holds.
+    pub fn sample_top(&mut self, top: &[(u32, f32)], position: usize) -> Option<u32> {
         self.cand.clear();
         self.cand
             .extend(top.iter().copied().filter(|(_, l)| l.is_finite()));
-        self.draw()
+        self.draw(self.uniform_for(position))
     }
 
-    /// Top-k, min-p, top-p and temperature over `self.cand`, then the draw;
-    /// `None` when there is no candidate.
-    fn draw(&mut self) -> Option<u32> {
+    /// Top-k, min-p, top-p and temperature over `self.cand`, then the draw
+    /// with the uniform number `r`; `None` when there is no candidate.
+    fn draw(&mut self, r: f64) -> Option<u32> {
         let p = &self.params;
         let cand = &mut self.cand;
         if cand.is_empty() {
@@ -253,7 +267,7 @@ impl Sampler {
             .map(|c| f64::from(c.1).max(f64::MIN_POSITIVE).powf(inv_t))
             .collect();
         let sum: f64 = weights.iter().sum();
-        let mut r = self.rng.random::<f64>() * sum;
+        let mut r = r * sum;
         for (c, w) in cand.iter().zip(&weights) {
             r -= w;
             if r <= 0.0 {
@@ -453,8 +467,8 @@ mod tests {
             ..SamplingParams::default()
         };
         let mut s = Sampler::new(params);
-        for _ in 0..50 {
-            assert_eq!(s.sample(&mut [0.0, 0.5, 0.2, 0.49], &[]), 1);
+        for at in 0..50 {
+            assert_eq!(s.sample(&mut [0.0, 0.5, 0.2, 0.49], &vec![0; at]), 1);
         }
     }
 
@@ -473,8 +487,8 @@ mod tests {
             };
             let mut s = Sampler::new(params);
             let mut seen = [0usize; 4];
-            for _ in 0..400 {
-                seen[s.sample(&mut logits.clone(), &[]) as usize] += 1;
+            for at in 0..400 {
+                seen[s.sample(&mut logits.clone(), &vec![0; at]) as usize] += 1;
             }
             assert!(seen[allowed..].iter().all(|&n| n == 0), "{seen:?}");
             assert!(seen[..allowed].iter().all(|&n| n > 0), "{seen:?}");
@@ -492,13 +506,28 @@ mod tests {
             ..SamplingParams::default()
         };
         let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32 * 0.3).collect();
-        let draw = |n| {
+        let draw = |params: &SamplingParams, n| {
             let mut s = Sampler::new(params.clone());
             (0..n)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .map(|at| s.sample(&mut logits.clone(), &vec![0; at]))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(draw(30), draw(30));
+        let tokens = draw(&params, 30);
+        assert_eq!(tokens, draw(&params, 30));
+        // Positions draw differently, and so do seeds.
+        assert!(tokens.iter().any(|&t| t != tokens[0]), "{tokens:?}");
+        let other = SamplingParams {
+            seed: Some(43),
+            ..params.clone()
+        };
+        assert_ne!(tokens, draw(&other, 30));
+        // A draw is the seed's and the position's alone: the same again,
+        // whatever was drawn before or in what order.
+        let mut s = Sampler::new(params.clone());
+        for at in (0..30).rev() {
+            assert_eq!(s.sample(&mut logits.clone(), &vec![0; at]), tokens[at]);
+        }
+        assert_eq!(s.uniform_for(7), Sampler::new(params).uniform_for(7));
     }
 
     #[test]

@@ -119,6 +119,11 @@ enum Cmd {
         gen_tokens: usize,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// How the streams choose tokens: `greedy`; `top-k` (the daemon's
+        /// defaults: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05);
+        /// `nucleus` (the same without top-k). Sampled streams are seeded.
+        #[arg(long, default_value = "greedy")]
+        sampling: String,
         /// Extra paraphymd flags for this run (repeatable), e.g.
         /// `--daemon-arg=--gpu-turns=off`.
         #[arg(long = "daemon-arg", allow_hyphen_values = true)]
@@ -292,14 +297,18 @@ fn main() -> Result<()> {
             prompt_tokens,
             gen_tokens,
             reps,
+            sampling,
             daemon_args,
         } => concurrent(
             &model,
             &device,
-            &streams,
-            prompt_tokens,
-            gen_tokens,
-            reps,
+            &Workload {
+                streams,
+                prompt_tokens,
+                gen: gen_tokens,
+                reps,
+                sampling: via_daemon::sampling(&sampling)?,
+            },
             &daemon_args,
         ),
         Cmd::Synth {
@@ -712,16 +721,31 @@ fn daemon_child(
     Ok(())
 }
 
-fn concurrent(
-    model: &PathBuf,
-    device: &str,
-    streams: &[usize],
+/// What `concurrent` runs: stream counts, each stream's prompt and
+/// generated tokens and how it samples, repetitions.
+struct Workload {
+    streams: Vec<usize>,
     prompt_tokens: usize,
     gen: usize,
     reps: usize,
+    sampling: via_daemon::Sampling,
+}
+
+fn concurrent(
+    model: &PathBuf,
+    device: &str,
+    work: &Workload,
     daemon_args: &[String],
 ) -> Result<()> {
-    let reps = reps.max(1);
+    let Workload {
+        streams,
+        prompt_tokens,
+        gen,
+        reps,
+        sampling,
+    } = work;
+    let (prompt_tokens, gen) = (*prompt_tokens, *gen);
+    let reps = (*reps).max(1);
     // The single-stream reference: the bare loop, in its own process. Its
     // decode rate, and its end-to-end rate measured like the streams' (the
     // generated tokens over prefill plus decode), which the ratio uses.
@@ -777,11 +801,11 @@ fn concurrent(
         let d = via_daemon::Daemon::start_with(device, prompt_tokens + gen + 64, &extra)?;
         d.load(model)?;
         // Warm every worker (every batch size) once.
-        run_streams(&d.socket(), model, &prompt, 8, most)?;
+        run_streams(&d.socket(), model, &prompt, 8, most, sampling)?;
         let mut column = Vec::new();
         for &n in streams {
             let runs: Vec<(f64, f64, f64)> = (0..reps)
-                .map(|_| run_streams(&d.socket(), model, &prompt, gen, n))
+                .map(|_| run_streams(&d.socket(), model, &prompt, gen, n, sampling))
                 .collect::<Result<_>>()?;
             let median = |f: fn(&(f64, f64, f64)) -> f64| {
                 Stats::of(&runs.iter().map(f).collect::<Vec<_>>()).median
@@ -796,8 +820,9 @@ fn concurrent(
         println!("daemon    {}", daemon_args.join(" "));
     }
     println!(
-        "workload  {prompt_tokens} prompt tokens, {gen} generated per stream (greedy, EOS ignored); \
-         each stream its own connection; median of {reps}"
+        "workload  {prompt_tokens} prompt tokens, {gen} generated per stream ({}, EOS ignored); \
+         each stream its own connection; median of {reps}",
+        sampling.name
     );
     println!(
         "setups    batched: --prewarm 1 --max-workers 1 --batch {most}; \
@@ -846,6 +871,7 @@ fn run_streams(
     prompt: &[u32],
     gen: usize,
     n: usize,
+    sampling: &via_daemon::Sampling,
 ) -> Result<(f64, f64, f64)> {
     let clients: Vec<paraphym_protocol::client::Client> = (0..n)
         .map(|_| paraphym_protocol::client::Client::connect(socket))
@@ -853,7 +879,8 @@ fn run_streams(
     let start = Instant::now();
     let streams: Vec<_> = clients
         .iter()
-        .map(|c| c.generate(via_daemon::greedy(model, prompt, gen)))
+        .enumerate()
+        .map(|(i, c)| c.generate(sampling.request(model, prompt, gen, i as u64)))
         .collect::<Result<_, _>>()?;
     let (mut tokens, mut ttft, mut decode) = (0u64, 0f64, 0f64);
     for s in streams {

@@ -154,6 +154,56 @@ pub fn greedy(model: &Path, prompt: &[u32], gen: usize) -> Generate {
     }
 }
 
+/// How a benchmark's requests choose their tokens.
+pub struct Sampling {
+    pub name: &'static str,
+    options: Options,
+}
+
+/// `greedy`, `top-k` (the daemon's defaults) or `nucleus` (those without
+/// top-k).
+pub fn sampling(name: &str) -> Result<Sampling> {
+    let sampled = |top_k| Options {
+        temperature: Some(0.8),
+        top_k: Some(top_k),
+        top_p: Some(0.95),
+        min_p: Some(0.05),
+        ..Options::default()
+    };
+    Ok(match name {
+        "greedy" => Sampling {
+            name: "greedy",
+            options: Options {
+                temperature: Some(0.0),
+                ..Options::default()
+            },
+        },
+        "top-k" => Sampling {
+            name: "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05",
+            options: sampled(40),
+        },
+        "nucleus" => Sampling {
+            name: "temperature 0.8, top-p 0.95, min-p 0.05, no top-k",
+            options: sampled(0),
+        },
+        other => bail!("--sampling {other}: greedy, top-k or nucleus"),
+    })
+}
+
+impl Sampling {
+    /// A request for exactly `gen` tokens of `prompt`, seeded with `seed`.
+    pub fn request(&self, model: &Path, prompt: &[u32], gen: usize, seed: u64) -> Generate {
+        let mut r = greedy(model, prompt, gen);
+        r.options = Options {
+            seed: Some(seed),
+            max_tokens: r.options.max_tokens,
+            ignore_eos: true,
+            ..self.options.clone()
+        };
+        r
+    }
+}
+
 /// What one generation looked like from the client's side.
 pub struct Observed {
     /// Request sent to first piece received.

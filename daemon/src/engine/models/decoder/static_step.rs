@@ -36,6 +36,15 @@ pub struct StaticDecoder {
     /// Per slot, the token its next step runs and its position (u32).
     token: Tensor,
     pos: Tensor,
+    /// Per slot, the token the device drew for it in the last step, or
+    /// `pick::UNDECIDED` (u32).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    drawn: Tensor,
+    /// `token` then `drawn`: one buffer, so that one copy reads both.
+    token_drawn: Tensor,
+    /// Per slot, how the next step draws its token on the device (`None`:
+    /// greedy); see [`StaticDecoder::set_draws`].
+    draws: Vec<Option<crate::engine::pick::DrawRow>>,
     /// Per slot, 1 when its step advances (0: a row that runs a dummy
     /// token and stays where it is); `all_advance` when every one is 1.
     advance: Tensor,
@@ -124,6 +133,8 @@ impl StaticDecoder {
                 windows.push((*w, Tensor::new(shifted, dev)?.reshape((1, capacity))?));
             }
         }
+        // `token`, then `drawn`.
+        let tokens = Tensor::zeros(2 * slots, DType::U32, dev)?;
         Ok(Self {
             capacity,
             k: (0..s.layers)
@@ -132,7 +143,10 @@ impl StaticDecoder {
             v: (0..s.layers)
                 .map(|_| kv())
                 .collect::<candle_core::Result<_>>()?,
-            token: Tensor::zeros(slots, DType::U32, dev)?,
+            token: tokens.narrow(0, 0, slots)?,
+            drawn: tokens.narrow(0, slots, slots)?,
+            token_drawn: tokens,
+            draws: vec![None; slots],
             pos: Tensor::zeros(slots, DType::U32, dev)?,
             advance: Tensor::ones(slots, DType::U32, dev)?,
             all_advance: true,
@@ -219,6 +233,7 @@ impl StaticDecoder {
             copy(&next.advance, &self.advance, 0)?;
         }
         next.len[..self.len.len()].copy_from_slice(&self.len);
+        next.draws[..self.draws.len()].clone_from_slice(&self.draws);
         next.all_advance = false;
         if let Some(mut a) = self.ahead.take() {
             a.fed.resize(slots, None);
@@ -495,9 +510,44 @@ impl StaticDecoder {
         let span = self.span(longest.unwrap_or(1));
         #[cfg(feature = "cuda")]
         if let (true, Device::Cuda(cuda)) = (self.use_graph, &model.device) {
-            return self.replay(model, rows, span, &cuda.clone());
+            let logits = self.replay(model, rows, span, &cuda.clone())?;
+            self.draw(&logits, rows)?;
+            return Ok(logits);
         }
-        self.ops(model, 0, rows, span)
+        let logits = self.ops(model, 0, rows, span)?;
+        self.draw(&logits, rows)?;
+        Ok(logits)
+    }
+
+    /// Whether its steps can draw sampled tokens on the device
+    /// ([`StaticDecoder::set_draws`]): on CUDA.
+    pub fn draws_on_device(&self) -> bool {
+        cfg!(feature = "cuda") && self.token.device().is_cuda()
+    }
+
+    /// How each slot's next step chooses its token: `None` greedy (the
+    /// argmax), else drawn on the device with these settings (see
+    /// `pick::draw_row`); the drawn token replaces the greedy one as the
+    /// token the following step runs, and [`StaticDecoder::drawn`] reads
+    /// it. Stays until set again; only where
+    /// [`StaticDecoder::draws_on_device`].
+    pub fn set_draws(&mut self, draws: &[Option<crate::engine::pick::DrawRow>]) {
+        self.draws.fill(None);
+        let n = draws.len().min(self.draws.len());
+        self.draws[..n].clone_from_slice(&draws[..n]);
+    }
+
+    /// The sampled rows' draws after a step's logits (one launch for all).
+    fn draw(&self, logits: &Tensor, rows: usize) -> Result<()> {
+        let draws = &self.draws[..rows];
+        if draws.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        #[cfg(feature = "cuda")]
+        crate::engine::pick::cuda::draw_rows(logits, draws, &self.token, &self.drawn)?;
+        #[cfg(not(feature = "cuda"))]
+        let _ = logits;
+        Ok(())
     }
 
     /// The keys a step attends to when its longest sequence has `len`
@@ -516,6 +566,16 @@ impl StaticDecoder {
     /// (a copy of 4 bytes per row to the host).
     pub fn tokens(&self, rows: usize) -> Result<Vec<u32>> {
         Ok(self.token.narrow(0, 0, rows)?.to_vec1::<u32>()?)
+    }
+
+    /// The tokens the last step left for the first `rows` slots (what the
+    /// next step runs: drawn or greedy) and what it drew for each
+    /// (`pick::UNDECIDED` where the host must choose, or nothing was
+    /// drawn), in one copy.
+    pub fn drawn(&self, rows: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        let both = self.token_drawn.to_vec1::<u32>()?;
+        let (token, drawn) = both.split_at(self.slots());
+        Ok((token[..rows].to_vec(), drawn[..rows].to_vec()))
     }
 
     /// Slot 0's greedy token: the single-stream case.
