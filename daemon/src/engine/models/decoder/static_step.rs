@@ -38,7 +38,6 @@ pub struct StaticDecoder {
     pos: Tensor,
     /// Per slot, the token the device drew for it in the last step, or
     /// `pick::UNDECIDED` (u32).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     drawn: Tensor,
     /// `token` then `drawn`: one buffer, so that one copy reads both.
     token_drawn: Tensor,
@@ -229,6 +228,8 @@ impl StaticDecoder {
                 copy(to, from, 2)?;
             }
             copy(&next.token, &self.token, 0)?;
+            // A step run ahead may have drawn for it: its result moves too.
+            copy(&next.drawn, &self.drawn, 0)?;
             copy(&next.pos, &self.pos, 0)?;
             copy(&next.advance, &self.advance, 0)?;
         }
