@@ -4,7 +4,8 @@
 // instead of copying the row (151,936 floats for Qwen3) and scanning it.
 //
 // One block per row:
-//  1. the row's max `m` and its finite count;
+//  1. the row's max `m` and its finite count; for a top-k, a floor under
+//     its k-th largest logit (the k-th largest of the threads' maxima);
 //  2. sum of exp(l - m) (f64) and a histogram of the distance m - l
 //     (count, and exp(l - m) in fixed point) in bins of 1/64 nat, wider
 //     when the row spans more than 32 nats: every finite logit has a bin
@@ -151,6 +152,7 @@ __device__ uint32_t sample_row(const float *x, int n, int top_k, float top_p, fl
     lo = fminf(lo, l);
     finite++;
   });
+  const float m_own = m;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -180,12 +182,23 @@ __device__ uint32_t sample_row(const float *x, int n, int top_k, float top_p, fl
     return UNDECIDED;
   }
   const float per_nat = fminf(BINS_PER_NAT, (float)(BINS - 1) / fmaxf(m - lo, 1e-6f));
+  const bool topk_on = top_k > 0 && (uint32_t)top_k < finite;
+
+  // A top-k's floor: the k-th largest of the threads' maxima is the max of
+  // k distinct tokens, so at most the row's k-th largest logit. Only tokens
+  // at or above it can be among the k, and only they are counted below
+  // (counting the whole bulk into a few bins cost a top-k row 3.5 times a
+  // top-p row: atomics on the same shared addresses).
+  float floor_k = -INFINITY;
+  if (topk_on && top_k <= THREADS) {
+    keys[t] = key_of(m_own, (uint32_t)t);
+    sort_desc(keys, THREADS);
+    floor_k = unordered((uint32_t)(keys[top_k - 1] >> 32));
+  }
 
   // 2. The total in f64 (fixed order: strided per thread, then by thread)
-  // and the histogram: counts for a top-k, mass for a top-p (what step 3
-  // reads; counting in this pass measured faster than in passes of their
-  // own, near bins first or warp-aggregated).
-  const bool topk_on = top_k > 0 && (uint32_t)top_k < finite;
+  // and the histogram: counts of the tokens above the floor for a top-k,
+  // mass for a top-p (what step 3 reads).
   const bool mass_on = !topk_on && top_p < 1.f;
   double total = 0.0;
   each_finite(x, n, [&](int, float l) {
@@ -193,7 +206,7 @@ __device__ uint32_t sample_row(const float *x, int n, int top_k, float top_p, fl
     total += (double)e;
     const int b = bin_of(l, m, per_nat);
     if (topk_on) {
-      if (b >= 0) atomicAdd(&count[b], 1u);
+      if (b >= 0 && l >= floor_k) atomicAdd(&count[b], 1u);
     } else if (mass_on && b >= 0) {
       const unsigned long long q = (unsigned long long)((double)e * FIX_E);
       if (q) atomicAdd(&mass[b], q);
@@ -368,14 +381,6 @@ __device__ uint32_t sample_row(const float *x, int n, int top_k, float top_p, fl
   }
   __syncthreads();
   return drawn;
-}
-
-// One row: the token (or UNDECIDED) into `out`.
-extern "C" __global__ void __launch_bounds__(THREADS)
-    sample_row_f32(const float *x, int n, int top_k, float top_p, float min_p, double inv_t,
-                   double r, uint32_t *out) {
-  const uint32_t token = sample_row(x, n, top_k, top_p, min_p, inv_t, r);
-  if (threadIdx.x == 0) *out = token;
 }
 
 // The sampled rows of a step, a block each: row b's settings are

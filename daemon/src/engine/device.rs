@@ -82,6 +82,39 @@ pub fn compiled_backends() -> Vec<&'static str> {
     .collect()
 }
 
+/// The device address of `t`'s first element (a dense F32, F64, U32 or U8
+/// tensor on CUDA), for our kernels' launches. The tensor must outlive
+/// the launch that reads it.
+#[cfg(feature = "cuda")]
+pub fn cuda_address(t: &candle_core::Tensor) -> Result<u64, EngineError> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{DType, Storage};
+
+    fn base<T: candle_core::cuda_backend::CudaDType>(c: &CudaStorage) -> Result<u64, EngineError> {
+        let s = c.as_cuda_slice::<T>()?;
+        Ok(s.device_ptr(s.stream()).0)
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*storage else {
+        return Err(EngineError::Candle(candle_core::Error::Msg(
+            "a kernel's tensor is not on CUDA".into(),
+        )));
+    };
+    let base = match t.dtype() {
+        DType::F32 => base::<f32>(c)?,
+        DType::F64 => base::<f64>(c)?,
+        DType::U32 => base::<u32>(c)?,
+        DType::U8 => base::<u8>(c)?,
+        d => {
+            return Err(EngineError::Candle(candle_core::Error::Msg(format!(
+                "a kernel's tensor of {d:?}"
+            ))))
+        }
+    };
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,13 +42,17 @@ pub struct DrawRow(pub [f64; 5]);
 impl DrawRow {
     /// `sampler`'s settings for the token at `position`.
     pub fn new(sampler: &Sampler, position: usize) -> Self {
-        let p = sampler.params();
+        Self::of(sampler.params(), sampler.uniform_for(position))
+    }
+
+    /// `p`'s settings with the uniform number `r`.
+    pub fn of(p: &super::SamplingParams, r: f64) -> Self {
         DrawRow([
             p.top_k.min(i32::MAX as usize) as f64,
             f64::from(p.top_p),
             f64::from(p.min_p),
             1.0 / f64::from(p.temperature),
-            sampler.uniform_for(position),
+            r,
         ])
     }
 }

@@ -6,10 +6,11 @@
 //! row; when the candidates cannot decide (a flat row, thousands of them)
 //! the host does, with the same uniform number.
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::{DType, Device, Tensor};
 
 use super::{DrawRow, UNDECIDED};
+use crate::engine::device::cuda_address;
 use crate::engine::error::EngineError;
 use crate::engine::SamplingParams;
 
@@ -25,49 +26,20 @@ fn msg(m: impl Into<String>) -> EngineError {
     EngineError::Candle(candle_core::Error::Msg(m.into()))
 }
 
-/// The device address of the first element of `t` (dense, on CUDA).
-fn address<T: candle_core::cuda_backend::CudaDType>(t: &Tensor) -> Result<u64, EngineError> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(c) = &*storage else {
-        return Err(msg("device sampling: a tensor not on CUDA"));
-    };
-    let s = c.as_cuda_slice::<T>()?;
-    let base = s.device_ptr(s.stream()).0;
-    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
-}
-
 /// The token `params` draw from the f32 logits `row` (1-D, on CUDA) with
 /// the uniform number `r` in [0, 1); `None` when the host must decide (no
 /// finite logit, too many candidates, a row not on CUDA). Sampling
 /// settings only: no penalty, a temperature above zero.
 pub fn draw(row: &Tensor, params: &SamplingParams, r: f64) -> Result<Option<u32>, EngineError> {
-    let Device::Cuda(dev) = row.device() else {
+    if !row.device().is_cuda() {
         return Ok(None);
-    };
-    let row = row.contiguous()?;
-    let n = row.dim(0)? as i32;
-    let out = Tensor::zeros(1, DType::U32, row.device())?;
-    let (x, o) = (address::<f32>(&row)?, address::<u32>(&out)?);
-    let top_k = i32::try_from(params.top_k).unwrap_or(i32::MAX);
-    let (top_p, min_p) = (params.top_p, params.min_p);
-    let inv_t = 1.0 / f64::from(params.temperature);
-    let func = dev.get_or_load_custom_func("sample_row_f32", MODULE, ptx::SAMPLE)?;
-    let mut b = func.builder();
-    b.arg(&x);
-    b.arg(&n);
-    b.arg(&top_k);
-    b.arg(&top_p);
-    b.arg(&min_p);
-    b.arg(&inv_t);
-    b.arg(&r);
-    b.arg(&o);
-    let cfg = LaunchConfig {
-        grid_dim: (1, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    unsafe { b.launch(cfg) }.map_err(|e| msg(format!("sample_row_f32: {e}")))?;
-    let token = out.to_vec1::<u32>()?[0];
+    }
+    // The step's kernel with one row: `token` and `drawn` both get it.
+    let both = Tensor::zeros(2, DType::U32, row.device())?;
+    let (token, drawn) = (both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?);
+    let row = row.reshape((1, ()))?;
+    draw_rows(&row, &[Some(DrawRow::of(params, r))], &token, &drawn)?;
+    let token = both.to_vec1::<u32>()?[1];
     Ok((token != UNDECIDED).then_some(token))
 }
 
@@ -98,10 +70,10 @@ pub fn draw_rows(
         .collect();
     let settings = Tensor::new(settings, logits.device())?;
     let (x, d, t, o) = (
-        address::<f32>(&logits)?,
-        address::<f64>(&settings)?,
-        address::<u32>(token)?,
-        address::<u32>(drawn)?,
+        cuda_address(&logits)?,
+        cuda_address(&settings)?,
+        cuda_address(token)?,
+        cuda_address(drawn)?,
     );
     let func = dev.get_or_load_custom_func("sample_rows_f32", MODULE, ptx::SAMPLE)?;
     let mut b = func.builder();

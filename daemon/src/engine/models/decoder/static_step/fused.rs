@@ -13,9 +13,9 @@
 //! the keys each row has (not the span the unfused step pads to), so one
 //! graph serves every length.
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::quantized::GgmlDType;
-use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
+use candle_core::{CudaDevice, DType, Device, Tensor};
 
 use super::StaticDecoder;
 use crate::engine::error::EngineError;
@@ -155,28 +155,9 @@ fn msg(m: impl Into<String>) -> EngineError {
     EngineError::Candle(candle_core::Error::Msg(m.into()))
 }
 
-/// The device address of `t`'s first element (F32, U32 or U8 on CUDA).
+/// The device address of `t`'s first element.
 fn ptr(t: &Tensor) -> Result<u64> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(c) = &*storage else {
-        return Err(msg("fused decode step: a tensor not on CUDA"));
-    };
-    let base = match t.dtype() {
-        DType::F32 => {
-            let s = c.as_cuda_slice::<f32>()?;
-            s.device_ptr(s.stream()).0
-        }
-        DType::U32 => {
-            let s = c.as_cuda_slice::<u32>()?;
-            s.device_ptr(s.stream()).0
-        }
-        DType::U8 => {
-            let s = c.as_cuda_slice::<u8>()?;
-            s.device_ptr(s.stream()).0
-        }
-        d => return Err(msg(format!("fused decode step: a {d:?} tensor"))),
-    };
-    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+    crate::engine::device::cuda_address(t)
 }
 
 /// `t` with a dense last dimension (a copy when it has not), its address
