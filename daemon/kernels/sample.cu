@@ -28,7 +28,7 @@
 #define THREADS 1024
 #define BINS 2048
 #define BINS_PER_NAT 64.f  // at most
-#define MAX_CAND 2048
+#define MAX_CAND 2048  // pick::DEVICE_CANDIDATES
 #define FIX_E 1099511627776.0  // 2^40: exp(l - m) <= 1 in fixed point
 #define UNDECIDED 0xFFFFFFFFu
 // Loads in flight per thread in a pass over the row: one block reads the

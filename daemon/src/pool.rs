@@ -311,7 +311,9 @@ impl Pool {
             // A queue past the batches' room keeps every idle and starting
             // worker busy too: more workers would join all of them.
             let running = v.busy + v.idle.len() + v.starting;
-            v.replica_gain = lock(&self.rates).replica_gain(running, Instant::now());
+            let rates = lock(&self.rates);
+            v.replica_gain = rates.replica_gain(running, Instant::now());
+            v.workers_worth = rates.workers_worth(running, Instant::now());
             v
         };
         let decision = scaler::decide(&view, &self.settings.limits);
@@ -340,7 +342,12 @@ impl Pool {
                         );
                         break;
                     }
-                    tracing::info!(model = self.reference, queued = view.queued, "scaling up");
+                    tracing::info!(
+                        model = self.reference,
+                        queued = view.queued,
+                        measured_gain = ?view.replica_gain,
+                        "scaling up"
+                    );
                     self.spawn_worker(false);
                 }
             }
@@ -2118,11 +2125,19 @@ impl Worker {
                 drop(device);
                 let took = started.elapsed();
                 tracing::trace!(rows = decoding, prompts, busy, ?took, "pass");
-                // Only while the other workers' count held still: a pass
-                // that saw one start or stop measured neither count.
-                let measured = !self.pool.settings.hooks.unmeasured;
-                if measured && decoding > 0 && prompts == 0 && self.pool.busy_workers() == busy {
-                    lock(&self.pool.rates).record(decoding, busy, took, Instant::now());
+                // The pool's throughput in this state (`rates`): a pass
+                // that prefilled, or that saw the busy count change, ends
+                // the stretch measured; so does a batch that empties (it
+                // waits for work).
+                if !self.pool.settings.hooks.unmeasured {
+                    let held = self.pool.busy_workers() == busy;
+                    let rows = if prompts == 0 && held { decoding } else { 0 };
+                    let mut rates = lock(&self.pool.rates);
+                    let now = Instant::now();
+                    rates.pass_ended(rows, busy, now);
+                    if batch.is_empty() {
+                        rates.break_off(now);
+                    }
                 }
                 if batch.is_empty() {
                     self.pool.touch(None);

@@ -125,13 +125,20 @@ pub fn next_token(
     }
 }
 
+/// The most candidates the device's draw holds (`MAX_CAND` in
+/// `kernels/sample.cu`): a larger top-k is always the host's.
+pub const DEVICE_CANDIDATES: usize = 2048;
+
 /// Whether our device kernel takes `sampler`'s settings: sampling without
 /// a penalty, with a filter that leaves few candidates in a language
-/// model's row (a top-k, min-p or top-p; without one every token is a
-/// candidate and the host is as fast).
+/// model's row (a top-k it can hold, min-p or top-p; without one every
+/// token is a candidate and the host is as fast).
 pub fn device_draws(sampler: &Sampler) -> bool {
     let p = sampler.params();
-    p.temperature > 0.0 && !p.penalizes() && (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0)
+    p.temperature > 0.0
+        && !p.penalizes()
+        && p.top_k <= DEVICE_CANDIDATES
+        && (p.top_k > 0 || p.top_p < 1.0 || p.min_p > 0.0)
 }
 
 fn host(row: &Tensor, sampler: &mut Sampler, history: &[u32]) -> Result<u32, EngineError> {
@@ -404,6 +411,12 @@ mod tests {
             ..no_k
         };
         assert!(!device_draws(&s(unfiltered)));
+        // A top-k past what the kernel holds: the host's at once.
+        let huge_k = SamplingParams {
+            top_k: DEVICE_CANDIDATES + 1,
+            ..SamplingParams::default()
+        };
+        assert!(!device_draws(&s(huge_k)));
     }
 
     #[test]

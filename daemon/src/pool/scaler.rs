@@ -34,6 +34,10 @@ pub struct View {
     /// ones there (busy, idle and starting: a queue keeps them all busy)
     /// deliver (`None`: not measured).
     pub replica_gain: Option<f64>,
+    /// The most workers the measured figures show paying their way, from
+    /// those there upwards (`None`: no figure says where to stop; see
+    /// `Rates::workers_worth`).
+    pub workers_worth: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,10 +62,11 @@ pub fn decide(v: &View, l: &Limits) -> Decision {
     // way will take.
     let uncovered = v.queued.saturating_sub(v.room + v.idle.len() + v.starting);
     if uncovered > 0 && total < max {
-        if let Some(gain) = v.replica_gain.filter(|g| *g < super::rates::MIN_GAIN) {
-            return Decision::Held(gain);
+        let worth = v.workers_worth.unwrap_or(max).min(max);
+        if total >= worth {
+            return Decision::Held(v.replica_gain.unwrap_or(0.0));
         }
-        return Decision::Spawn(uncovered.min(max - total));
+        return Decision::Spawn(uncovered.min(worth - total));
     }
     if v.queued == 0 && total > min {
         let mut idle: Vec<(u32, Duration)> = v
@@ -108,6 +113,7 @@ mod tests {
             idle: vec![(0, secs(1))],
             room: 0,
             replica_gain: None,
+            workers_worth: None,
         };
         assert_eq!(decide(&v, &L), Decision::Spawn(1));
         let v = View {
@@ -140,11 +146,13 @@ mod tests {
             queued: 3,
             busy: 1,
             replica_gain: Some(0.01),
+            workers_worth: Some(1),
             ..View::default()
         };
         assert_eq!(decide(&v, &L), Decision::Held(0.01));
         let v = View {
             replica_gain: Some(0.6),
+            workers_worth: None,
             ..v
         };
         assert_eq!(decide(&v, &L), Decision::Spawn(3), "measured to pay");
@@ -153,9 +161,17 @@ mod tests {
             ..v
         };
         assert_eq!(decide(&v, &L), Decision::Spawn(3), "not measured: try");
+        // A second worker measured to pay, a third not: one more, not three.
+        let v = View {
+            replica_gain: Some(0.3),
+            workers_worth: Some(2),
+            ..v
+        };
+        assert_eq!(decide(&v, &L), Decision::Spawn(1), "as far as it pays");
         let v = View {
             queued: 1,
             replica_gain: Some(0.0),
+            workers_worth: Some(1),
             ..View::default()
         };
         assert_eq!(decide(&v, &L), Decision::Spawn(1), "min comes first");
