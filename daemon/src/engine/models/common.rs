@@ -94,6 +94,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.rows_q8(x)? {
+            return Ok(y);
+        }
         // Candle's CPU runs a one-row Q6K product through a gemv whose rounding
         // differs from its multi-row kernel; two rows keep decode consistent with
         // prefill. (A GPU can't be made consistent this way: no padding there.)
@@ -125,7 +128,21 @@ impl Linear {
     /// while padding a vocabulary-sized Q6K matrix costs a quarter of the decode
     /// speed (Qwen3 0.6B: Candle's tiled Q6K kernel streams expanded weights).
     pub fn forward_output(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.rows_q8(x)? {
+            return Ok(y);
+        }
         self.0.forward(x)
+    }
+
+    /// A few rows against a Q8_0 weight on an AVX2 CPU: our kernel, bitwise
+    /// Candle's per row (`cpu_q8`); `None` elsewhere.
+    fn rows_q8(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match &self.0 {
+            QMatMul::QTensor(t) if t.dtype() == GgmlDType::Q8_0 && x.device().is_cpu() => {
+                super::cpu_q8::matmul(x, t)
+            }
+            _ => Ok(None),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod common;
 pub mod cpu_attention;
+pub mod cpu_q8;
 pub mod decoder;
 pub mod gemma3;
 pub mod llama;
